@@ -1,0 +1,1 @@
+"""The central broker: worker registry and routing (ROUTER), broadcast fan-out (XSUB->XPUB)."""

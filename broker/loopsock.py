@@ -1,0 +1,103 @@
+"""ZeroMQ sockets driven by an asyncio event loop, without a coroutine per message.
+
+Edges and workers read the bus on their hot path.  ``zmq.asyncio`` costs a
+future per recv; here the socket's file descriptor is watched with
+``loop.add_reader`` and every readable message is drained in one batch with
+NOBLOCK until EAGAIN, calling a plain function per message.
+
+libzmq's descriptor is edge-triggered: it signals when the socket's state
+changes, and a send can consume that signal.  So after every send (and after
+each batch) we look at ``EVENTS`` again instead of trusting the descriptor.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 512  # messages handled before yielding to other loop callbacks
+
+
+class LoopSocket:
+    def __init__(self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None] | None,
+                 loop: asyncio.AbstractEventLoop | None = None, name: str = "bus"):
+        self.sock = sock
+        self.name = name
+        self.on_message = on_message
+        self.loop = loop or asyncio.get_running_loop()
+        self._scheduled = False
+        self._closed = False
+        self.dropped = 0  # sends refused by a full high-water mark
+        if on_message is not None:
+            self.loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._closed and self.on_message is not None:
+            self._scheduled = True
+            self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        if self._closed:
+            return
+        sock = self.sock
+        handle = self.on_message
+        recv = sock.recv_multipart
+        for _ in range(MAX_BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                if self._closed:
+                    return
+                log.error("%s: recv failed: %s", self.name, exc)
+                return
+            try:
+                handle(frames)
+            except Exception:
+                log.exception("%s: message handler failed; message dropped", self.name)
+        # More may be waiting: come back after other callbacks had a turn.
+        self._schedule()
+
+    def send(self, frames: list[bytes]) -> bool:
+        """Send without blocking; False (and a counted drop) when the HWM is reached."""
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.dropped += 1
+            if self.dropped in (1, 10, 100, 1000) or self.dropped % 10000 == 0:
+                log.warning("%s: send queue full, %d message(s) dropped so far", self.name, self.dropped)
+            return False
+        except zmq.ZMQError as exc:
+            log.error("%s: send failed: %s", self.name, exc)
+            return False
+        finally:
+            if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._schedule()
+        return True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.on_message is not None:
+            try:
+                self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
+            except Exception:
+                pass
+        self.sock.close(linger=0)
+
+
+def run_loop(main_coro) -> object:
+    """Run the process's main coroutine on uvloop when it is installed (30-40% less CPU)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main_coro)
+    return uvloop.run(main_coro)

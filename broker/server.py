@@ -1,0 +1,72 @@
+"""The broker process: binds the three bus endpoints and runs fan-out and routing."""
+from __future__ import annotations
+
+import logging
+import random
+import signal
+
+import zmq
+
+from broker import wire
+from broker.fanout import Fanout
+from broker.logsetup import announce_ready, setup_logging
+from broker.router import Router
+
+log = logging.getLogger("broker")
+
+ROUTER_HWM = 200_000
+
+
+def bind_bus(ctx: zmq.Context, base: str) -> tuple[str, zmq.Socket, zmq.Socket, zmq.Socket]:
+    """Bind ROUTER, XSUB, XPUB on PORT, PORT+1, PORT+2; port 0 picks three free ones."""
+    host = base.rpartition(":")[0]
+    wire.bus_endpoints(base if not base.endswith(":0") else host + ":1")  # validates the form
+    wanted = int(base.rpartition(":")[2])
+    attempts = 50 if wanted == 0 else 1
+    last_error: Exception | None = None
+    for _ in range(attempts):
+        port = wanted or random.randrange(20000, 60000)
+        sockets = [ctx.socket(kind) for kind in (zmq.ROUTER, zmq.XSUB, zmq.XPUB)]
+        try:
+            for offset, sock in enumerate(sockets):
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.bind(f"{host}:{port + offset}")
+        except zmq.ZMQError as exc:
+            last_error = exc
+            for sock in sockets:
+                sock.close(linger=0)
+            continue
+        return f"{host}:{port}", sockets[0], sockets[1], sockets[2]
+    raise SystemExit(f"broker: cannot bind {base} and the next two ports: {last_error}")
+
+
+def main(args) -> int:
+    setup_logging(args.log_level, "broker")
+    ctx = zmq.Context()
+    try:
+        bus, router_sock, xsub, xpub = bind_bus(ctx, args.bus)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    router_sock.setsockopt(zmq.SNDHWM, ROUTER_HWM)
+    router_sock.setsockopt(zmq.RCVHWM, ROUTER_HWM)
+    Fanout.configure(xsub, xpub)
+    fanout = Fanout(ctx, xsub, xpub)
+    fanout.start()
+    router = Router(router_sock)
+
+    stopping = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.append(True))
+
+    log.info("broker up: routing %s, publish-in %s, subscribe-out %s", *wire.bus_endpoints(bus))
+    announce_ready(bus=bus)
+    try:
+        router.run(lambda: bool(stopping))
+    finally:
+        log.info("broker stopping: %d frames routed, %d unroutable, %d malformed",
+                 router.routed, router.unroutable, router.malformed)
+        fanout.stop()
+        router_sock.close(linger=0)
+        ctx.term()
+    return 0

@@ -1,0 +1,1 @@
+"""The edge: holds Phoenix client connections and forwards their messages over the bus."""

@@ -1,0 +1,84 @@
+"""The edge process: Tornado app with the socket endpoint, the page and phoenix.js."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from broker.logsetup import announce_ready, setup_logging
+from broker.loopsock import run_loop
+from edge.hub import EdgeHub, Limits
+from edge.websocket import PhoenixWebSocket
+
+log = logging.getLogger("edge")
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOENIX_JS_CANDIDATES = (
+    Path.cwd() / "node_modules/phoenix/priv/static",
+    ROOT / "node_modules/phoenix/priv/static",
+)
+
+
+def phoenix_js_dir() -> Path | None:
+    for path in PHOENIX_JS_CANDIDATES:
+        if (path / "phoenix.js").is_file():
+            return path
+    return None
+
+
+class PhoenixJS(web.StaticFileHandler):
+    def get_content_type(self) -> str:
+        return "application/javascript; charset=utf-8"
+
+
+def make_app(hub: EdgeHub, static_dir: str | None = None) -> web.Application:
+    routes: list = [(r"/socket/websocket", PhoenixWebSocket, {"hub": hub})]
+    js = phoenix_js_dir()
+    if js is not None:
+        routes.append((r"/js/(phoenix(?:\.min)?\.js)", PhoenixJS, {"path": str(js)}))
+    else:
+        log.warning("phoenix.js not found (run `npm ci` in the project); /js/phoenix.js is off")
+    if static_dir:
+        routes.append((r"/(.*)", web.StaticFileHandler, {"path": static_dir, "default_filename": "index.html"}))
+    return web.Application(routes, websocket_max_message_size=hub.limits.max_frame_size,
+                           websocket_ping_interval=None)
+
+
+async def serve(args) -> int:
+    limits = Limits(max_channels=args.max_channels, max_frame_size=args.max_frame_size,
+                    heartbeat_timeout=args.heartbeat_timeout, max_outbound=args.max_outbound)
+    hub = EdgeHub(args.bus, limits)
+    hub.start()
+    app = make_app(hub, args.static)
+    server = HTTPServer(app, xheaders=True, max_body_size=max(args.max_frame_size, 1_048_576))
+    sockets = bind_sockets(args.port, args.host, family=socket.AF_INET if ":" not in args.host else socket.AF_UNSPEC,
+                           reuse_port=getattr(args, "reuse_port", False))
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("edge %s up on http://%s:%d, bus %s", hub.edge_id.decode(), args.host, port, args.bus)
+    announce_ready(http=f"http://{args.host}:{port}", edge=hub.edge_id.decode())
+    await stop.wait()
+    log.info("edge stopping: closing %d connection(s) with 1012", len(hub.connections))
+    server.stop()
+    for conn in list(hub.connections.values()):
+        conn.transport.close(1012, "service restart")
+    await asyncio.sleep(0.1)
+    hub.close()
+    return 0
+
+
+def main(args) -> int:
+    setup_logging(args.log_level, "edge")
+    return run_loop(serve(args))

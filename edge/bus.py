@@ -1,0 +1,90 @@
+"""The edge's side of the bus: a DEALER to the broker and a SUB for broadcasts.
+
+Subscriptions are reference-counted per topic key, so a topic with many local
+subscribers costs one ZeroMQ subscription, dropped when the last one leaves.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+import zmq
+
+from broker import wire
+from broker.loopsock import LoopSocket
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 0.5
+BROKER_SILENCE_WARNING = 5.0
+HWM = 200_000
+
+
+class EdgeBus:
+    def __init__(self, bus: str, edge_id: bytes,
+                 on_direct: Callable[[list[bytes]], None],
+                 on_broadcast: Callable[[list[bytes]], None],
+                 load: Callable[[], int]):
+        router_ep, _publish_ep, subscribe_ep = wire.bus_endpoints(bus)
+        self.edge_id = edge_id
+        self.ctx = zmq.Context.instance()
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.ROUTING_ID, edge_id)
+        sub = self.ctx.socket(zmq.SUB)
+        for s in (dealer, sub):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, HWM)
+            s.setsockopt(zmq.RCVHWM, HWM)
+        dealer.connect(router_ep)
+        sub.connect(subscribe_ep)
+        self._on_direct = on_direct
+        self.dealer = LoopSocket(dealer, self._direct, name="edge-dealer")
+        self.sub = LoopSocket(sub, on_broadcast, name="edge-sub")
+        self._sub_counts: dict[bytes, int] = {}
+        self._load = load
+        self._last_broker = asyncio.get_running_loop().time()
+        self._broker_silent = False
+        self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeats())
+        self.send = self.dealer.send
+
+    def _direct(self, frames: list[bytes]) -> None:
+        self._last_broker = asyncio.get_running_loop().time()
+        if frames[0] == wire.HEARTBEAT:
+            if self._broker_silent:
+                self._broker_silent = False
+                log.info("broker reachable again")
+            return
+        self._on_direct(frames)
+
+    async def _heartbeats(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.dealer.send([wire.HEARTBEAT, wire.ROLE_EDGE, str(self._load()).encode()])
+            if not self._broker_silent and loop.time() - self._last_broker > BROKER_SILENCE_WARNING:
+                self._broker_silent = True
+                log.warning("no word from the broker for %.0fs; clients stay connected, "
+                            "bus messages may be lost until it is back", BROKER_SILENCE_WARNING)
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    def subscribe(self, key: bytes) -> None:
+        n = self._sub_counts.get(key, 0)
+        if n == 0:
+            self.sub.sock.setsockopt(zmq.SUBSCRIBE, key)
+        self._sub_counts[key] = n + 1
+
+    def unsubscribe(self, key: bytes) -> None:
+        n = self._sub_counts.get(key, 0)
+        if n <= 1:
+            self._sub_counts.pop(key, None)
+            if n == 1:
+                self.sub.sock.setsockopt(zmq.UNSUBSCRIBE, key)
+        else:
+            self._sub_counts[key] = n - 1
+
+    def close(self) -> None:
+        self._heartbeat_task.cancel()
+        self.dealer.send([wire.BYE, wire.ROLE_EDGE])
+        self.dealer.sock.setsockopt(zmq.LINGER, 200)
+        self.dealer.close()
+        self.sub.close()

@@ -1,0 +1,206 @@
+"""One client connection, whatever its transport (Phoenix's ``socket.ex``).
+
+It owns the connection's channels (topic -> ``ChannelRef``), turns decoded
+client messages into bus frames for the workers, and is the single place that
+writes Phoenix frames back to the client.  Transports only move bytes: they
+hand in decoded ``Message``s and expose ``send(data, binary)``,
+``send_prebuilt(frame)`` and ``close(code, reason)``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+
+from broker import wire
+from edge.serializer import Message
+
+if TYPE_CHECKING:
+    from edge.hub import EdgeHub
+
+log = logging.getLogger(__name__)
+
+EMPTY = b"{}"
+UNMATCHED = b'{"reason":"unmatched topic"}'
+TOO_MANY = b'{"reason":"too many channels joined"}'
+NO_WORKER = b'{"reason":"no worker available"}'
+INVALID_TOPIC = b'{"reason":"invalid topic"}'
+MAX_BUFFERED_WHILE_JOINING = 100
+MAX_TOPIC_BYTES = 255
+
+JOINING, JOINED = 0, 1
+
+
+class ChannelRef:
+    """The edge's view of one joined channel instance (connection x topic x join_ref)."""
+    __slots__ = ("conn", "topic", "key", "join_ref", "worker", "state", "intercept",
+                 "replaces", "buffered")
+
+    def __init__(self, conn: "Connection", topic: str, join_ref: str | None):
+        self.conn = conn
+        self.topic = topic
+        self.key = wire.topic_key(topic)
+        self.join_ref = join_ref
+        self.worker: bytes | None = None
+        self.state = JOINING
+        self.intercept: frozenset[str] = frozenset()
+        self.replaces: str | None = None          # join_ref of a duplicate join's old instance
+        self.buffered: list[Message] | None = None
+
+
+class Connection:
+    def __init__(self, hub: "EdgeHub", serializer, transport, socket_json: bytes, label: str):
+        self.hub = hub
+        self.serializer = serializer
+        self.transport = transport
+        self.socket_json = socket_json      # {"assigns": ..., "id": ...} from the worker's connect
+        self.label = label                  # for log lines: peer address
+        self.conn_id = hub.next_conn_id()
+        self.origin = wire.origin_of(hub.edge_id, self.conn_id)
+        self.channels: dict[str, ChannelRef] = {}
+        self.last_recv = time.monotonic()
+        self.closed = False
+        self.fmt_key = (serializer, transport.frame_kind)
+
+    # --- writing --------------------------------------------------------------
+    def send(self, encoded: tuple[bytes, bool]) -> None:
+        if not self.closed:
+            self.transport.send(*encoded)
+
+    def reply(self, join_ref, ref, topic, status: str, response: bytes, fmt: bytes = wire.JSON) -> None:
+        self.send(self.serializer.encode_reply(join_ref, ref, topic, status, response, fmt))
+
+    # --- reading ----------------------------------------------------------------
+    def handle(self, msg: Message) -> None:
+        self.last_recv = time.monotonic()
+        event = msg.event
+        if event == "heartbeat" and msg.topic == "phoenix":
+            self.reply(None, msg.ref, "phoenix", "ok", EMPTY)
+        elif event == "phx_join":
+            self.join(msg)
+        elif event == "phx_leave":
+            self.leave(msg)
+        else:
+            self.push_in(msg)
+
+    def join(self, msg: Message) -> None:
+        topic = msg.topic
+        if "\x00" in topic or len(topic.encode()) > MAX_TOPIC_BYTES:
+            self.reply(None, msg.ref, topic, "error", INVALID_TOPIC)
+            log.info("conn %s: join refused, invalid topic %.60r", self.label, topic)
+            return
+        payload = EMPTY if msg.binary else orjson.dumps(msg.payload)
+        old = self.channels.pop(topic, None)
+        if old is None and len(self.channels) >= self.hub.limits.max_channels:
+            self.reply(msg.join_ref, msg.ref, topic, "error", TOO_MANY)
+            return
+        ch = ChannelRef(self, topic, msg.join_ref)
+        if old is not None:
+            ch.replaces = old.join_ref
+            self.hub.drop_channel(old, reason=b"duplicate_join")
+        self.channels[topic] = ch
+        self.hub.subscribe(ch)
+        self.hub.bus_send([wire.JOIN, b"", self.conn_id, topic.encode(),
+                           ref_bytes(msg.join_ref), ref_bytes(msg.ref), self.socket_json, payload])
+
+    def leave(self, msg: Message) -> None:
+        ch = self.channels.get(msg.topic)
+        if ch is None:
+            self.reply(msg.join_ref, msg.ref, msg.topic, "ok", EMPTY)          # S11
+            return
+        if msg.join_ref is not None and msg.join_ref != ch.join_ref:
+            return                                                             # S10
+        del self.channels[msg.topic]
+        self.hub.unsubscribe(ch)
+        if ch.state == JOINED and ch.worker is not None:
+            # The worker runs terminate, replies ok and sends phx_close.
+            self.hub.forget_worker_channel(ch)
+            self.hub.bus_send([wire.LEAVE, ch.worker, self.conn_id, msg.topic.encode(),
+                               ref_bytes(ch.join_ref), ref_bytes(msg.ref)])
+        else:
+            # Still joining: answer for the channel; a late join ok gets terminated.
+            self.reply(ch.join_ref, msg.ref, msg.topic, "ok", EMPTY)
+            self.send(self.serializer.encode_close(ch.join_ref, msg.topic))
+
+    def push_in(self, msg: Message) -> None:
+        ch = self.channels.get(msg.topic)
+        if ch is None:
+            self.reply(None, msg.ref, msg.topic, "error", UNMATCHED)           # S14
+            return
+        if msg.join_ref is not None and msg.join_ref != ch.join_ref:
+            return                                                             # S13
+        if ch.state == JOINING:
+            if ch.buffered is None:
+                ch.buffered = []
+            if len(ch.buffered) < MAX_BUFFERED_WHILE_JOINING:
+                ch.buffered.append(msg)
+            else:
+                self.reply(msg.join_ref, msg.ref, msg.topic, "error", b'{"reason":"join pending"}')
+            return
+        if msg.binary:
+            payload, fmt = msg.payload, wire.BINARY
+        else:
+            payload, fmt = orjson.dumps(msg.payload), wire.JSON
+        self.hub.bus_send([wire.IN, ch.worker, self.conn_id, msg.topic.encode(), ref_bytes(ch.join_ref),
+                           ref_bytes(msg.ref), msg.event.encode(), payload, fmt])
+
+    # --- answers from workers -----------------------------------------------------
+    def joined(self, ch: ChannelRef, worker: bytes, ref: str | None, status: str,
+               response: bytes, intercept: bytes) -> None:
+        topic = ch.topic
+        if status == "ok":
+            ch.state = JOINED
+            ch.worker = worker
+            try:
+                events = orjson.loads(intercept)
+                ch.intercept = frozenset(e for e in events if isinstance(e, str))
+            except orjson.JSONDecodeError:
+                log.warning("worker %r sent a bad intercept list for %s", worker, topic)
+            self.hub.remember_worker_channel(ch)
+            self.hub.activate(ch)
+            self.reply(ch.join_ref, ref, topic, "ok", response)
+        else:
+            del self.channels[topic]
+            self.hub.unsubscribe(ch)
+            join_ref = None if response == UNMATCHED else ch.join_ref           # S7
+            self.reply(join_ref, ref, topic, status, response)
+        if ch.replaces is not None:
+            self.send(self.serializer.encode_close(ch.replaces, topic))         # S8, after the reply
+            ch.replaces = None
+        buffered, ch.buffered = ch.buffered, None
+        for msg in buffered or ():
+            self.push_in(msg) if status == "ok" else self.reply(None, msg.ref, topic, "error", UNMATCHED)
+
+    def channel_gone(self, topic: str, join_ref: str | None, error: bool) -> None:
+        """A worker closed (phx_close) or lost (phx_error) a channel instance."""
+        ch = self.channels.get(topic)
+        if ch is not None and ch.join_ref == join_ref:
+            del self.channels[topic]
+            self.hub.unsubscribe(ch)
+            self.hub.forget_worker_channel(ch)
+        encode = self.serializer.encode_error if error else self.serializer.encode_close
+        self.send(encode(join_ref, topic))
+
+    def join_failed(self, ch: ChannelRef, ref: str | None) -> None:
+        self.joined(ch, b"", ref, "error", NO_WORKER)
+
+    # --- end of the connection ------------------------------------------------------
+    def on_transport_closed(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for ch in list(self.channels.values()):
+            self.hub.drop_channel(ch, reason=b"closed")
+        self.channels.clear()
+        self.hub.remove_connection(self)
+
+
+def ref_bytes(value: str | None) -> bytes:
+    """Refs travel as bytes; null becomes the one value phoenix.js never uses: empty."""
+    return b"" if value is None else value.encode()
+
+
+def ref_of(value: bytes) -> str | None:
+    return None if value == b"" else value.decode()

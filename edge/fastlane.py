@@ -1,0 +1,73 @@
+"""The fast lane: a broadcast from the bus written straight to local subscribers.
+
+Phoenix's ``fastlane!``: a broadcast that no subscriber intercepts is encoded
+once per wire format in use (V1 text, V2 text, V2 binary), framed once by the
+transport, and the same bytes are written to every joined channel of the topic
+on this edge.  Subscribers that intercept the event are skipped here; their
+worker receives the broadcast too and runs ``handle_out``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from broker import wire
+
+if TYPE_CHECKING:
+    from edge.connection import ChannelRef, Connection
+
+log = logging.getLogger(__name__)
+
+
+class FastLane:
+    def __init__(self) -> None:
+        self.index: dict[bytes, dict["Connection", "ChannelRef"]] = {}
+        self.deliveries = 0
+        self.malformed = 0
+
+    def add(self, ch: "ChannelRef") -> None:
+        subs = self.index.get(ch.key)
+        if subs is None:
+            subs = self.index[ch.key] = {}
+        subs[ch.conn] = ch
+
+    def remove(self, ch: "ChannelRef") -> None:
+        subs = self.index.get(ch.key)
+        if subs is not None and subs.get(ch.conn) is ch:
+            del subs[ch.conn]
+            if not subs:
+                del self.index[ch.key]
+
+    def deliver(self, frames: list[bytes]) -> None:
+        if len(frames) != wire.BROADCAST_FRAMES or frames[1] != wire.BROADCAST:
+            self.malformed += 1
+            if self.malformed <= 20:
+                log.warning("dropped malformed broadcast (%d frames)", len(frames))
+            return
+        key, _kind, event_b, origin, payload, fmt = frames
+        subs = self.index.get(key)
+        if not subs:
+            return
+        event = event_b.decode()
+        topic = key[:-1].decode()
+        built: dict = {}
+        delivered = 0
+        for conn, ch in subs.items():
+            if origin and conn.origin == origin:
+                continue
+            if ch.intercept and event in ch.intercept:
+                continue
+            frame = built.get(conn.fmt_key)
+            if frame is None:
+                try:
+                    encoded = conn.serializer.encode_broadcast(topic, event, payload, fmt)
+                except ValueError as exc:  # e.g. binary to a V1 client
+                    frame = built[conn.fmt_key] = b""
+                    log.debug("broadcast %s/%s not encodable for %s: %s", topic, event,
+                              conn.serializer.name, exc)
+                else:
+                    frame = built[conn.fmt_key] = conn.transport.prebuild(*encoded)
+            if frame:
+                conn.transport.send_prebuilt(frame)
+                delivered += 1
+        self.deliveries += delivered

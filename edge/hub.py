@@ -1,0 +1,243 @@
+"""Everything one edge knows: its connections, which worker holds which channel,
+and the dispatch of frames coming back from workers and the broker."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import orjson
+
+from broker import wire
+from edge.bus import EdgeBus
+from edge.connection import JOINED, ChannelRef, Connection, ref_bytes, ref_of
+from edge.fastlane import FastLane
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+
+
+@dataclass
+class Limits:
+    max_channels: int = 100
+    max_frame_size: int = 1_048_576
+    heartbeat_timeout: float = 60.0
+    max_outbound: int = 4 * 1_048_576
+
+
+class ConnectRefused(Exception):
+    """The user's connect refused the client, or no worker could run it."""
+
+    def __init__(self, reason: str, unavailable: bool = False):
+        super().__init__(reason)
+        self.unavailable = unavailable
+
+
+class EdgeHub:
+    def __init__(self, bus: str, limits: Limits, edge_id: bytes | None = None):
+        self.bus_addr = bus
+        self.limits = limits
+        self.edge_id = edge_id or wire.new_peer_id(wire.ROLE_EDGE, f"{os.getpid()}")
+        self.connections: dict[bytes, Connection] = {}
+        self.worker_channels: dict[bytes, set[ChannelRef]] = {}
+        self.fastlane = FastLane()
+        self._ids = itertools.count(1)
+        self._rpc: dict[bytes, asyncio.Future] = {}
+        self.bus: EdgeBus | None = None
+        self.stats = {"slow_consumer_closes": 0, "heartbeat_timeouts": 0, "bad_frames": 0}
+        self._dispatch = {
+            wire.CONNECT_REPLY: self._on_connect_reply,
+            wire.JOIN_REPLY: self._on_join_reply,
+            wire.REPLY: self._on_reply,
+            wire.PUSH: self._on_push,
+            wire.CHANNEL_CLOSE: self._on_channel_close,
+            wire.CHANNEL_ERROR: self._on_channel_error,
+        }
+
+    def start(self) -> None:
+        self.bus = EdgeBus(self.bus_addr, self.edge_id, self.on_direct, self.fastlane.deliver,
+                           load=lambda: len(self.connections))
+        self.bus_send = self.bus.send
+        asyncio.get_running_loop().create_task(self._sweep())
+
+    def close(self) -> None:
+        if self.bus is not None:
+            self.bus.close()
+
+    def next_conn_id(self) -> bytes:
+        return str(next(self._ids)).encode()
+
+    # --- connect RPC --------------------------------------------------------------
+    async def connect(self, params: dict, connect_info: dict) -> bytes:
+        """Run the user's connect in a worker; return the socket JSON or raise ConnectRefused."""
+        request_id = b"rpc" + self.next_conn_id()
+        fut = asyncio.get_running_loop().create_future()
+        self._rpc[request_id] = fut
+        try:
+            body = orjson.dumps({"params": params, "connect_info": connect_info})
+            self.bus_send([wire.CONNECT, b"", request_id, body])
+            status, body = await asyncio.wait_for(fut, CONNECT_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise ConnectRefused("no worker answered connect in time", unavailable=True) from None
+        except TypeError as exc:
+            raise ConnectRefused(f"params not JSON-serialisable: {exc}") from None
+        finally:
+            self._rpc.pop(request_id, None)
+        if status == b"ok":
+            return body
+        if status == b"unavailable":
+            raise ConnectRefused("no worker available", unavailable=True)
+        raise ConnectRefused(body.decode(errors="replace"))
+
+    def add_connection(self, conn: Connection) -> None:
+        self.connections[conn.conn_id] = conn
+
+    def remove_connection(self, conn: Connection) -> None:
+        self.connections.pop(conn.conn_id, None)
+
+    # --- channel bookkeeping --------------------------------------------------------
+    def subscribe(self, ch: ChannelRef) -> None:
+        # Subscribe when the join starts, so the subscription has propagated to the
+        # publishers by the time the join reply lets the client expect broadcasts.
+        self.bus.subscribe(ch.key)
+
+    def activate(self, ch: ChannelRef) -> None:
+        self.fastlane.add(ch)
+
+    def unsubscribe(self, ch: ChannelRef) -> None:
+        self.fastlane.remove(ch)
+        self.bus.unsubscribe(ch.key)
+
+    def remember_worker_channel(self, ch: ChannelRef) -> None:
+        self.worker_channels.setdefault(ch.worker, set()).add(ch)
+
+    def forget_worker_channel(self, ch: ChannelRef) -> None:
+        chans = self.worker_channels.get(ch.worker)
+        if chans is not None:
+            chans.discard(ch)
+            if not chans:
+                del self.worker_channels[ch.worker]
+
+    def drop_channel(self, ch: ChannelRef, reason: bytes) -> None:
+        """Forget a channel on the edge and tell its worker (connection closed, duplicate join)."""
+        self.unsubscribe(ch)
+        if ch.state == JOINED and ch.worker:
+            self.forget_worker_channel(ch)
+            self.bus_send([wire.TERMINATE, ch.worker, ch.conn.conn_id, ch.topic.encode(),
+                           ref_bytes(ch.join_ref), reason])
+        # A channel still joining is terminated when its join reply finds it gone.
+
+    # --- frames from the bus ----------------------------------------------------------
+    def on_direct(self, frames: list[bytes]) -> None:
+        kind = frames[0]
+        handler = self._dispatch.get(kind)
+        if handler is not None:
+            if len(frames) != wire.FRAME_COUNTS[kind]:
+                self._bad_frame(frames, "wrong frame count")
+                return
+            try:
+                handler(frames)
+            except (UnicodeDecodeError, ValueError) as exc:
+                self._bad_frame(frames, str(exc))
+        elif kind == wire.WORKER_DOWN and len(frames) == 2:
+            self.worker_down(frames[1])
+        elif kind == wire.UNROUTABLE and len(frames) >= 4:
+            self._on_unroutable(frames)
+        else:
+            self._bad_frame(frames, "unknown kind")
+
+    def _bad_frame(self, frames: list[bytes], why: str) -> None:
+        self.stats["bad_frames"] += 1
+        n = self.stats["bad_frames"]
+        if n <= 20 or n % 1000 == 0:
+            log.warning("dropped bad bus frame %r...: %s (%d so far)", frames[:2], why, n)
+
+    def _on_connect_reply(self, frames):
+        _, _worker, request_id, status, body = frames
+        fut = self._rpc.get(request_id)
+        if fut is not None and not fut.done():
+            fut.set_result((status, body))
+
+    def _on_join_reply(self, frames):
+        _, worker, conn_id, topic_b, join_ref_b, ref_b, status, response, intercept = frames
+        conn = self.connections.get(conn_id)
+        topic = topic_b.decode()
+        join_ref = ref_of(join_ref_b)
+        ch = conn.channels.get(topic) if conn is not None else None
+        if ch is None or ch.join_ref != join_ref or ch.state == JOINED:
+            # The client left or disconnected while joining: end the orphan instance.
+            if status == b"ok":
+                self.bus_send([wire.TERMINATE, worker, conn_id, topic_b, join_ref_b, b"closed"])
+            return
+        conn.joined(ch, worker, ref_of(ref_b), status.decode(), response, intercept)
+
+    def _on_reply(self, frames):
+        _, _worker, conn_id, topic, join_ref, ref, status, response, fmt = frames
+        conn = self.connections.get(conn_id)
+        if conn is not None:
+            conn.reply(ref_of(join_ref), ref_of(ref), topic.decode(), status.decode(), response, fmt)
+
+    def _on_push(self, frames):
+        _, _worker, conn_id, topic, join_ref, event, payload, fmt = frames
+        conn = self.connections.get(conn_id)
+        if conn is not None:
+            try:
+                conn.send(conn.serializer.encode_push(ref_of(join_ref), topic.decode(),
+                                                      event.decode(), payload, fmt))
+            except ValueError as exc:
+                log.info("conn %s: push %s not sent: %s", conn.label, event[:60], exc)
+
+    def _on_channel_close(self, frames, error=False):
+        _, _worker, conn_id, topic, join_ref = frames
+        conn = self.connections.get(conn_id)
+        if conn is not None:
+            conn.channel_gone(topic.decode(), ref_of(join_ref), error)
+
+    def _on_channel_error(self, frames):
+        self._on_channel_close(frames, error=True)
+
+    def _on_unroutable(self, frames):
+        dest, kind = frames[1], frames[2]
+        fields = frames[3:]
+        if kind == wire.CONNECT and fields:
+            fut = self._rpc.get(fields[0])
+            if fut is not None and not fut.done():
+                fut.set_result((b"unavailable", b""))
+        elif kind == wire.JOIN and len(fields) >= 4:
+            conn = self.connections.get(fields[0])
+            ch = conn.channels.get(fields[1].decode()) if conn is not None else None
+            if ch is not None and ch.join_ref == ref_of(fields[2]):
+                conn.join_failed(ch, ref_of(fields[3]))
+        elif dest:
+            # The worker holding a channel is gone: same as the broker's notice.
+            self.worker_down(dest)
+
+    def worker_down(self, worker: bytes) -> None:
+        chans = self.worker_channels.pop(worker, None)
+        if not chans:
+            return
+        log.warning("worker %s gone: sending phx_error to %d channel(s)",
+                    worker.decode(errors="replace"), len(chans))
+        for ch in chans:
+            conn = ch.conn
+            if conn.channels.get(ch.topic) is ch:
+                del conn.channels[ch.topic]
+                self.unsubscribe(ch)
+            conn.send(conn.serializer.encode_error(ch.join_ref, ch.topic))
+
+    # --- liveness of clients ------------------------------------------------------------
+    async def _sweep(self) -> None:
+        timeout = self.limits.heartbeat_timeout
+        while True:
+            await asyncio.sleep(min(5.0, timeout / 4))
+            now = time.monotonic()
+            for conn in list(self.connections.values()):
+                if now - conn.last_recv > timeout:
+                    self.stats["heartbeat_timeouts"] += 1
+                    log.info("conn %s: nothing received for %.0fs, closing", conn.label, timeout)
+                    conn.transport.close(1001, "heartbeat timeout")
+

@@ -1,0 +1,1 @@
+"""zchannels: Phoenix Channels for Python (command-line entry point)."""

@@ -1,0 +1,93 @@
+"""`zchannels dev`: broker, one edge and a workers supervisor on this machine.
+
+Each runs as its own process, exactly as in production; this command only
+starts them in order, forwards their output, and stops them together.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from broker.logsetup import setup_logging
+
+log = logging.getLogger("dev")
+
+
+class Child:
+    def __init__(self, name: str, argv: list[str]):
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, text=True)
+        self.ready = threading.Event()
+        self.fields: dict[str, str] = {}
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("READY "):
+                self.fields.update(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+                self.ready.set()
+            sys.stdout.write(f"[{self.name}] {line}")
+            sys.stdout.flush()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def main(args) -> int:
+    setup_logging(args.log_level, "dev")
+    level = ["--log-level", args.log_level]
+    static = args.static
+    app_path = Path(args.app.split(":")[0])
+    if static is None and app_path.suffix == ".py" and (app_path.parent / "static").is_dir():
+        static = str(app_path.parent / "static")
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+
+    children: list[Child] = []
+    try:
+        broker = Child("broker", ["broker", "--bus", args.bus, *level])
+        children.append(broker)
+        if not broker.ready.wait(10):
+            log.error("broker did not start; is %s already in use?", args.bus)
+            return 1
+        bus = broker.fields["bus"]
+        children.append(Child("workers", ["workers", "--bus", bus, "-n", str(args.workers),
+                                          "--stuck-timeout", str(args.stuck_timeout), *level, args.app]))
+        edge_args = ["edge", "--bus", bus, "--host", args.host, "--port", str(args.port),
+                     "--heartbeat-timeout", str(args.heartbeat_timeout),
+                     "--max-frame-size", str(args.max_frame_size),
+                     "--max-channels", str(args.max_channels),
+                     "--max-outbound", str(args.max_outbound), *level]
+        if static:
+            edge_args += ["--static", static]
+        edge = Child("edge", edge_args)
+        children.append(edge)
+        if edge.ready.wait(10):
+            log.info("zchannels dev running: open %s", edge.fields.get("http"))
+        while not stopping.is_set():
+            for child in children:
+                code = child.proc.poll()
+                if code is not None:
+                    log.error("%s exited with code %s; stopping everything", child.name, code)
+                    return 1
+            stopping.wait(0.5)
+        return 0
+    finally:
+        for child in reversed(children):
+            child.stop()
+        for child in reversed(children):
+            child.wait(10)
