@@ -81,4 +81,7 @@ async def serve(args) -> int:
 
 def main(args) -> int:
     setup_logging(args.log_level, "edge")
+    if args.log_level != "debug":
+        # One line per WebSocket upgrade is noise at 10k clients; errors still show.
+        logging.getLogger("tornado.access").setLevel(logging.WARNING)
     return run_loop(serve(args))

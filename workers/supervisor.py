@@ -1,0 +1,345 @@
+"""The worker supervisor: keeps N worker processes alive (gunicorn's arbiter, made smaller).
+
+`zchannels workers` runs this process.  It forks one child per *slot* (0..N-1); each child
+runs `workers.runner.run_worker` and talks to the broker on its own.  The supervisor holds no
+ZeroMQ context and no event loop, which is what makes plain `fork()` safe here.
+
+Everything happens in one thread, in one loop::
+
+    wait for a signal (or 1 s) -> handle queued signals -> reap() -> kill_stuck() -> maintain()
+
+Signal handlers only enqueue; `signal.set_wakeup_fd` wakes the wait.  Liveness uses the
+gunicorn WorkerTmp trick: each child gets an (unlinked) temp file whose mtime its event loop
+bumps about once a second through `alive()`; a file older than `stuck_timeout` means the loop
+is stuck, and the child is killed and replaced.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import select
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+# Reserved exit code: the runner could not import the user's handler module.  Restarting cannot
+# fix that, so the whole supervisor stops with this code instead of looping.
+HANDLER_LOAD_ERROR = 4
+
+BACKOFF_MIN = 0.1       # first delay after a quick death, doubled on each further quick death
+BACKOFF_MAX = 10.0
+HEALTHY_AFTER = 10.0    # a worker that lived this long resets its slot's backoff
+
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP,
+           signal.SIGTTIN, signal.SIGTTOU)
+
+log = logging.getLogger("zchannels.supervisor")
+
+Target = Callable[[int, Callable[[], None]], int]   # (slot, alive) -> exit code
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+@dataclass
+class Worker:
+    slot: int
+    pid: int
+    alive_fd: int
+    started: float                # time.monotonic() at fork
+    born_mtime: float             # alive file mtime at fork; a later mtime means "has beaten"
+    stop_at: float | None = None  # monotonic time we sent SIGTERM
+    expected: bool = False        # a planned stop: respawn at once, no backoff
+    killed: str = ""              # why we sent SIGKILL, for the death log line
+
+    def heartbeat(self) -> float:
+        return os.fstat(self.alive_fd).st_mtime
+
+
+class Supervisor:
+    """Fork `n` children running `target(slot, alive)` and keep them alive until stopped."""
+
+    def __init__(self, target: Target, n: int, stuck_timeout: float, graceful_timeout: float = 10.0):
+        self.target = target
+        self.n = n
+        self.stuck_timeout = stuck_timeout
+        self.graceful_timeout = graceful_timeout
+        self.workers: dict[int, Worker] = {}     # pid -> worker
+        self.backoff: dict[int, float] = {}      # slot -> current backoff delay
+        self.not_before: dict[int, float] = {}   # slot -> earliest monotonic respawn time
+        self.restart_queue: list[int] = []       # slots still to restart after SIGHUP
+        self.signals: list[int] = []
+        self.exit_code: int | None = None
+        self.saved_handlers: dict[int, object] = {}
+        self.pipe: tuple[int, int] | None = None
+
+    # --- main loop ------------------------------------------------------------
+
+    def run(self) -> int:
+        """Supervise until SIGTERM/SIGINT (returns 0) or a handler load error (returns 4)."""
+        self.install_signals()
+        log.info("supervisor started pid=%d workers=%d stuck_timeout=%.1fs",
+                 os.getpid(), self.n, self.stuck_timeout)
+        try:
+            while self.exit_code is None:
+                self.sleep(self.next_timeout())
+                self.handle_signals()
+                self.reap()
+                self.kill_stuck()
+                if self.exit_code is None:
+                    self.maintain()
+        finally:
+            self.stop()
+            self.restore_signals()
+        log.info("supervisor stopped exit_code=%d", self.exit_code)
+        return self.exit_code
+
+    def install_signals(self) -> None:
+        r, w = os.pipe()
+        for fd in (r, w):
+            os.set_blocking(fd, False)
+        self.pipe = (r, w)
+        signal.set_wakeup_fd(w)
+        for signum in HANDLED:
+            self.saved_handlers[signum] = signal.signal(signum, self.enqueue)
+
+    def restore_signals(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for signum, handler in self.saved_handlers.items():
+            signal.signal(signum, handler)
+        for fd in self.pipe or ():
+            os.close(fd)
+        self.pipe = None
+
+    def enqueue(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)   # nothing else: all work happens in the loop
+
+    def sleep(self, timeout: float) -> None:
+        if select.select([self.pipe[0]], [], [], timeout)[0]:
+            os.read(self.pipe[0], 4096)   # only a wake-up: the handlers queued the signals
+
+    def next_timeout(self) -> float:
+        # Wake early when a slot's backoff ends before the usual 1 s tick.
+        busy = {w.slot for w in self.workers.values()}
+        due = [self.not_before.get(s, 0.0) for s in range(self.n) if s not in busy]
+        return max(0.0, min([1.0] + [t - time.monotonic() for t in due]))
+
+    # --- signals ------------------------------------------------------------------
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            name = _signame(self.signals.pop(0))
+            getattr(self, "handle_" + name[3:].lower())()
+
+    def handle_term(self) -> None:
+        log.info("stop signal received, stopping workers")
+        self.exit_code = 0
+
+    handle_int = handle_term
+
+    def handle_chld(self) -> None:
+        pass    # reap() runs on every pass anyway; the signal only cuts the wait short
+
+    def handle_hup(self) -> None:
+        log.info("SIGHUP received, restarting %d workers one by one", self.n)
+        self.restart_queue = list(range(self.n))
+
+    def handle_ttin(self) -> None:
+        self.n += 1
+        log.info("SIGTTIN received, workers=%d", self.n)
+
+    def handle_ttou(self) -> None:
+        if self.n > 1:
+            self.n -= 1
+        log.info("SIGTTOU received, workers=%d", self.n)
+
+    # --- reaping ---------------------------------------------------------------
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:   # no children at all
+                return
+            if pid == 0:                # children, but none has exited
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                self.on_death(worker, status)
+
+    def on_death(self, w: Worker, status: int) -> None:
+        os.close(w.alive_fd)
+        lived = time.monotonic() - w.started
+        code = None
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            how = f"killed by {_signame(sig)}"
+            if sig == signal.SIGKILL:
+                how += w.killed or " (perhaps out of memory)"
+        else:
+            code = os.waitstatus_to_exitcode(status)
+            how = f"exited with code {code}"
+        if code == HANDLER_LOAD_ERROR and self.exit_code is None:
+            log.error("worker slot=%d pid=%d exited with code %d: the handler module could not be "
+                      "imported (see the worker's error above); stopping the supervisor",
+                      w.slot, w.pid, code)
+            self.exit_code = HANDLER_LOAD_ERROR
+            return
+        if self.exit_code is not None or w.slot >= self.n:
+            log.info("worker stopped slot=%d pid=%d %s", w.slot, w.pid, how)
+            return
+        delay = self.schedule_respawn(w, lived)
+        level = logging.INFO if w.expected else logging.WARNING
+        log.log(level, "worker died slot=%d pid=%d %s after %.1fs; restart in %.2fs",
+                w.slot, w.pid, how, lived, delay)
+
+    def schedule_respawn(self, w: Worker, lived: float) -> float:
+        if w.expected:
+            delay = 0.0
+        elif lived >= HEALTHY_AFTER:
+            delay = self.backoff[w.slot] = 0.0
+        else:
+            base = min(BACKOFF_MAX, max(BACKOFF_MIN, 2 * self.backoff.get(w.slot, 0.0)))
+            self.backoff[w.slot] = base
+            delay = base * random.uniform(1.0, 1.2)   # jitter: crashed slots do not restart in lockstep
+        self.not_before[w.slot] = time.monotonic() + delay
+        return delay
+
+    # --- liveness -----------------------------------------------------------------
+
+    def kill_stuck(self) -> None:
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if w.killed:
+                continue
+            if w.stop_at is not None:
+                if now - w.stop_at > self.graceful_timeout:
+                    self.kill(w, " (did not stop within the graceful timeout)")
+                continue
+            age = time.time() - w.heartbeat()
+            if age > self.stuck_timeout:
+                log.error("worker stuck slot=%d pid=%d: no heartbeat for %.1fs (limit %.1fs), killing",
+                          w.slot, w.pid, age, self.stuck_timeout)
+                self.kill(w, " (stuck)")
+
+    def kill(self, w: Worker, why: str) -> None:
+        w.killed = why
+        os.kill(w.pid, signal.SIGKILL)   # safe: an unreaped child's pid cannot be reused
+
+    def terminate(self, w: Worker, expected: bool) -> None:
+        w.stop_at, w.expected = time.monotonic(), expected
+        os.kill(w.pid, signal.SIGTERM)
+
+    # --- spawning ---------------------------------------------------------------------
+
+    def maintain(self) -> None:
+        for w in list(self.workers.values()):
+            if w.slot >= self.n and w.stop_at is None:     # after SIGTTOU
+                self.terminate(w, expected=True)
+        busy = {w.slot for w in self.workers.values()}
+        now = time.monotonic()
+        for slot in range(self.n):
+            if slot not in busy and now >= self.not_before.get(slot, 0.0):
+                self.spawn(slot)
+        self.roll_restart()
+
+    def roll_restart(self) -> None:
+        # One slot at a time, and only once every slot's worker is running and has beaten,
+        # so a SIGHUP never takes more than one worker out of service.
+        live = list(self.workers.values())
+        if not self.restart_queue or len(live) < self.n or any(w.stop_at is not None for w in live):
+            return
+        if any(w.heartbeat() <= w.born_mtime for w in live):
+            return
+        slot = self.restart_queue.pop(0)
+        for w in live:
+            if w.slot == slot:
+                log.info("restarting worker slot=%d pid=%d", w.slot, w.pid)
+                self.terminate(w, expected=True)
+
+    def spawn(self, slot: int) -> None:
+        fd, path = tempfile.mkstemp(prefix=f"zchannels-worker{slot}-")
+        os.unlink(path)   # nothing to clean up, even if the supervisor is SIGKILLed
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(fd)
+            log.error("cannot fork worker slot=%d: %s; retrying in 1s", slot, exc)
+            self.not_before[slot] = time.monotonic() + 1.0
+            return
+        if pid == 0:
+            self.child(slot, fd)   # never returns
+        self.workers[pid] = Worker(slot, pid, fd, time.monotonic(), os.fstat(fd).st_mtime)
+        log.info("worker started slot=%d pid=%d", slot, pid)
+
+    def child(self, slot: int, alive_fd: int) -> None:
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum, handler in self.saved_handlers.items():
+                signal.signal(signum, handler)
+            for fd in [*self.pipe, *(w.alive_fd for w in self.workers.values())]:
+                os.close(fd)
+            result = self.target(slot, lambda: os.utime(alive_fd))
+            code = result if isinstance(result, int) else 0
+        except SystemExit as exc:   # mirror the interpreter: int -> code, None -> 0, text -> 1
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if code and not isinstance(exc.code, int):
+                print(exc.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)   # never run the supervisor's atexit hooks or finally blocks
+
+    # --- stopping -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """SIGTERM every worker, wait up to graceful_timeout, then SIGKILL the rest."""
+        if self.exit_code is None:
+            self.exit_code = 1    # only reached through an unexpected exception in run()
+        for w in self.workers.values():
+            if w.stop_at is None:
+                self.terminate(w, expected=True)
+        deadline = time.monotonic() + self.graceful_timeout
+        why = " (did not stop within the graceful timeout)"
+        while self.workers and time.monotonic() < deadline:
+            self.sleep(0.1)
+            self.reap()
+            if any(s in (signal.SIGTERM, signal.SIGINT) for s in self.signals):
+                why = " (second stop signal)"   # an impatient operator: do not wait any longer
+                break
+            self.signals.clear()
+        for w in self.workers.values():
+            if not w.killed:
+                self.kill(w, why)
+        for pid, w in list(self.workers.items()):
+            _, status = os.waitpid(pid, 0)
+            del self.workers[pid]
+            self.on_death(w, status)
+
+
+def main(args) -> int:
+    """`zchannels workers`: supervise `args.workers` runners for `args.app`."""
+    from broker.logsetup import setup_logging
+    setup_logging(args.log_level, "workers")
+    if args.workers < 1:
+        log.error("--workers must be at least 1, got %d", args.workers)
+        return 2
+
+    def target(slot: int, alive: Callable[[], None]) -> int:
+        from workers.runner import run_worker
+        return run_worker(args.app, args.bus, slot, args.log_level, alive)
+
+    graceful = getattr(args, "graceful_timeout", 10.0)
+    return Supervisor(target, args.workers, args.stuck_timeout, graceful).run()
