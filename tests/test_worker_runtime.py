@@ -1,0 +1,538 @@
+"""One real worker process (workers/runner.py) against a fake broker made of real zmq sockets.
+
+The test plays the broker and an edge: a ROUTER on port P (the worker's DEALER connects),
+a SUB on P+1 capturing the worker's PUB broadcasts, and an XPUB on P+2 feeding broadcasts
+to the worker's SUB (its subscription messages tell us when it listens).  Frames go in as
+the broker delivers them, ``[kind, sender_edge, *fields]``, and the exact frames that come
+back are asserted.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import zmq
+
+from broker import wire
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "tests" / "apps" / "e2e_app.py")
+EDGE = b"E-test-edge"
+TIMEOUT = 5.0
+
+
+class FakeBroker:
+    """The broker's three sockets on consecutive loopback ports, plus one worker subprocess."""
+
+    def __init__(self, tmp: Path, app: str = APP):
+        self.ctx = zmq.Context()
+        self.router, self.capture, self.feed, port = self._bind()
+        self.bus = f"tcp://127.0.0.1:{port}"
+        self.stderr_path = tmp / f"worker-{port}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.runner", app, "--bus", self.bus, "--log-level", "debug"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=open(self.stderr_path, "wb"))
+        self.worker_id: bytes | None = None
+        self.loads: list[int] = []
+
+    def _bind(self):
+        for _ in range(50):
+            router = self.ctx.socket(zmq.ROUTER)
+            port = router.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=60000)
+            capture, feed = self.ctx.socket(zmq.SUB), self.ctx.socket(zmq.XPUB)
+            try:
+                capture.bind(f"tcp://127.0.0.1:{port + 1}")
+                feed.bind(f"tcp://127.0.0.1:{port + 2}")
+            except zmq.ZMQError:
+                for s in (router, capture, feed):
+                    s.close(linger=0)
+                continue
+            capture.setsockopt(zmq.SUBSCRIBE, b"")
+            return router, capture, feed, port
+        raise RuntimeError("no three consecutive free ports")
+
+    # --- the worker's point-to-point frames ---
+
+    def recv(self, timeout: float = TIMEOUT) -> list[bytes]:
+        """The next non-heartbeat frame from the worker (heartbeats are answered)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.router.poll(int(left * 1000)):
+                raise AssertionError(f"no frame from the worker within {timeout} s\n{self.stderr()}")
+            wid, *frames = self.router.recv_multipart()
+            self.worker_id = wid
+            if frames[0] == wire.HEARTBEAT:
+                self.loads.append(int(frames[2]))
+                self.router.send_multipart([wid, wire.HEARTBEAT, b""])
+                continue
+            return frames
+
+    def expect(self, *frames: bytes, timeout: float = TIMEOUT) -> None:
+        got = self.recv(timeout)
+        assert got == list(frames), f"expected {list(frames)}\n     got {got}"
+
+    def nothing_pending(self) -> list[list[bytes]]:
+        frames = []
+        while self.router.poll(0):
+            wid, *f = self.router.recv_multipart()
+            if f[0] == wire.HEARTBEAT:
+                self.router.send_multipart([wid, wire.HEARTBEAT, b""])
+            else:
+                frames.append(f)
+        return frames
+
+    def send(self, kind: bytes, *fields: bytes, edge: bytes = EDGE) -> None:
+        self.router.send_multipart([self.worker_id, kind, edge, *fields])
+
+    def send_raw(self, *frames: bytes) -> None:
+        self.router.send_multipart([self.worker_id, *frames])
+
+    # --- edge-like helpers ---
+
+    def join(self, conn: bytes, topic: str, join_ref: bytes = b"1", payload: dict | None = None,
+             assigns: dict | None = None, edge: bytes = EDGE) -> list[bytes]:
+        self.send(wire.JOIN, conn, topic.encode(), join_ref, join_ref,
+                  orjson.dumps({"assigns": assigns or {}, "id": None}), orjson.dumps(payload or {}), edge=edge)
+        return self.recv()
+
+    def join_ok(self, conn: bytes, topic: str, join_ref: bytes = b"1", **kw) -> None:
+        reply = self.join(conn, topic, join_ref, **kw)
+        assert reply[:7] == [wire.JOIN_REPLY, kw.get("edge", EDGE), conn, topic.encode(), join_ref,
+                             join_ref, b"ok"], reply
+
+    def push(self, conn: bytes, topic: str, event: str, payload=None, ref: bytes = b"2",
+             join_ref: bytes = b"1", edge: bytes = EDGE) -> None:
+        if isinstance(payload, bytes):
+            data, fmt = payload, wire.BINARY
+        else:
+            data, fmt = orjson.dumps({} if payload is None else payload), wire.JSON
+        self.send(wire.IN, conn, topic.encode(), join_ref, ref, event.encode(), data, fmt, edge=edge)
+
+    def expect_reply(self, conn: bytes, topic: str, ref: bytes, status: bytes, response,
+                     join_ref: bytes = b"1", fmt: bytes = wire.JSON) -> None:
+        data = response if fmt == wire.BINARY else orjson.dumps(response)
+        self.expect(wire.REPLY, EDGE, conn, topic.encode(), join_ref, ref, status, data, fmt)
+
+    # --- broadcasts ---
+
+    def broadcast(self, timeout: float = TIMEOUT) -> list[bytes]:
+        if not self.capture.poll(int(timeout * 1000)):
+            raise AssertionError(f"no broadcast from the worker within {timeout} s\n{self.stderr()}")
+        return self.capture.recv_multipart()
+
+    def subscription(self, timeout: float = TIMEOUT) -> bytes:
+        if not self.feed.poll(int(timeout * 1000)):
+            raise AssertionError(f"no (un)subscription from the worker within {timeout} s")
+        return self.feed.recv()
+
+    # --- lifecycle ---
+
+    def start(self) -> str:
+        """Answer heartbeats until the worker prints READY; make sure broadcasts get through."""
+        deadline = time.monotonic() + 10
+        line = b""
+        while not line.endswith(b"\n"):
+            self.nothing_pending()
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}\n{self.stderr()}")
+            if select.select([self.proc.stdout], [], [], 0.05)[0]:
+                line += os.read(self.proc.stdout.fileno(), 1000)
+            if self.router.poll(0) == 0 and self.worker_id is None and time.monotonic() > deadline:
+                raise AssertionError(f"worker never got ready\n{self.stderr()}")
+            if self.router.poll(50):
+                wid, *frames = self.router.recv_multipart()
+                self.worker_id = wid
+                if frames[0] == wire.HEARTBEAT:
+                    self.router.send_multipart([wid, wire.HEARTBEAT, b""])
+        # PUB/SUB slow joiner: probe until the worker's PUB has our subscription.
+        self.join_ok(b"probe", "echo:probe")
+        for i in range(200):
+            self.push(b"probe", "echo:probe", "bcast", {"i": i}, ref=str(i).encode())
+            self.expect_reply(b"probe", "echo:probe", str(i).encode(), b"ok", {})
+            if self.capture.poll(50):
+                break
+        while self.capture.poll(200):
+            self.capture.recv_multipart()
+        return line.decode()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")[-5000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for s in (self.router, self.capture, self.feed):
+            s.close(linger=0)
+        self.ctx.term()
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    fake = FakeBroker(tmp_path_factory.mktemp("worker"))
+    fake.ready_line = fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def bus(worker):
+    assert worker.proc.poll() is None, worker.stderr()
+    leftovers = worker.nothing_pending()
+    assert not leftovers, leftovers
+    return worker
+
+
+def terminations(fake: FakeBroker) -> dict:
+    frames = fake.broadcast()
+    assert frames[1:3] == [wire.BROADCAST, b"terminated"], frames
+    return {"topic": wire.topic_from_key(frames[0]), **orjson.loads(frames[4])}
+
+
+# --- process ----------------------------------------------------------------------------
+
+def test_ready_line_names_slot_pid_and_routing_id(bus):
+    fields = dict(f.split("=", 1) for f in bus.ready_line.split()[1:])
+    assert bus.ready_line.startswith("READY ")
+    assert fields == {"worker": "0", "pid": str(bus.proc.pid), "id": bus.worker_id.decode()}
+    assert bus.worker_id.startswith(wire.ROLE_WORKER + b"w0-")
+    assert "worker ready" in bus.stderr()
+
+
+def test_heartbeat_reports_the_number_of_channels(bus):
+    bus.loads.clear()
+    while not bus.loads:
+        bus.nothing_pending() or bus.router.poll(100) and bus.loads.extend(
+            [int(f[2])] if (f := bus.router.recv_multipart()[1:])[0] == wire.HEARTBEAT else [])
+    before = bus.loads[-1]
+    bus.join_ok(b"hb", "echo:hb")
+    deadline = time.monotonic() + TIMEOUT
+    while before + 1 not in bus.loads and time.monotonic() < deadline:
+        if bus.router.poll(100):
+            frames = bus.router.recv_multipart()[1:]
+            if frames[0] == wire.HEARTBEAT:
+                bus.loads.append(int(frames[2]))
+    assert before + 1 in bus.loads
+
+
+# --- connect ----------------------------------------------------------------------------
+
+def connect(fake: FakeBroker, conn: bytes, params: dict) -> tuple[bytes, dict]:
+    fake.send(wire.CONNECT, conn, orjson.dumps({"params": params, "connect_info": {}}))
+    frames = fake.recv()
+    assert frames[:3] == [wire.CONNECT_REPLY, EDGE, conn], frames
+    return frames[3], orjson.loads(frames[4])
+
+
+def test_connect_accepts_with_assigns_and_socket_id(bus):
+    assert connect(bus, b"c-ok", {"user": "ann", "socket_id": "u:1"}) == \
+        (b"ok", {"assigns": {"user": "ann", "socket_id": "u:1"}, "id": "u:1"})
+    assert connect(bus, b"c-ok2", {}) == (b"ok", {"assigns": {"user": None}, "id": None})
+
+
+def test_connect_refusal_and_crash_become_error_replies(bus):
+    assert connect(bus, b"c-rej", {"reject": True}) == (b"error", {"reason": "rejected"})
+    assert connect(bus, b"c-crash", {"crash": True}) == (b"error", {"reason": "connect crashed"})
+    assert "connect crashed" in bus.stderr()
+
+
+# --- join -------------------------------------------------------------------------------
+
+def test_join_ok_replies_with_the_join_response_and_intercepts(bus):
+    assert bus.join(b"j1", "echo:a", b"7") == [
+        wire.JOIN_REPLY, EDGE, b"j1", b"echo:a", b"7", b"7", b"ok", b'{"joined":"echo:a"}', b"[]"]
+    assert bus.join(b"j1", "intercept:a", b"8")[6:] == [b"ok", b'{"joined":"intercept:a"}', b'["filtered"]']
+    assert bus.subscription() == b"\x01" + wire.topic_key("intercept:a")
+
+
+def test_join_error_crash_and_unmatched_topic(bus):
+    assert bus.join(b"j2", "private:x")[6:] == [b"error", b'{"reason":"unauthorized"}', b"[]"]
+    assert bus.join(b"j2", "crashjoin:x")[6:] == [b"error", b'{"reason":"join crashed"}', b"[]"]
+    assert bus.join(b"j2", "nowhere:x")[6:] == [b"error", b'{"reason":"unmatched topic"}', b"[]"]
+    assert "join raised on purpose" in bus.stderr()
+
+
+def test_push_inside_join_crashes_the_join(bus):
+    assert bus.join(b"j3", "echo:early", payload={"push_in_join": True})[6:7] == [b"error"]
+    assert "before the join of 'echo:early' completed" in bus.stderr()
+
+
+def test_route_error_join_terminates_with_shutdown_and_is_gone(bus):
+    bus.join_ok(b"j4", "echo:gone")
+    assert bus.join(b"j4", "private:gone")[6] == b"error"
+    bus.push(b"j4", "private:gone", "ping", {"a": 1}, ref=b"3")   # no such channel: dropped
+    bus.push(b"j4", "echo:gone", "ping", {"a": 2}, ref=b"4")
+    bus.expect_reply(b"j4", "echo:gone", b"4", b"ok", {"a": 2})
+
+
+# --- handle_in --------------------------------------------------------------------------
+
+def test_handle_in_reply_shapes(bus):
+    c, t = b"in1", "echo:in"
+    bus.join_ok(c, t)
+    bus.push(c, t, "ping", {"q": [1, "x"]}, ref=b"10")
+    bus.expect_reply(c, t, b"10", b"ok", {"q": [1, "x"]})
+    bus.push(c, t, "error", ref=b"11")
+    bus.expect_reply(c, t, b"11", b"error", {})
+    bus.push(c, t, "custom", {"z": 1}, ref=b"12")
+    bus.expect_reply(c, t, b"12", b"custom", {"z": 1})
+    bus.push(c, t, "noreply", ref=b"13")
+    bus.push(c, t, "ping", ref=b"14")
+    bus.expect_reply(c, t, b"14", b"ok", {})
+
+
+def test_binary_payload_in_and_binary_reply_out(bus):
+    c, t = b"bin", "echo:bin"
+    bus.join_ok(c, t)
+    bus.push(c, t, "binary", b"\x00\x01abc", ref=b"5")
+    bus.expect_reply(c, t, b"5", b"ok", b"cba\x01\x00", fmt=wire.BINARY)
+    bus.push(c, t, "binary", {"not": "binary"}, ref=b"6")
+    bus.expect_reply(c, t, b"6", b"error", {"reason": "expected a binary payload"})
+
+
+def test_stale_or_unknown_join_ref_is_dropped_and_null_join_ref_passes(bus):
+    c, t = b"stale", "echo:stale"
+    bus.join_ok(c, t, b"3")
+    bus.push(c, t, "ping", {"n": 1}, ref=b"4", join_ref=b"2")
+    bus.push(c, t, "ping", {"n": 2}, ref=b"5", join_ref=b"")
+    bus.expect_reply(c, t, b"5", b"ok", {"n": 2}, join_ref=b"3")
+
+
+def test_stop_with_reply_sends_the_reply_then_close(bus):
+    c, t = b"stop1", "echo:stop1"
+    bus.join_ok(c, t)
+    bus.push(c, t, "stop_reply", ref=b"9")
+    bus.expect_reply(c, t, b"9", b"ok", {"bye": True})
+    bus.expect(wire.CHANNEL_CLOSE, EDGE, c, t.encode(), b"1")
+
+
+def test_stop_normal_closes_and_stop_other_reason_errors(bus):
+    bus.join_ok(b"stop2", "echo:n")
+    bus.push(b"stop2", "echo:n", "stop_normal")
+    bus.expect(wire.CHANNEL_CLOSE, EDGE, b"stop2", b"echo:n", b"1")
+    bus.join_ok(b"stop2", "echo:c")
+    bus.push(b"stop2", "echo:c", "stop_crash")
+    bus.expect(wire.CHANNEL_ERROR, EDGE, b"stop2", b"echo:c", b"1")
+
+
+def test_stop_runs_terminate_with_the_reason(bus):
+    bus.join_ok(b"stop3", "terminate:s")
+    bus.push(b"stop3", "terminate:s", "stop_crash")
+    bus.expect(wire.CHANNEL_ERROR, EDGE, b"stop3", b"terminate:s", b"1")
+    assert terminations(bus) == {"topic": "terminations:terminate:s", "reason": "boom"}
+
+
+def test_raise_in_handle_in_is_a_channel_error_and_the_worker_lives_on(bus):
+    c, t = b"raise", "terminate:raise"
+    bus.join_ok(c, t)
+    bus.push(c, t, "raise", ref=b"2")
+    bus.expect(wire.CHANNEL_ERROR, EDGE, c, t.encode(), b"1")
+    bus.push(c, t, "ping", ref=b"3")          # the channel is gone: dropped
+    bus.join_ok(c, t, b"4")                   # phoenix.js rejoins
+    bus.push(c, t, "ping", {"again": 1}, ref=b"5", join_ref=b"4")
+    bus.expect_reply(c, t, b"5", b"ok", {"again": 1}, join_ref=b"4")
+    bus.send(wire.LEAVE, c, t.encode(), b"4", b"6")
+    bus.expect_reply(c, t, b"6", b"ok", {}, join_ref=b"4")
+    bus.expect(wire.CHANNEL_CLOSE, EDGE, c, t.encode(), b"4")
+    # terminate ran for the leave only, not for the raise
+    assert terminations(bus)["reason"] == "('shutdown', 'left')"
+    assert "raised on purpose by the e2e app" in bus.stderr()
+
+
+def test_bad_return_value_crashes_with_a_log_line_naming_callback_shapes_and_value(bus):
+    c, t = b"badret", "echo:badret"
+    bus.join_ok(c, t)
+    bus.push(c, t, "bad_return")
+    bus.expect(wire.CHANNEL_ERROR, EDGE, c, t.encode(), b"1")
+    assert ("EchoChannel.handle_in returned 42 (int); valid returns: reply(status, response=None), "
+            "noreply(), stop(reason, reply=None)") in bus.stderr()
+
+
+# --- push, broadcast, timers ------------------------------------------------------------
+
+def test_push_and_send_after_push_carry_the_join_ref(bus):
+    c, t = b"push", "echo:push"
+    bus.join_ok(c, t, b"12")
+    bus.push(c, t, "push", {"p": 1}, join_ref=b"12")
+    bus.expect(wire.PUSH, EDGE, c, t.encode(), b"12", b"pushed", b'{"p":1}', wire.JSON)
+    bus.push(c, t, "push_after", {"later": True}, join_ref=b"12")
+    bus.expect(wire.PUSH, EDGE, c, t.encode(), b"12", b"push_after", b'{"later":true}', wire.JSON)
+
+
+def test_broadcast_and_broadcast_from_publish_with_origin(bus):
+    c, t = b"bc", "echo:bc"
+    bus.join_ok(c, t)
+    bus.push(c, t, "bcast", {"b": 1}, ref=b"2")
+    bus.expect_reply(c, t, b"2", b"ok", {})
+    assert bus.broadcast() == [wire.topic_key(t), wire.BROADCAST, b"bcast", b"", b'{"b":1}', wire.JSON]
+    bus.push(c, t, "bcast_from", {"b": 2}, ref=b"3")
+    bus.expect_reply(c, t, b"3", b"ok", {})
+    assert bus.broadcast() == [wire.topic_key(t), wire.BROADCAST, b"bcast", wire.origin_of(EDGE, c),
+                               b'{"b":2}', wire.JSON]
+
+
+# --- intercepts ---------------------------------------------------------------------------
+
+def test_intercepted_broadcasts_run_handle_out_per_channel(bus):
+    t = "intercept:room"
+    key = wire.topic_key(t)
+    bus.join_ok(b"ia", t, assigns={"user": "ann"})
+    assert bus.subscription() == b"\x01" + key
+    bus.join_ok(b"ib", t, assigns={"user": "bob"})
+    # not intercepted: the edge's fast lane delivers it, the worker ignores it
+    bus.feed.send_multipart(wire.broadcast_frames(t, "plain", b'{"x":0}'))
+    bus.feed.send_multipart(wire.broadcast_frames(t, "filtered", b'{"x":1}'))
+    got = sorted([bus.recv(), bus.recv()])
+    assert got == [[wire.PUSH, EDGE, conn, t.encode(), b"1", b"filtered", data, wire.JSON]
+                   for conn, data in [(b"ia", b'{"x":1,"seen_by":"ann"}'), (b"ib", b'{"x":1,"seen_by":"bob"}')]]
+    # handle_out may filter; broadcast_from skips its origin
+    bus.feed.send_multipart(wire.broadcast_frames(t, "filtered", b'{"drop":true}'))
+    bus.feed.send_multipart(wire.broadcast_frames(t, "filtered", b'{"x":2}', origin=wire.origin_of(EDGE, b"ia")))
+    bus.expect(wire.PUSH, EDGE, b"ib", t.encode(), b"1", b"filtered", b'{"x":2,"seen_by":"bob"}', wire.JSON)
+    # the last intercepting channel leaving unsubscribes the topic
+    for ref, conn in [(b"5", b"ia"), (b"6", b"ib")]:
+        bus.send(wire.LEAVE, conn, t.encode(), b"1", ref)
+        bus.expect_reply(conn, t, ref, b"ok", {})
+        bus.expect(wire.CHANNEL_CLOSE, EDGE, conn, t.encode(), b"1")
+    assert bus.subscription() == b"\x00" + key
+
+
+# --- leave, terminate, edge down ----------------------------------------------------------
+
+def test_leave_runs_terminate_then_replies_then_closes(bus):
+    c, t = b"lv", "terminate:lv"
+    bus.join_ok(c, t, b"3")
+    bus.send(wire.LEAVE, c, t.encode(), b"3", b"4")
+    bus.expect_reply(c, t, b"4", b"ok", {}, join_ref=b"3")
+    bus.expect(wire.CHANNEL_CLOSE, EDGE, c, t.encode(), b"3")
+    assert terminations(bus) == {"topic": "terminations:" + t, "reason": "('shutdown', 'left')"}
+
+
+def test_leave_of_unknown_channel_replies_ok_and_stale_leave_is_ignored(bus):
+    bus.send(wire.LEAVE, b"lv2", b"echo:never", b"9", b"10")
+    bus.expect(wire.REPLY, EDGE, b"lv2", b"echo:never", b"9", b"10", b"ok", b"{}", wire.JSON)
+    bus.join_ok(b"lv2", "echo:stale", b"3")
+    bus.send(wire.LEAVE, b"lv2", b"echo:stale", b"2", b"4")      # an older instance: nothing
+    bus.push(b"lv2", "echo:stale", "ping", ref=b"5", join_ref=b"3")
+    bus.expect_reply(b"lv2", "echo:stale", b"5", b"ok", {}, join_ref=b"3")
+
+
+def test_terminate_closed_runs_terminate_and_duplicate_join_does_not(bus):
+    bus.join_ok(b"tm", "terminate:dup")
+    bus.join_ok(b"tm", "terminate:closed")
+    bus.send(wire.TERMINATE, b"tm", b"terminate:dup", b"1", b"duplicate_join")
+    bus.send(wire.TERMINATE, b"tm", b"terminate:closed", b"1", b"closed")
+    # the first terminate broadcast is the closed one: duplicate_join ran none
+    assert terminations(bus) == {"topic": "terminations:terminate:closed", "reason": "('shutdown', 'closed')"}
+    assert bus.nothing_pending() == []
+
+
+def test_duplicate_join_replaces_the_old_instance_silently(bus):
+    c, t = b"dup", "terminate:again"
+    bus.join_ok(c, t, b"1")
+    bus.join_ok(c, t, b"5")
+    bus.push(c, t, "ping", {"old": 1}, ref=b"6", join_ref=b"1")   # old instance: gone
+    bus.push(c, t, "stop_normal", ref=b"7", join_ref=b"5")
+    bus.expect(wire.CHANNEL_CLOSE, EDGE, c, t.encode(), b"5")
+    assert terminations(bus)["reason"] == "normal"              # only the new one terminated
+
+
+def test_duplicate_join_cancels_a_handler_still_running_in_the_old_instance(bus):
+    c, t = b"dup2", "slow:again"
+    bus.join_ok(c, t, b"1")
+    bus.push(c, t, "sleep", {"s": 0.3}, ref=b"2", join_ref=b"1")
+    bus.join_ok(c, t, b"3")
+    bus.push(c, t, "sleep", {"s": 0.6}, ref=b"4", join_ref=b"3")
+    # the old reply (due at 0.3 s) never comes; the new one (0.6 s) does
+    bus.expect_reply(c, t, b"4", b"ok", {"s": 0.6}, join_ref=b"3")
+
+
+def test_edge_down_terminates_that_edges_channels_only(bus):
+    other = b"E-other-edge"
+    bus.join_ok(b"ed1", "terminate:ed1", edge=other)
+    bus.join_ok(b"ed2", "terminate:ed2")
+    bus.send_raw(wire.EDGE_DOWN, other)
+    assert terminations(bus) == {"topic": "terminations:terminate:ed1", "reason": "('shutdown', 'closed')"}
+    bus.push(b"ed1", "terminate:ed1", "ping", ref=b"2", edge=other)   # gone
+    bus.push(b"ed2", "terminate:ed2", "ping", ref=b"3")               # still there
+    bus.expect_reply(b"ed2", "terminate:ed2", b"3", b"ok", {})
+
+
+# --- mailbox ----------------------------------------------------------------------------
+
+def test_messages_of_one_channel_are_handled_in_order(bus):
+    c, t = b"ord", "slow:ord"
+    bus.join_ok(c, t)
+    bus.push(c, t, "sleep", {"s": 0.2}, ref=b"1000")
+    for i in range(200):
+        bus.push(c, t, "ping", {"i": i}, ref=str(i).encode())
+    bus.expect_reply(c, t, b"1000", b"ok", {"s": 0.2})
+    for i in range(200):
+        bus.expect_reply(c, t, str(i).encode(), b"ok", {"i": i})
+
+
+def test_a_slow_channel_does_not_block_other_channels(bus):
+    bus.join_ok(b"slow", "slow:a")
+    bus.join_ok(b"fast", "echo:fast")
+    start = time.monotonic()
+    bus.push(b"slow", "slow:a", "sleep", {"s": 1.5}, ref=b"2")
+    bus.push(b"fast", "echo:fast", "ping", ref=b"3")
+    bus.expect_reply(b"fast", "echo:fast", b"3", b"ok", {})
+    assert time.monotonic() - start < 1.0
+    bus.expect_reply(b"slow", "slow:a", b"2", b"ok", {"s": 1.5})
+
+
+# --- robustness ---------------------------------------------------------------------------
+
+def test_bad_bus_frames_are_logged_and_dropped(bus):
+    bus.send_raw(b"Z", b"junk")
+    bus.send_raw(wire.IN, EDGE, b"too-few")
+    bus.send(wire.JOIN, b"bad", b"echo:bad", b"1", b"1", b"not json", b"{}")
+    bus.send(wire.IN, b"bad", b"\xff\xfe", b"1", b"2", b"ping", b"{}", wire.JSON)
+    bus.feed.send_multipart([b"no-terminator", wire.BROADCAST])
+    bus.join_ok(b"bad", "echo:bad2")
+    bus.push(b"bad", "echo:bad2", "ping", b"raw", ref=b"3")
+    bus.expect_reply(b"bad", "echo:bad2", b"3", b"ok", b"raw", fmt=wire.BINARY)
+    log = bus.stderr()
+    assert "unknown bus kind b'Z'" in log and "needs 9 frames, got 3" in log
+    assert bus.proc.poll() is None
+
+
+# --- separate workers ---------------------------------------------------------------------
+
+def test_sigterm_says_bye_runs_terminate_and_exits_zero(tmp_path):
+    fake = FakeBroker(tmp_path)
+    try:
+        fake.start()
+        fake.join_ok(b"sd", "terminate:sd")
+        fake.proc.send_signal(signal.SIGTERM)
+        fake.expect(wire.BYE, wire.ROLE_WORKER)
+        assert terminations(fake) == {"topic": "terminations:terminate:sd", "reason": "shutdown"}
+        assert fake.proc.wait(5) == 0
+    finally:
+        fake.stop()
+
+
+def test_app_that_cannot_load_exits_with_handler_load_error(tmp_path):
+    from workers.supervisor import HANDLER_LOAD_ERROR
+    bad = tmp_path / "broken_app.py"
+    bad.write_text("import no_such_module_for_zchannels\n")
+    fake = FakeBroker(tmp_path, app=str(bad))
+    try:
+        assert fake.proc.wait(10) == HANDLER_LOAD_ERROR
+        assert f"cannot load app '{bad}'" in fake.stderr()
+        assert "no_such_module_for_zchannels" in fake.stderr()
+    finally:
+        fake.stop()

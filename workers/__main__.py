@@ -1,0 +1,5 @@
+import sys
+
+from zchannels.cli import main
+
+sys.exit(main(["workers", *sys.argv[1:]]))

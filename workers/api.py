@@ -1,0 +1,489 @@
+"""Write Phoenix channels in Python: the handler API (``from workers import ...``).
+
+This module is the user's manual.  A handler module declares one ``Socket`` (the
+connection entry point and its topic routes) and one ``Channel`` subclass per kind of
+topic.  Worker processes import it (``zchannels workers my_app.py``), run ``connect``
+once per client connection, create one channel instance per joined topic and call
+its callbacks.  Everything else (WebSocket/LongPoll transports, the Phoenix wire
+format, fan-out between processes) happens elsewhere; clients are phoenix.js or
+any other Phoenix Channels client.
+
+A complete handler module::
+
+    from workers import Channel, Socket, ok, error, reply, noreply, stop
+
+    class RoomChannel(Channel):
+        intercept = ["user_joined"]          # broadcasts routed through handle_out
+
+        async def join(self, topic, payload, socket):
+            if topic == "room:lobby":
+                self.send("after_join")      # push/broadcast are not allowed in join ...
+                return ok({"hello": 1})      # ... so do it from handle_info, right after
+            return error({"reason": "unauthorized"})
+
+        def handle_info(self, msg, socket):
+            if msg == "after_join":
+                self.broadcast("user_joined", {"user": socket.assigns["user"]})
+            return noreply()
+
+        async def handle_in(self, event, payload, socket):
+            if event == "new_msg":
+                self.broadcast("new_msg", {"body": payload["body"]})
+                return noreply()
+            if event == "ping":
+                return reply("ok", payload)
+            return stop("shutdown", reply=("error", {"reason": "unknown event"}))
+
+        def handle_out(self, event, payload, socket):
+            if payload["user"] in socket.assigns.get("ignoring", ()):
+                return noreply()             # filtered: this client never sees it
+            self.push(event, payload)
+            return noreply()
+
+        def terminate(self, reason, socket):
+            print("left", self.topic, reason)
+
+    socket = Socket()
+    socket.channel("room:*", RoomChannel)
+
+    @socket.connect
+    def connect(params, socket, connect_info):
+        return socket.assign(user=params.get("user", "anonymous"))
+
+Callbacks may be plain ``def`` or ``async def``.  Each joined channel handles its
+messages one at a time, in order (a mailbox, like a Phoenix channel process); different
+channels run concurrently, so an ``await`` in one channel never blocks another.  An
+exception in a callback crashes that channel only: the client gets ``phx_error`` and
+phoenix.js rejoins by itself.  A callback that returns something other than the shapes
+listed for it is a crash too, with a log line naming the callback, the valid shapes and
+the value received.
+
+Return shapes, per callback:
+
+=================  ==============================================================
+``join``           ``ok()``, ``ok(reply_dict)``, ``error(reply_dict)``
+``handle_in``      ``reply(status, response=None)``, ``noreply()``, ``stop(reason, reply=None)``
+``handle_out``     ``noreply()``, ``stop(reason)``
+``handle_info``    ``noreply()``, ``stop(reason)``
+``terminate``      anything (ignored)
+``connect``        the socket (after ``socket.assign(...)``) or ``True`` to accept;
+                   ``False``, ``None`` or ``error({"reason": ...})`` to refuse (HTTP 403)
+``id``             a string (the socket id topic) or ``None``
+=================  ==============================================================
+
+``terminate(reason, socket)`` reasons: ``("shutdown", "left")`` after the client left,
+``("shutdown", "closed")`` when its connection went away, ``"shutdown"`` after
+``join`` returned ``error(...)`` and when the worker stops, or the reason given to
+``stop(...)``.  It is not called after a crash, nor for a duplicate join of the same
+topic on the same connection (Phoenix semantics).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import orjson
+
+from workers.routes import Route
+
+log = logging.getLogger("zchannels.worker")
+
+__all__ = [
+    "Channel", "Socket", "SocketState", "Timer", "ok", "error", "reply", "noreply", "stop",
+    "broadcast", "BadReturn",
+]
+
+
+# --- return shapes --------------------------------------------------------------------
+
+class Ok:
+    """``join`` accepted; ``reply`` (a dict) goes to the client as the join response."""
+    __slots__ = ("reply",)
+
+    def __init__(self, reply: dict | None = None):
+        if reply is not None and not isinstance(reply, dict):
+            raise TypeError(f"ok() takes a dict (JSON object) reply, got {type(reply).__name__}")
+        self.reply = {} if reply is None else reply
+
+    def __repr__(self) -> str:
+        return f"ok({self.reply!r})"
+
+
+class Error:
+    """``join`` (or ``connect``) refused; ``reply`` (a dict) goes to the client."""
+    __slots__ = ("reply",)
+
+    def __init__(self, reply: dict | str | None = None):
+        if isinstance(reply, str):
+            reply = {"reason": reply}
+        if reply is not None and not isinstance(reply, dict):
+            raise TypeError(f"error() takes a dict (JSON object) reply, got {type(reply).__name__}")
+        self.reply = {} if reply is None else reply
+
+    def __repr__(self) -> str:
+        return f"error({self.reply!r})"
+
+
+class Reply:
+    """Answer the client's push: ``phx_reply`` with ``status`` and ``response``."""
+    __slots__ = ("status", "response")
+
+    def __init__(self, status: str, response: Any = None):
+        if not isinstance(status, str) or not status:
+            raise TypeError(f"reply() status must be a non-empty string, got {status!r}")
+        if isinstance(response, (bytearray, memoryview)):
+            response = bytes(response)
+        self.status = status
+        self.response = {} if response is None else response
+
+    def __repr__(self) -> str:
+        return f"reply({self.status!r}, {self.response!r})"
+
+
+class NoReply:
+    """Nothing to send back."""
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "noreply()"
+
+
+class Stop:
+    """Stop the channel: ``phx_close`` for a graceful reason, else ``phx_error``."""
+    __slots__ = ("reason", "reply")
+
+    def __init__(self, reason: Any = "normal", reply: Reply | tuple | str | None = None):
+        if isinstance(reply, tuple) and len(reply) == 2:
+            reply = Reply(*reply)
+        elif isinstance(reply, str):
+            reply = Reply(reply)
+        elif reply is not None and not isinstance(reply, Reply):
+            raise TypeError("stop(reply=...) takes a reply(...), a (status, response) tuple "
+                            f"or a status string, got {reply!r}")
+        self.reason = reason
+        self.reply = reply
+
+    @property
+    def graceful(self) -> bool:
+        """``"normal"``, ``"shutdown"`` and ``("shutdown", anything)`` close the channel."""
+        reason = self.reason
+        if isinstance(reason, tuple):
+            return len(reason) == 2 and reason[0] == "shutdown"
+        return reason in ("normal", "shutdown")
+
+    def __repr__(self) -> str:
+        return f"stop({self.reason!r}, reply={self.reply!r})"
+
+
+_NOREPLY = NoReply()
+
+
+def ok(reply: dict | None = None) -> Ok:
+    """Accept a join; the optional dict is the join response (``{}`` by default)."""
+    return Ok(reply)
+
+
+def error(reply: dict | str | None = None) -> Error:
+    """Refuse a join (or a connection). ``error("x")`` is short for ``error({"reason": "x"})``."""
+    return Error(reply)
+
+
+def reply(status: str, response: Any = None) -> Reply:
+    """Reply to the client's push with ``status`` (any string) and ``response``.
+
+    ``response`` is any JSON value (``{}`` when omitted) or ``bytes``, sent as a binary frame.
+    """
+    return Reply(status, response)
+
+
+def noreply() -> NoReply:
+    """Handled; nothing goes back to the client."""
+    return _NOREPLY
+
+
+def stop(reason: Any = "normal", reply: Reply | tuple | str | None = None) -> Stop:
+    """Stop this channel after replying (``reply=("ok", {...})``, only from ``handle_in``).
+
+    ``"normal"``, ``"shutdown"`` and ``("shutdown", x)`` end it with ``phx_close``: the
+    client forgets the channel.  Any other reason is a crash: ``phx_error``, and
+    phoenix.js rejoins.  ``terminate(reason, socket)`` runs in both cases.
+    """
+    return Stop(reason, reply)
+
+
+class BadReturn(TypeError):
+    """A callback returned a value that is not one of its valid shapes."""
+
+
+_SHAPES = {
+    "join": ((Ok, Error), "ok(), ok(reply_dict), error(reply_dict)"),
+    "handle_in": ((Reply, NoReply, Stop),
+                  "reply(status, response=None), noreply(), stop(reason, reply=None)"),
+    "handle_out": ((NoReply, Stop), "noreply(), stop(reason)"),
+    "handle_info": ((NoReply, Stop), "noreply(), stop(reason)"),
+}
+
+
+def check_result(channel: "Channel", callback: str, value: Any) -> None:
+    """Raise ``BadReturn`` unless ``value`` is a valid return of ``callback``."""
+    types, text = _SHAPES[callback]
+    if type(value) in types and not (
+            type(value) is Stop and value.reply is not None and callback != "handle_in"):
+        return
+    raise BadReturn(f"{type(channel).__name__}.{callback} returned {value!r} "
+                    f"({type(value).__name__}); valid returns: {text}")
+
+
+# --- sockets --------------------------------------------------------------------------
+
+class SocketState:
+    """What a callback knows about its connection (Phoenix's ``%Socket{}``).
+
+    ``assigns`` is a dict: in ``connect`` it starts empty and is what the connection
+    keeps; each channel gets its own *copy* at join (merged with the route's
+    ``assigns=``), so changes inside a channel stay in that channel.  ``id`` is the
+    socket id from ``@socket.id``; ``topic`` and ``join_ref`` identify the channel
+    (``None`` in ``connect``); ``ref`` is the client's message ref while ``handle_in`` runs.
+    """
+    __slots__ = ("assigns", "id", "topic", "join_ref", "ref")
+
+    def __init__(self, assigns: dict | None = None, id: str | None = None,
+                 topic: str | None = None, join_ref: str | None = None):
+        self.assigns = {} if assigns is None else assigns
+        self.id = id
+        self.topic = topic
+        self.join_ref = join_ref
+        self.ref: str | None = None
+
+    def assign(self, mapping: dict | None = None, /, **values: Any) -> "SocketState":
+        """Merge values into ``assigns`` and return this socket (``return socket.assign(x=1)``)."""
+        if mapping:
+            self.assigns.update(mapping)
+        self.assigns.update(values)
+        return self
+
+    def __repr__(self) -> str:
+        return f"SocketState(topic={self.topic!r}, id={self.id!r}, assigns={self.assigns!r})"
+
+
+class Socket:
+    """The handler module's entry point: routes topics to channels, accepts connections.
+
+    Declare it at module level under the name ``socket`` (or name it in the app spec,
+    ``my_app:other_name``)::
+
+        socket = Socket()
+        socket.channel("room:*", RoomChannel)              # every topic starting with "room:"
+        socket.channel("admin", AdminChannel, assigns={"admin": True})
+
+        @socket.connect
+        def connect(params, socket, connect_info): ...
+
+        @socket.id
+        def socket_id(socket): return f"users_socket:{socket.assigns['user_id']}"
+    """
+
+    def __init__(self) -> None:
+        self.routes: list[Route] = []
+        self.connect_handler: Callable | None = None
+        self.id_handler: Callable | None = None
+
+    def channel(self, pattern: str, channel: type["Channel"], *, assigns: dict | None = None) -> None:
+        """Route ``pattern`` to ``channel``: an exact topic, or a prefix ending in one ``*``.
+
+        The first declared route that matches a topic wins.  ``assigns`` are merged into
+        the assigns of every channel joined through this route.
+        """
+        if not (isinstance(channel, type) and issubclass(channel, Channel)):
+            raise TypeError(f"socket.channel({pattern!r}, ...) needs a Channel subclass, got {channel!r}")
+        intercept = getattr(channel, "intercept", ())
+        if isinstance(intercept, str) or not all(isinstance(e, str) for e in intercept):
+            raise TypeError(f"{channel.__name__}.intercept must be a list of event names, got {intercept!r}")
+        if assigns is not None and not isinstance(assigns, dict):
+            raise TypeError(f"socket.channel({pattern!r}, assigns=...) must be a dict, got {assigns!r}")
+        self.routes.append(Route(pattern, channel, assigns or {}))
+
+    def route(self, topic: str) -> Route | None:
+        """The first route whose pattern matches ``topic``, or None."""
+        for route in self.routes:
+            if route.matches(topic):
+                return route
+        return None
+
+    def connect(self, fn: Callable) -> Callable:
+        """Decorator: ``fn(params, socket, connect_info)`` runs once per client connection.
+
+        ``params`` are the client's connect params (``new Socket(url, {params})``),
+        ``connect_info`` what the edge knows about the request.  Return the socket
+        (typically ``socket.assign(...)``) or ``True`` to accept; ``False``, ``None`` or
+        ``error({"reason": ...})`` to refuse.  Assigns must be JSON-serialisable: the
+        edge keeps them and sends them along with every join.  Without a connect
+        handler every connection is accepted with empty assigns.
+        """
+        self.connect_handler = fn
+        return fn
+
+    def id(self, fn: Callable) -> Callable:
+        """Decorator: ``fn(socket)`` returns the socket id (a string) or None.
+
+        Broadcasting ``"disconnect"`` to that id closes every connection carrying it.
+        """
+        self.id_handler = fn
+        return fn
+
+
+# --- channels -------------------------------------------------------------------------
+
+class _Sent:
+    """What push/broadcast return: nothing to wait for, yet ``await`` on it is allowed."""
+    __slots__ = ()
+
+    def __await__(self):
+        return iter(())
+
+
+SENT = _Sent()
+
+
+class Timer:
+    """Handle of a ``send_after`` message; ``cancel()`` it before it is delivered."""
+    __slots__ = ("handle", "_owner")
+
+    def __init__(self, handle: Any, owner: set):
+        self.handle = handle
+        self._owner = owner
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+        self._owner.discard(self)
+
+
+def _encode_payload(what: str, payload: Any) -> tuple[bytes, bytes]:
+    # Server pushes and broadcasts are JSON objects or binary (PROTOCOL §4.5).
+    if isinstance(payload, dict):
+        return orjson.dumps(payload), b"j"
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload), b"b"
+    raise TypeError(f"{what} payload must be a dict (JSON object) or bytes, got {type(payload).__name__}")
+
+
+def _check_event(what: str, event: Any) -> str:
+    if not isinstance(event, str) or not event:
+        raise TypeError(f"{what} event must be a non-empty string, got {event!r}")
+    return event
+
+
+class Channel:
+    """Base class of a channel: one instance per joined topic per client connection.
+
+    Subclass it and define the callbacks (``def`` or ``async def``); ``self.topic`` and
+    ``self.socket`` (a ``SocketState``) are set before ``join`` runs.  An instance is
+    created with no arguments; if you define ``__init__``, call ``super().__init__()``.
+
+    ``intercept`` lists the broadcast events that go through ``handle_out`` for this
+    channel; every other broadcast on the topic reaches the client directly (the
+    Phoenix "fastlane", encoded once for all subscribers).
+    """
+
+    intercept: list[str] = []
+
+    # Set by the worker runtime before __init__ (see workers/runner.py).
+    topic: str
+    socket: SocketState
+    _proc: Any = None
+
+    def __init__(self) -> None:
+        pass
+
+    # -- callbacks (override) --
+
+    def join(self, topic: str, payload: Any, socket: SocketState) -> Ok | Error:
+        """Authorise the client to join ``topic``: return ``ok()``, ``ok(dict)`` or ``error(dict)``."""
+        raise NotImplementedError(f"{type(self).__name__} must define join(self, topic, payload, socket)")
+
+    def handle_in(self, event: str, payload: Any, socket: SocketState) -> Reply | NoReply | Stop:
+        """A client push: ``payload`` is the decoded JSON, or ``bytes`` for a binary frame."""
+        raise NotImplementedError(f"{type(self).__name__} has no handle_in for event {event!r}")
+
+    def handle_out(self, event: str, payload: Any, socket: SocketState) -> NoReply | Stop:
+        """An intercepted broadcast on this topic; by default it is pushed unchanged."""
+        self.push(event, payload)
+        return _NOREPLY
+
+    def handle_info(self, msg: Any, socket: SocketState) -> NoReply | Stop:
+        """A message from ``self.send(msg)`` or ``self.send_after(ms, msg)``."""
+        log.warning("%s for %s got a message but defines no handle_info: %r",
+                    type(self).__name__, self.topic, msg)
+        return _NOREPLY
+
+    def terminate(self, reason: Any, socket: SocketState) -> Any:
+        """The channel is ending (see the module docs for the reasons); the return value is ignored."""
+
+    # -- actions --
+
+    def push(self, event: str, payload: dict | bytes) -> _Sent:
+        """Send ``event`` to this channel's client only. Not allowed inside ``join``."""
+        proc = self._joined("push")
+        data, fmt = _encode_payload("push", payload)
+        proc.worker.push(proc, _check_event("push", event), data, fmt)
+        return SENT
+
+    def broadcast(self, event: str, payload: dict | bytes) -> _Sent:
+        """Send ``event`` to every subscriber of this topic, this client included."""
+        proc = self._joined("broadcast")
+        data, fmt = _encode_payload("broadcast", payload)
+        proc.worker.publish(self.topic, _check_event("broadcast", event), data, fmt, b"")
+        return SENT
+
+    def broadcast_from(self, event: str, payload: dict | bytes) -> _Sent:
+        """Like ``broadcast``, except to this channel's own client."""
+        proc = self._joined("broadcast_from")
+        data, fmt = _encode_payload("broadcast_from", payload)
+        proc.worker.publish(self.topic, _check_event("broadcast_from", event), data, fmt, proc.origin)
+        return SENT
+
+    def send(self, msg: Any) -> None:
+        """Deliver ``msg`` to ``handle_info`` after the messages already queued (allowed in join)."""
+        if self._proc is None:
+            raise RuntimeError("send() needs a channel run by a worker")
+        self._proc.worker.post_info(self._proc, msg)
+
+    def send_after(self, ms: float, msg: Any) -> Timer:
+        """Deliver ``msg`` to ``handle_info`` in ``ms`` milliseconds; returns a cancellable Timer."""
+        if self._proc is None:
+            raise RuntimeError("send_after() needs a channel run by a worker")
+        return self._proc.worker.send_after(self._proc, ms, msg)
+
+    def _joined(self, what: str) -> Any:
+        proc = self._proc
+        if proc is None or not proc.joined:
+            raise RuntimeError(
+                f"{what}() called before the join of {getattr(self, 'topic', '?')!r} completed. "
+                "Push and broadcast are not allowed inside join(); call self.send(msg) there "
+                "and push from handle_info(msg, socket).")
+        return proc
+
+    # the return shapes, for `return self.ok()` style
+    ok = staticmethod(ok)
+    error = staticmethod(error)
+    reply = staticmethod(reply)
+    noreply = staticmethod(noreply)
+    stop = staticmethod(stop)
+
+
+# The worker runtime of this process (set by workers/runner.py), for module-level broadcast.
+_runtime: Any = None
+
+
+def broadcast(topic: str, event: str, payload: dict | bytes) -> _Sent:
+    """Broadcast ``event`` to every subscriber of any ``topic``, from any callback.
+
+    Outside a worker process, use the publisher client instead.
+    """
+    if _runtime is None:
+        raise RuntimeError("workers.broadcast() works inside a worker process only")
+    if not isinstance(topic, str) or not topic:
+        raise TypeError(f"broadcast topic must be a non-empty string, got {topic!r}")
+    data, fmt = _encode_payload("broadcast", payload)
+    _runtime.publish(topic, _check_event("broadcast", event), data, fmt, b"")
+    return SENT
