@@ -17,6 +17,8 @@ from typing import Callable
 
 import zmq
 
+from broker import wire
+
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512  # messages handled before yielding to other loop callbacks
@@ -32,6 +34,10 @@ class LoopSocket:
         self._scheduled = False
         self._closed = False
         self.dropped = 0  # sends refused by a full high-water mark
+        self.malformed = 0
+        kind = sock.type
+        self._encode = wire.pack_broadcast if kind in (zmq.PUB, zmq.XPUB) else wire.pack
+        self._decode = wire.unpack_broadcast if kind in (zmq.SUB, zmq.XSUB) else wire.unpack
         if on_message is not None:
             self.loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
             self._schedule()
@@ -47,10 +53,17 @@ class LoopSocket:
             return
         sock = self.sock
         handle = self.on_message
-        recv = sock.recv_multipart
+        recv = sock.recv
+        decode = self._decode
         for _ in range(MAX_BATCH):
             try:
-                frames = recv(zmq.NOBLOCK)
+                frames = decode(recv(zmq.NOBLOCK))
+            except wire.BusFrameError as exc:
+                self.malformed += 1
+                if self.malformed <= 20 or self.malformed % 1000 == 0:
+                    log.warning("%s: dropped malformed bus message: %s (%d so far)",
+                                self.name, exc, self.malformed)
+                continue
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
@@ -68,7 +81,7 @@ class LoopSocket:
     def send(self, frames: list[bytes]) -> bool:
         """Send without blocking; False (and a counted drop) when the HWM is reached."""
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            self.sock.send(self._encode(frames), zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
             if self.dropped in (1, 10, 100, 1000) or self.dropped % 10000 == 0:

@@ -67,11 +67,12 @@ class FakeBroker:
             left = deadline - time.monotonic()
             if left <= 0 or not self.router.poll(int(left * 1000)):
                 raise AssertionError(f"no frame from the worker within {timeout} s\n{self.stderr()}")
-            wid, *frames = self.router.recv_multipart()
+            wid, packed = self.router.recv_multipart()
+            frames = wire.unpack(packed)
             self.worker_id = wid
             if frames[0] == wire.HEARTBEAT:
                 self.loads.append(int(frames[2]))
-                self.router.send_multipart([wid, wire.HEARTBEAT, b""])
+                self.router.send_multipart([wid, wire.pack([wire.HEARTBEAT, b""])])
                 continue
             return frames
 
@@ -82,18 +83,19 @@ class FakeBroker:
     def nothing_pending(self) -> list[list[bytes]]:
         frames = []
         while self.router.poll(0):
-            wid, *f = self.router.recv_multipart()
+            wid, packed = self.router.recv_multipart()
+            f = wire.unpack(packed)
             if f[0] == wire.HEARTBEAT:
-                self.router.send_multipart([wid, wire.HEARTBEAT, b""])
+                self.router.send_multipart([wid, wire.pack([wire.HEARTBEAT, b""])])
             else:
                 frames.append(f)
         return frames
 
     def send(self, kind: bytes, *fields: bytes, edge: bytes = EDGE) -> None:
-        self.router.send_multipart([self.worker_id, kind, edge, *fields])
+        self.router.send_multipart([self.worker_id, wire.pack([kind, edge, *fields])])
 
     def send_raw(self, *frames: bytes) -> None:
-        self.router.send_multipart([self.worker_id, *frames])
+        self.router.send_multipart([self.worker_id, wire.pack(list(frames))])
 
     # --- edge-like helpers ---
 
@@ -126,7 +128,7 @@ class FakeBroker:
     def broadcast(self, timeout: float = TIMEOUT) -> list[bytes]:
         if not self.capture.poll(int(timeout * 1000)):
             raise AssertionError(f"no broadcast from the worker within {timeout} s\n{self.stderr()}")
-        return self.capture.recv_multipart()
+        return wire.unpack_broadcast(self.capture.recv())
 
     def subscription(self, timeout: float = TIMEOUT) -> bytes:
         if not self.feed.poll(int(timeout * 1000)):
@@ -148,10 +150,11 @@ class FakeBroker:
             if self.router.poll(0) == 0 and self.worker_id is None and time.monotonic() > deadline:
                 raise AssertionError(f"worker never got ready\n{self.stderr()}")
             if self.router.poll(50):
-                wid, *frames = self.router.recv_multipart()
+                wid, packed = self.router.recv_multipart()
+                frames = wire.unpack(packed)
                 self.worker_id = wid
                 if frames[0] == wire.HEARTBEAT:
-                    self.router.send_multipart([wid, wire.HEARTBEAT, b""])
+                    self.router.send_multipart([wid, wire.pack([wire.HEARTBEAT, b""])])
         # PUB/SUB slow joiner: probe until the worker's PUB has our subscription.
         self.join_ok(b"probe", "echo:probe")
         for i in range(200):
@@ -160,7 +163,7 @@ class FakeBroker:
             if self.capture.poll(50):
                 break
         while self.capture.poll(200):
-            self.capture.recv_multipart()
+            self.capture.recv()
         return line.decode()
 
     def stderr(self) -> str:
@@ -215,13 +218,13 @@ def test_heartbeat_reports_the_number_of_channels(bus):
     bus.loads.clear()
     while not bus.loads:
         bus.nothing_pending() or bus.router.poll(100) and bus.loads.extend(
-            [int(f[2])] if (f := bus.router.recv_multipart()[1:])[0] == wire.HEARTBEAT else [])
+            [int(f[2])] if (f := wire.unpack(bus.router.recv_multipart()[1]))[0] == wire.HEARTBEAT else [])
     before = bus.loads[-1]
     bus.join_ok(b"hb", "echo:hb")
     deadline = time.monotonic() + TIMEOUT
     while before + 1 not in bus.loads and time.monotonic() < deadline:
         if bus.router.poll(100):
-            frames = bus.router.recv_multipart()[1:]
+            frames = wire.unpack(bus.router.recv_multipart()[1])
             if frames[0] == wire.HEARTBEAT:
                 bus.loads.append(int(frames[2]))
     assert before + 1 in bus.loads
@@ -392,14 +395,14 @@ def test_intercepted_broadcasts_run_handle_out_per_channel(bus):
     assert bus.subscription() == b"\x01" + key
     bus.join_ok(b"ib", t, assigns={"user": "bob"})
     # not intercepted: the edge's fast lane delivers it, the worker ignores it
-    bus.feed.send_multipart(wire.broadcast_frames(t, "plain", b'{"x":0}'))
-    bus.feed.send_multipart(wire.broadcast_frames(t, "filtered", b'{"x":1}'))
+    bus.feed.send(wire.pack_broadcast(wire.broadcast_frames(t, "plain", b'{"x":0}')))
+    bus.feed.send(wire.pack_broadcast(wire.broadcast_frames(t, "filtered", b'{"x":1}')))
     got = sorted([bus.recv(), bus.recv()])
     assert got == [[wire.PUSH, EDGE, conn, t.encode(), b"1", b"filtered", data, wire.JSON]
                    for conn, data in [(b"ia", b'{"x":1,"seen_by":"ann"}'), (b"ib", b'{"x":1,"seen_by":"bob"}')]]
     # handle_out may filter; broadcast_from skips its origin
-    bus.feed.send_multipart(wire.broadcast_frames(t, "filtered", b'{"drop":true}'))
-    bus.feed.send_multipart(wire.broadcast_frames(t, "filtered", b'{"x":2}', origin=wire.origin_of(EDGE, b"ia")))
+    bus.feed.send(wire.pack_broadcast(wire.broadcast_frames(t, "filtered", b'{"drop":true}')))
+    bus.feed.send(wire.pack_broadcast(wire.broadcast_frames(t, "filtered", b'{"x":2}', origin=wire.origin_of(EDGE, b"ia"))))
     bus.expect(wire.PUSH, EDGE, b"ib", t.encode(), b"1", b"filtered", b'{"x":2,"seen_by":"bob"}', wire.JSON)
     # the last intercepting channel leaving unsubscribes the topic
     for ref, conn in [(b"5", b"ia"), (b"6", b"ib")]:
@@ -501,7 +504,8 @@ def test_bad_bus_frames_are_logged_and_dropped(bus):
     bus.send_raw(wire.IN, EDGE, b"too-few")
     bus.send(wire.JOIN, b"bad", b"echo:bad", b"1", b"1", b"not json", b"{}")
     bus.send(wire.IN, b"bad", b"\xff\xfe", b"1", b"2", b"ping", b"{}", wire.JSON)
-    bus.feed.send_multipart([b"no-terminator", wire.BROADCAST])
+    bus.feed.send(b"no-terminator")
+    bus.feed.send(wire.pack_broadcast([b"t\x00", wire.BROADCAST]))
     bus.join_ok(b"bad", "echo:bad2")
     bus.push(b"bad", "echo:bad2", "ping", b"raw", ref=b"3")
     bus.expect_reply(b"bad", "echo:bad2", b"3", b"ok", b"raw", fmt=wire.BINARY)

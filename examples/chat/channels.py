@@ -13,10 +13,14 @@ class RoomChannel(Channel):
     def join(self, topic, payload, socket):
         if topic != "room:lobby":
             return error({"reason": "unauthorized"})
+        params = payload if isinstance(payload, dict) else {}
         # Users this client does not want to hear about (join params {"ignore": [...]}).
-        socket.assign(ignoring=frozenset(payload.get("ignore") or ()))
-        # Pushing or broadcasting is not allowed inside join: announce from handle_info.
-        self.send("after_join")
+        socket.assign(ignoring=frozenset(params.get("ignore") or ()))
+        # The page asks to be announced; load tests joining thousands of clients do not
+        # (every announcement passes through handle_out of every member).
+        if params.get("announce"):
+            # Pushing or broadcasting is not allowed inside join: announce from handle_info.
+            self.send("after_join")
         return ok()
 
     def handle_info(self, msg, socket):
