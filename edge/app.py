@@ -15,7 +15,7 @@ from tornado.netutil import bind_sockets
 from broker.logsetup import announce_ready, setup_logging
 from broker.loopsock import run_loop
 from edge.hub import EdgeHub, Limits
-from edge.websocket import PhoenixWebSocket
+from edge.websocket import WebSocketUpgrade
 
 log = logging.getLogger("edge")
 
@@ -39,7 +39,7 @@ class PhoenixJS(web.StaticFileHandler):
 
 
 def make_app(hub: EdgeHub, static_dir: str | None = None) -> web.Application:
-    routes: list = [(r"/socket/websocket", PhoenixWebSocket, {"hub": hub})]
+    routes: list = [(r"/socket/websocket", WebSocketUpgrade, {"hub": hub})]
     js = phoenix_js_dir()
     if js is not None:
         routes.append((r"/js/(phoenix(?:\.min)?\.js)", PhoenixJS, {"path": str(js)}))
@@ -47,8 +47,7 @@ def make_app(hub: EdgeHub, static_dir: str | None = None) -> web.Application:
         log.warning("phoenix.js not found (run `npm ci` in the project); /js/phoenix.js is off")
     if static_dir:
         routes.append((r"/(.*)", web.StaticFileHandler, {"path": static_dir, "default_filename": "index.html"}))
-    return web.Application(routes, websocket_max_message_size=hub.limits.max_frame_size,
-                           websocket_ping_interval=None)
+    return web.Application(routes)
 
 
 async def serve(args) -> int:

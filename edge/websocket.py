@@ -1,35 +1,34 @@
-"""The WebSocket transport at /socket/websocket: a thin Tornado handler over Connection.
+"""The WebSocket endpoint at /socket/websocket: the HTTP upgrade, in Tornado.
 
 The upgrade request runs the user's ``connect`` in a worker first and is
-refused with 403 (as Phoenix does) when it says no.  Frames are decoded by the
-connection's serializer; a frame that cannot be decoded closes the socket
-with 1007/1003, as Phoenix drops a socket it cannot decode.
+refused with 403 (as Phoenix does) when it says no, or 503 when no worker is
+up.  Once accepted, the socket leaves Tornado for ``wsproto.WebSocketProtocol``
+on the event loop's own transport, which frames and parses the WebSocket.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import hashlib
 import logging
+import os
 import socket as pysocket
+from urllib.parse import urlsplit
 
-from tornado import web, websocket
-from tornado.iostream import SSLIOStream, StreamClosedError
+from tornado import web
+from tornado.iostream import SSLIOStream
 
 from edge import serializer as serializers
 from edge.connection import Connection
 from edge.hub import ConnectRefused, EdgeHub
 from edge.params import decode_params
-from edge.serializer import DecodeError
-from edge.wsframe import build_frame
+from edge.wsproto import WebSocketProtocol
 
 log = logging.getLogger(__name__)
 
 AUTH_TOKEN_PREFIX = "base64url.bearer.phx."
-YIELD_EVERY = 16        # frames read from one client before other connections get a turn
-CLOSE_BAD_DATA = 1007
-CLOSE_UNSUPPORTED = 1003
-CLOSE_TRY_AGAIN = 1013
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 §1.3
 
 
 def split_protocols(header: str) -> tuple[list[str], str | None]:
@@ -48,128 +47,94 @@ def split_protocols(header: str) -> tuple[list[str], str | None]:
     return [p for p in items if p is not tokens[0]], text
 
 
-class PhoenixWebSocket(websocket.WebSocketHandler):
-    frame_kind = "ws"
+def accept_value(key: str) -> str:
+    return base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()
 
+
+class WebSocketUpgrade(web.RequestHandler):
     def initialize(self, hub: EdgeHub) -> None:
         self.hub = hub
-        self.conn: Connection | None = None
-        self._socket_json = b""
-        self._serializer = None
-        self._auth_token: str | None = None
-        self._frames_since_yield = 0
 
-    async def prepare(self) -> None:
-        if self.request.headers.get("Upgrade", "").lower() != "websocket":
-            raise web.HTTPError(400, reason="Can \"Upgrade\" only to \"WebSocket\".")
-        params = decode_params(self.request.query)
+    async def get(self) -> None:
+        req = self.request
+        headers = req.headers
+        if headers.get("Upgrade", "").lower() != "websocket":
+            raise web.HTTPError(400, reason='Can "Upgrade" only to "WebSocket".')
+        if "upgrade" not in headers.get("Connection", "").lower():
+            raise web.HTTPError(400, reason='"Connection" must be "Upgrade".')
+        key = headers.get("Sec-WebSocket-Key", "")
+        if headers.get("Sec-WebSocket-Version") != "13":
+            self.set_header("Sec-WebSocket-Version", "13")
+            raise web.HTTPError(426, reason="Only WebSocket version 13 is supported")
+        if not key:
+            raise web.HTTPError(400, reason="Missing Sec-WebSocket-Key")
+        if isinstance(req.connection.stream, SSLIOStream):
+            raise web.HTTPError(501, reason="Terminate TLS in front of the edge")
+        if not self.origin_allowed(headers.get("Origin")):
+            log.info("refused %s: origin %.80r not allowed", req.remote_ip, headers.get("Origin"))
+            raise web.HTTPError(403)
+        params = decode_params(req.query)
         vsn = params.get("vsn")
-        self._serializer = serializers.serializer_for_vsn(vsn) if isinstance(vsn, str) or vsn is None else None
-        if self._serializer is None:
-            log.info("refused %s: unsupported vsn %.40r", self.request.remote_ip, vsn)
+        serializer = serializers.serializer_for_vsn(vsn) if vsn is None or isinstance(vsn, str) else None
+        if serializer is None:
+            log.info("refused %s: unsupported vsn %.40r", req.remote_ip, vsn)
             raise web.HTTPError(403)
         try:
-            _protocols, self._auth_token = split_protocols(
-                self.request.headers.get("Sec-WebSocket-Protocol", ""))
+            protocols, auth_token = split_protocols(headers.get("Sec-WebSocket-Protocol", ""))
         except ValueError as exc:
-            log.info("refused %s: %s", self.request.remote_ip, exc)
+            log.info("refused %s: %s", req.remote_ip, exc)
             raise web.HTTPError(403) from None
+        # phoenix.js offers "phoenix" next to its auth token, and fails unless it is echoed.
+        protocol = "phoenix" if "phoenix" in protocols else None
+        if protocols and protocol is None:
+            log.info("refused %s: no supported subprotocol in %.80r", req.remote_ip, protocols)
+            raise web.HTTPError(403)
         try:
-            self._socket_json = await self.hub.connect(params, self.connect_info())
+            socket_json = await self.hub.connect(params, self.connect_info(auth_token))
         except ConnectRefused as exc:
-            log.info("refused %s: %s", self.request.remote_ip, exc)
+            log.info("refused %s: %s", req.remote_ip, exc)
             raise web.HTTPError(503 if exc.unavailable else 403) from None
+        response = ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    "Connection: Upgrade\r\n"
+                    f"Sec-WebSocket-Accept: {accept_value(key)}\r\n")
+        if protocol:
+            response += f"Sec-WebSocket-Protocol: {protocol}\r\n"
+        await self.hand_over((response + "\r\n").encode(), serializer, socket_json)
 
-    def connect_info(self) -> dict:
+    def origin_allowed(self, origin: str | None) -> bool:
+        """Same host as the request, as Tornado and Phoenix do by default; no Origin is fine."""
+        if origin is None:
+            return True
+        host = urlsplit(origin).hostname
+        return host is not None and host.lower() == self.request.host_name.lower()
+
+    def connect_info(self, auth_token: str | None) -> dict:
         req = self.request
-        peer = req.connection.stream.socket.getpeername() if req.connection and req.connection.stream.socket else None
         return {
-            "peer_data": {"address": req.remote_ip, "port": peer[1] if peer else None},
+            "peer_data": {"address": req.remote_ip},
             "uri": {"scheme": req.protocol, "host": req.host_name, "path": req.path, "query": req.query},
             "user_agent": req.headers.get("User-Agent"),
             "x_headers": {k.lower(): v for k, v in req.headers.get_all() if k.lower().startswith("x-")},
-            "auth_token": self._auth_token,
+            "auth_token": auth_token,
             "transport": "websocket",
         }
 
-    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
-        # phoenix.js offers "phoenix" next to its auth token; it must be echoed.
-        return "phoenix" if "phoenix" in subprotocols else None
+    async def hand_over(self, handshake: bytes, serializer, socket_json: bytes) -> None:
+        """Move the TCP connection from Tornado to a WebSocketProtocol on the loop."""
+        stream = self.detach()
+        label = self.request.remote_ip
+        sock = pysocket.socket(fileno=os.dup(stream.socket.fileno()))
+        stream.close()   # closes Tornado's descriptor only; the duplicate keeps the connection
+        sock.setblocking(False)
+        sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+        hub = self.hub
 
-    def get_compression_options(self):
-        return None
+        def make_connection(transport: WebSocketProtocol) -> Connection:
+            conn = Connection(hub, serializer, transport, socket_json, label)
+            conn.label = f"{label}#{conn.conn_id.decode()}"
+            hub.add_connection(conn)
+            return conn
 
-    def open(self) -> None:
-        label = f"{self.request.remote_ip}"
-        self.conn = Connection(self.hub, self._serializer, self, self._socket_json, label)
-        self.conn.label = f"{label}#{self.conn.conn_id.decode()}"
-        self.hub.add_connection(self.conn)
-        sock = self.ws_connection.stream.socket
-        if sock is not None:
-            sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
-
-    def on_message(self, message):
-        conn = self.conn
-        if conn is None:
-            return None
-        try:
-            if isinstance(message, bytes):
-                msg = conn.serializer.decode_binary(message)
-            else:
-                msg = conn.serializer.decode_text(message)
-        except DecodeError as exc:
-            self.hub.stats["bad_frames"] += 1
-            log.info("conn %s: closing, undecodable %s frame: %s", conn.label,
-                     "binary" if isinstance(message, bytes) else "text", exc)
-            self.close(CLOSE_UNSUPPORTED if isinstance(message, bytes) and not conn.serializer.supports_binary
-                       else CLOSE_BAD_DATA, str(exc)[:100])
-            return None
-        conn.handle(msg)
-        self._frames_since_yield += 1
-        if self._frames_since_yield >= YIELD_EVERY:
-            # Tornado reads ~256 KB of small frames before yielding; let others run.
-            self._frames_since_yield = 0
-            return asyncio.sleep(0)
-        return None
-
-    def on_close(self) -> None:
-        if self.conn is not None:
-            self.conn.on_transport_closed()
-
-    # --- the transport interface Connection writes through ---------------------------
-    def prebuild(self, data: bytes, binary: bool) -> bytes:
-        return build_frame(data, binary)
-
-    def send(self, data: bytes, binary: bool) -> None:
-        self.send_prebuilt(build_frame(data, binary))
-
-    def send_prebuilt(self, frame: bytes) -> None:
-        ws = self.ws_connection
-        if ws is None or ws.client_terminated or ws.server_terminated:
-            return
-        stream = ws.stream
-        if stream.closed():
-            return
-        # Write straight to the socket when nothing is queued (the common case):
-        # no Future, no buffer copy.  Queue the rest in the IOStream.
-        if not stream._write_buffer and not isinstance(stream, SSLIOStream):
-            try:
-                sent = stream.socket.send(frame)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.close()
-                return
-            if sent == len(frame):
-                return
-            frame = frame[sent:]
-        if len(stream._write_buffer) + len(frame) > self.hub.limits.max_outbound:
-            self.hub.stats["slow_consumer_closes"] += 1
-            log.info("conn %s: slow consumer, %d bytes unsent; closing",
-                     self.conn.label if self.conn else "?", len(stream._write_buffer))
-            self.close(CLOSE_TRY_AGAIN, "slow consumer")
-            return
-        try:
-            stream.write(frame)
-        except StreamClosedError:
-            pass
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(
+            lambda: WebSocketProtocol(hub, make_connection, handshake), sock=sock)
