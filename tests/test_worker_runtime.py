@@ -58,44 +58,58 @@ class FakeBroker:
             return router, capture, feed, port
         raise RuntimeError("no three consecutive free ports")
 
-    # --- the worker's point-to-point frames ---
+    # --- the worker's point-to-point frames (the only place that knows the bus encoding) ---
+
+    def _read(self) -> list[bytes]:
+        """One message from the worker, heartbeats answered and counted."""
+        wid, packed = self.router.recv_multipart()
+        self.worker_id = wid
+        frames = wire.unpack(packed)
+        if frames[0] == wire.HEARTBEAT:
+            self.loads.append(int(frames[2]))
+            self.router.send_multipart([wid, wire.pack([wire.HEARTBEAT, b""])])
+        return frames
 
     def recv(self, timeout: float = TIMEOUT) -> list[bytes]:
-        """The next non-heartbeat frame from the worker (heartbeats are answered)."""
+        """The next non-heartbeat message from the worker."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.router.poll(int(left * 1000)):
                 raise AssertionError(f"no frame from the worker within {timeout} s\n{self.stderr()}")
-            wid, packed = self.router.recv_multipart()
-            frames = wire.unpack(packed)
-            self.worker_id = wid
-            if frames[0] == wire.HEARTBEAT:
-                self.loads.append(int(frames[2]))
-                self.router.send_multipart([wid, wire.pack([wire.HEARTBEAT, b""])])
-                continue
-            return frames
+            frames = self._read()
+            if frames[0] != wire.HEARTBEAT:
+                return frames
 
     def expect(self, *frames: bytes, timeout: float = TIMEOUT) -> None:
         got = self.recv(timeout)
         assert got == list(frames), f"expected {list(frames)}\n     got {got}"
 
     def nothing_pending(self) -> list[list[bytes]]:
+        """Messages already waiting, heartbeats left out."""
         frames = []
         while self.router.poll(0):
-            wid, packed = self.router.recv_multipart()
-            f = wire.unpack(packed)
-            if f[0] == wire.HEARTBEAT:
-                self.router.send_multipart([wid, wire.pack([wire.HEARTBEAT, b""])])
-            else:
+            f = self._read()
+            if f[0] != wire.HEARTBEAT:
                 frames.append(f)
         return frames
 
     def send(self, kind: bytes, *fields: bytes, edge: bytes = EDGE) -> None:
-        self.router.send_multipart([self.worker_id, wire.pack([kind, edge, *fields])])
+        self.send_raw(kind, edge, *fields)
 
     def send_raw(self, *frames: bytes) -> None:
         self.router.send_multipart([self.worker_id, wire.pack(list(frames))])
+
+    def next_load(self) -> int:
+        """The channel count of the next heartbeat."""
+        self.loads.clear()
+        deadline = time.monotonic() + TIMEOUT
+        while not self.loads and time.monotonic() < deadline:
+            if self.router.poll(50):
+                frames = self._read()
+                assert frames[0] == wire.HEARTBEAT, f"unexpected {frames}"
+        assert self.loads, "no heartbeat"
+        return self.loads[-1]
 
     # --- edge-like helpers ---
 
@@ -130,6 +144,10 @@ class FakeBroker:
             raise AssertionError(f"no broadcast from the worker within {timeout} s\n{self.stderr()}")
         return wire.unpack_broadcast(self.capture.recv())
 
+    def publish(self, *frames: bytes) -> None:
+        """Feed a broadcast to the worker's SUB, as the broker's XPUB would."""
+        self.feed.send(wire.pack_broadcast(list(frames)))
+
     def subscription(self, timeout: float = TIMEOUT) -> bytes:
         if not self.feed.poll(int(timeout * 1000)):
             raise AssertionError(f"no (un)subscription from the worker within {timeout} s")
@@ -138,33 +156,28 @@ class FakeBroker:
     # --- lifecycle ---
 
     def start(self) -> str:
-        """Answer heartbeats until the worker prints READY; make sure broadcasts get through."""
+        """Answer heartbeats until the worker prints its READY line; return that line."""
         deadline = time.monotonic() + 10
         line = b""
         while not line.endswith(b"\n"):
-            self.nothing_pending()
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}\n{self.stderr()}")
-            if select.select([self.proc.stdout], [], [], 0.05)[0]:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"worker not ready (exit code {self.proc.poll()})\n{self.stderr()}")
+            if self.router.poll(20):
+                self._read()
+            if select.select([self.proc.stdout], [], [], 0)[0]:
                 line += os.read(self.proc.stdout.fileno(), 1000)
-            if self.router.poll(0) == 0 and self.worker_id is None and time.monotonic() > deadline:
-                raise AssertionError(f"worker never got ready\n{self.stderr()}")
-            if self.router.poll(50):
-                wid, packed = self.router.recv_multipart()
-                frames = wire.unpack(packed)
-                self.worker_id = wid
-                if frames[0] == wire.HEARTBEAT:
-                    self.router.send_multipart([wid, wire.pack([wire.HEARTBEAT, b""])])
-        # PUB/SUB slow joiner: probe until the worker's PUB has our subscription.
-        self.join_ok(b"probe", "echo:probe")
+        return line.decode()
+
+    def probe_broadcasts(self, conn: bytes, topic: str, event: str, payload: dict, replies: bool) -> None:
+        """PUB/SUB slow joiner: push a broadcasting event until one reaches our SUB, then drain."""
         for i in range(200):
-            self.push(b"probe", "echo:probe", "bcast", {"i": i}, ref=str(i).encode())
-            self.expect_reply(b"probe", "echo:probe", str(i).encode(), b"ok", {})
+            self.push(conn, topic, event, payload, ref=str(i).encode())
+            if replies:
+                self.expect_reply(conn, topic, str(i).encode(), b"ok", {})
             if self.capture.poll(50):
                 break
         while self.capture.poll(200):
             self.capture.recv()
-        return line.decode()
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")[-5000:]
@@ -186,6 +199,8 @@ class FakeBroker:
 def worker(tmp_path_factory):
     fake = FakeBroker(tmp_path_factory.mktemp("worker"))
     fake.ready_line = fake.start()
+    fake.join_ok(b"probe", "echo:probe")
+    fake.probe_broadcasts(b"probe", "echo:probe", "bcast", {}, replies=True)
     yield fake
     fake.stop()
 
@@ -215,19 +230,11 @@ def test_ready_line_names_slot_pid_and_routing_id(bus):
 
 
 def test_heartbeat_reports_the_number_of_channels(bus):
-    bus.loads.clear()
-    while not bus.loads:
-        bus.nothing_pending() or bus.router.poll(100) and bus.loads.extend(
-            [int(f[2])] if (f := wire.unpack(bus.router.recv_multipart()[1]))[0] == wire.HEARTBEAT else [])
-    before = bus.loads[-1]
+    before = bus.next_load()
     bus.join_ok(b"hb", "echo:hb")
     deadline = time.monotonic() + TIMEOUT
-    while before + 1 not in bus.loads and time.monotonic() < deadline:
-        if bus.router.poll(100):
-            frames = wire.unpack(bus.router.recv_multipart()[1])
-            if frames[0] == wire.HEARTBEAT:
-                bus.loads.append(int(frames[2]))
-    assert before + 1 in bus.loads
+    while bus.next_load() != before + 1:
+        assert time.monotonic() < deadline, bus.loads
 
 
 # --- connect ----------------------------------------------------------------------------
@@ -395,14 +402,14 @@ def test_intercepted_broadcasts_run_handle_out_per_channel(bus):
     assert bus.subscription() == b"\x01" + key
     bus.join_ok(b"ib", t, assigns={"user": "bob"})
     # not intercepted: the edge's fast lane delivers it, the worker ignores it
-    bus.feed.send(wire.pack_broadcast(wire.broadcast_frames(t, "plain", b'{"x":0}')))
-    bus.feed.send(wire.pack_broadcast(wire.broadcast_frames(t, "filtered", b'{"x":1}')))
+    bus.publish(*wire.broadcast_frames(t, "plain", b'{"x":0}'))
+    bus.publish(*wire.broadcast_frames(t, "filtered", b'{"x":1}'))
     got = sorted([bus.recv(), bus.recv()])
     assert got == [[wire.PUSH, EDGE, conn, t.encode(), b"1", b"filtered", data, wire.JSON]
                    for conn, data in [(b"ia", b'{"x":1,"seen_by":"ann"}'), (b"ib", b'{"x":1,"seen_by":"bob"}')]]
     # handle_out may filter; broadcast_from skips its origin
-    bus.feed.send(wire.pack_broadcast(wire.broadcast_frames(t, "filtered", b'{"drop":true}')))
-    bus.feed.send(wire.pack_broadcast(wire.broadcast_frames(t, "filtered", b'{"x":2}', origin=wire.origin_of(EDGE, b"ia"))))
+    bus.publish(*wire.broadcast_frames(t, "filtered", b'{"drop":true}'))
+    bus.publish(*wire.broadcast_frames(t, "filtered", b'{"x":2}', origin=wire.origin_of(EDGE, b"ia")))
     bus.expect(wire.PUSH, EDGE, b"ib", t.encode(), b"1", b"filtered", b'{"x":2,"seen_by":"bob"}', wire.JSON)
     # the last intercepting channel leaving unsubscribes the topic
     for ref, conn in [(b"5", b"ia"), (b"6", b"ib")]:
@@ -504,13 +511,16 @@ def test_bad_bus_frames_are_logged_and_dropped(bus):
     bus.send_raw(wire.IN, EDGE, b"too-few")
     bus.send(wire.JOIN, b"bad", b"echo:bad", b"1", b"1", b"not json", b"{}")
     bus.send(wire.IN, b"bad", b"\xff\xfe", b"1", b"2", b"ping", b"{}", wire.JSON)
-    bus.feed.send(b"no-terminator")
-    bus.feed.send(wire.pack_broadcast([b"t\x00", wire.BROADCAST]))
+    bus.join_ok(b"bad", "intercept:bad")
+    assert bus.subscription() == b"\x01" + wire.topic_key("intercept:bad")
+    bus.publish(wire.topic_key("intercept:bad"), wire.BROADCAST, b"filtered")
+    bus.publish(*wire.broadcast_frames("intercept:bad", "filtered", b"{not json"))
     bus.join_ok(b"bad", "echo:bad2")
     bus.push(b"bad", "echo:bad2", "ping", b"raw", ref=b"3")
     bus.expect_reply(b"bad", "echo:bad2", b"3", b"ok", b"raw", fmt=wire.BINARY)
     log = bus.stderr()
     assert "unknown bus kind b'Z'" in log and "needs 9 frames, got 3" in log
+    assert "malformed broadcast (3 frames)" in log and "broadcast on b'intercept:bad\\x00'" in log
     assert bus.proc.poll() is None
 
 
@@ -520,6 +530,8 @@ def test_sigterm_says_bye_runs_terminate_and_exits_zero(tmp_path):
     fake = FakeBroker(tmp_path)
     try:
         fake.start()
+        fake.join_ok(b"probe", "echo:probe")
+        fake.probe_broadcasts(b"probe", "echo:probe", "bcast", {}, replies=True)
         fake.join_ok(b"sd", "terminate:sd")
         fake.proc.send_signal(signal.SIGTERM)
         fake.expect(wire.BYE, wire.ROLE_WORKER)
@@ -540,3 +552,232 @@ def test_app_that_cannot_load_exits_with_handler_load_error(tmp_path):
         assert "no_such_module_for_zchannels" in fake.stderr()
     finally:
         fake.stop()
+
+
+# --- the chat example ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    fake = FakeBroker(tmp_path_factory.mktemp("chat"), app=str(ROOT / "examples" / "chat" / "channels.py"))
+    fake.start()
+    fake.join_ok(b"probe", "room:lobby", assigns={"user": "probe"})
+    fake.probe_broadcasts(b"probe", "room:lobby", "new_msg", {"body": "probe"}, replies=False)
+    assert fake.subscription() == b"\x01" + wire.topic_key("room:lobby")
+    yield fake
+    fake.stop()
+
+
+def test_chat_connect_defaults_user_to_anonymous(chat):
+    assert connect(chat, b"cc", {}) == (b"ok", {"assigns": {"user": "anonymous"}, "id": None})
+    assert connect(chat, b"cc", {"user": "ann"}) == (b"ok", {"assigns": {"user": "ann"}, "id": None})
+
+
+def test_chat_lobby_is_open_and_other_rooms_are_private(chat):
+    assert chat.join(b"c1", "room:lobby", assigns={"user": "ann"})[6:] == [b"ok", b"{}", b'["user_joined"]']
+    assert chat.join(b"c1", "room:secret")[6:] == [b"error", b'{"reason":"unauthorized"}', b"[]"]
+
+
+def test_chat_announces_joins_from_handle_info_and_broadcasts_messages(chat):
+    chat.join_ok(b"c2", "room:lobby", assigns={"user": "bob"}, payload={"announce": True})
+    assert chat.broadcast() == [wire.topic_key("room:lobby"), wire.BROADCAST, b"user_joined", b"",
+                                b'{"user":"bob"}', wire.JSON]
+    chat.push(b"c2", "room:lobby", "new_msg", {"body": "hi"})
+    assert chat.broadcast()[2:5] == [b"new_msg", b"", b'{"body":"hi","user":"bob"}']
+    chat.push(b"c2", "room:lobby", "ping", {"t": 1}, ref=b"9")
+    chat.expect_reply(b"c2", "room:lobby", b"9", b"ok", {"t": 1})
+
+
+def test_chat_handle_out_filters_ignored_users(chat):
+    chat.join_ok(b"c3", "room:lobby", assigns={"user": "cid"}, payload={"ignore": ["eve"]})
+    chat.publish(*wire.broadcast_frames("room:lobby", "user_joined", b'{"user":"eve"}'))
+    chat.publish(*wire.broadcast_frames("room:lobby", "user_joined", b'{"user":"fay"}'))
+    seen = []   # pushes to every lobby member, until c3's push of fay
+    while (b"c3", b'{"user":"fay"}') not in seen:
+        frames = chat.recv()
+        assert frames[0] == wire.PUSH and frames[5] == b"user_joined", frames
+        seen.append((frames[2], frames[6]))
+    # c3 handles eve's broadcast before fay's: had it pushed eve, that push would be in `seen`
+    assert [data for conn, data in seen if conn == b"c3"] == [b'{"user":"fay"}']
+    assert (b"probe", b'{"user":"eve"}') in seen
+
+
+# --- less common callback shapes (a handler module written by the test) -------------------
+
+QUIRKS_APP = '''
+import asyncio
+from workers import Channel, Socket, error, noreply, ok, reply
+
+
+class Quirk(Channel):
+    async def join(self, topic, payload, socket):
+        await asyncio.sleep(0.01)             # an async join that really waits
+        socket.assign(joined_with=payload)
+        self.send("hello")                    # the idiom for "push right after join"
+        self.timer = self.send_after(100, "cancelled")
+        return ok({"assigns": socket.assigns})
+
+    def handle_info(self, msg, socket):
+        if msg == "hello":
+            self.timer.cancel()
+            self.push("hello", {"from": "handle_info"})
+        else:
+            self.push("should_not_happen", {"msg": msg})
+        return noreply()
+
+    async def handle_in(self, event, payload, socket):
+        if event == "wait":
+            await asyncio.sleep(payload["s"])
+            return reply("ok")
+        if event == "socket":
+            return reply("ok", {"ref": socket.ref, "join_ref": socket.join_ref, "topic": socket.topic,
+                                "assigns": socket.assigns})
+        if event == "bad_reply":
+            return reply("ok", {"x": object()})
+        if event == "bad_push":
+            self.push("x", [1, 2])
+        if event == "await_push":
+            await self.push("awaited", {})
+            await self.broadcast("awaited", {})
+            return noreply()
+        return reply("ok", payload)
+
+
+socket = Socket()
+socket.channel("q:*", Quirk, assigns={"route": {"nested": 1}})
+
+
+@socket.connect
+async def connect(params, socket, connect_info):
+    mode = params.get("mode")
+    if mode == "true":
+        socket.assign(a=1)
+        return True
+    if mode in ("none", "false"):
+        return None if mode == "none" else False
+    if mode == "invalid":
+        return 42
+    if mode == "unserialisable":
+        return socket.assign(x=object())
+    if mode == "info":
+        return socket.assign(info=connect_info)
+    if mode == "badid":
+        return socket.assign(sid=5)
+    return socket.assign(sid=params.get("sid"))
+
+
+@socket.id
+def socket_id(socket):
+    return socket.assigns.get("sid")
+'''
+
+
+@pytest.fixture(scope="module")
+def quirks_worker(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quirks")
+    (tmp / "quirks_app.py").write_text(QUIRKS_APP)
+    fake = FakeBroker(tmp, app=str(tmp / "quirks_app.py"))
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def quirks(quirks_worker):
+    assert quirks_worker.proc.poll() is None, quirks_worker.stderr()
+    leftovers = quirks_worker.nothing_pending()
+    assert not leftovers, leftovers
+    return quirks_worker
+
+
+def test_connect_return_values(quirks):
+    assert connect(quirks, b"q", {"mode": "true"}) == (b"ok", {"assigns": {"a": 1}, "id": None})
+    assert connect(quirks, b"q", {"mode": "none"}) == (b"error", {"reason": "refused"})
+    assert connect(quirks, b"q", {"mode": "false"}) == (b"error", {"reason": "refused"})
+    assert connect(quirks, b"q", {"mode": "invalid"}) == (b"error", {"reason": "connect returned an invalid value"})
+    assert connect(quirks, b"q", {"mode": "unserialisable"}) == (b"error", {"reason": "assigns are not JSON-serialisable"})
+    assert connect(quirks, b"q", {"mode": "badid"}) == (b"error", {"reason": "id returned an invalid value"})
+    assert connect(quirks, b"q", {"sid": "users:7"}) == (b"ok", {"assigns": {"sid": "users:7"}, "id": "users:7"})
+    quirks.send(wire.CONNECT, b"q", orjson.dumps({"params": {"mode": "info"}, "connect_info": {"peer": "1.2.3.4"}}))
+    assert quirks.recv()[3:] == [b"ok", b'{"assigns":{"info":{"peer":"1.2.3.4"}},"id":null}']
+    log = quirks.stderr()
+    assert "connect returned 42 (int) for edge" in log and "valid returns: the socket" in log and "not JSON-serialisable" in log
+
+
+def test_async_join_merges_route_assigns_and_pushes_from_handle_info_after_the_reply(quirks):
+    reply = quirks.join(b"j", "q:1", payload={"p": 1}, assigns={"user": "ann"})
+    assert reply[6] == b"ok"
+    assert orjson.loads(reply[7]) == {"assigns": {"user": "ann", "route": {"nested": 1}, "joined_with": {"p": 1}}}
+    quirks.expect(wire.PUSH, EDGE, b"j", b"q:1", b"1", b"hello", b'{"from":"handle_info"}', wire.JSON)
+    # the cancelled send_after (due at 100 ms) never arrives: a wait past it, then two more messages
+    quirks.push(b"j", "q:1", "wait", {"s": 0.2}, ref=b"2")
+    quirks.expect_reply(b"j", "q:1", b"2", b"ok", {})
+    quirks.push(b"j", "q:1", "echo", {"e": 1}, ref=b"3")
+    quirks.expect_reply(b"j", "q:1", b"3", b"ok", {"e": 1})
+
+
+def test_socket_fields_during_handle_in_and_assigns_copied_per_channel(quirks):
+    for topic, payload in [("q:a", {"a": 1}), ("q:b", {"b": 2})]:
+        quirks.join_ok(b"s", topic, b"7", payload=payload, assigns={"user": "bob"})
+        assert quirks.recv()[5] == b"hello"
+    quirks.push(b"s", "q:a", "socket", ref=b"8", join_ref=b"7")
+    quirks.expect_reply(b"s", "q:a", b"8", b"ok", {"ref": "8", "join_ref": "7", "topic": "q:a", "assigns": {
+        "user": "bob", "route": {"nested": 1}, "joined_with": {"a": 1}}}, join_ref=b"7")
+    quirks.push(b"s", "q:b", "socket", ref=b"9", join_ref=b"7")
+    assert orjson.loads(quirks.recv()[7])["assigns"]["joined_with"] == {"b": 2}
+
+
+def test_unserialisable_reply_and_non_object_push_crash_the_channel(quirks):
+    for topic in ("q:reply", "q:push"):
+        quirks.join_ok(b"x", topic)
+        assert quirks.recv()[5] == b"hello"
+    quirks.push(b"x", "q:reply", "bad_reply")
+    quirks.expect(wire.CHANNEL_ERROR, EDGE, b"x", b"q:reply", b"1")
+    quirks.push(b"x", "q:push", "bad_push")
+    quirks.expect(wire.CHANNEL_ERROR, EDGE, b"x", b"q:push", b"1")
+    assert "push payload must be a dict (JSON object) or bytes, got list" in quirks.stderr()
+
+
+def test_push_and_broadcast_may_be_awaited(quirks):
+    quirks.join_ok(b"aw", "q:aw")
+    assert quirks.recv()[5] == b"hello"
+    quirks.push(b"aw", "q:aw", "await_push")
+    quirks.expect(wire.PUSH, EDGE, b"aw", b"q:aw", b"1", b"awaited", b"{}", wire.JSON)
+
+
+def test_duplicate_join_while_the_first_async_join_waits(quirks):
+    for join_ref in (b"1", b"2"):   # back to back: the first join is killed before it resumes
+        quirks.send(wire.JOIN, b"dj", b"q:dj", join_ref, join_ref, b'{"assigns":{},"id":null}', b"{}")
+    assert quirks.recv()[:7] == [wire.JOIN_REPLY, EDGE, b"dj", b"q:dj", b"2", b"2", b"ok"]
+    quirks.expect(wire.PUSH, EDGE, b"dj", b"q:dj", b"2", b"hello", b'{"from":"handle_info"}', wire.JSON)
+    quirks.push(b"dj", "q:dj", "echo", {"n": 1}, ref=b"3", join_ref=b"2")
+    quirks.expect_reply(b"dj", "q:dj", b"3", b"ok", {"n": 1}, join_ref=b"2")
+    assert "Task was destroyed" not in quirks.stderr() and "never awaited" not in quirks.stderr()
+
+
+# --- the eager start of mailboxes (in-process) --------------------------------------------
+
+def test_resumed_coroutine_finishes_in_its_task_and_cancels_where_it_waits():
+    import asyncio
+    from workers.runner import _Resumed
+
+    async def body(events, delay):
+        try:
+            await asyncio.sleep(delay)
+            return "done"
+        finally:
+            events.append("finally")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        finished, cancelled = [], []
+        coro = body(finished, 0.01)
+        done = loop.create_task(_Resumed(coro, coro.send(None)))
+        coro = body(cancelled, 10)
+        killed = loop.create_task(_Resumed(coro, coro.send(None)))
+        killed.cancel()                      # before the task ever ran a step
+        assert await done == "done"
+        with pytest.raises(asyncio.CancelledError):
+            await killed
+        return finished, cancelled
+
+    assert asyncio.run(asyncio.wait_for(main(), 5)) == (["finally"], ["finally"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections.abc
 import copy
 import faulthandler
 import logging
@@ -44,6 +45,7 @@ log = logging.getLogger("zchannels.worker")
 
 JOINING, JOINED, ENDING, CLOSED = range(4)
 _CRASHED = object()
+_STARTED = object()
 _OK, _ERROR = b"ok", b"error"
 _EMPTY_JSON = b"{}"
 
@@ -78,30 +80,32 @@ class ChannelProc:
                 f"conn {self.conn.decode(errors='replace')} join_ref {self.join_ref.decode(errors='replace')})")
 
 
-class _Continue:
-    """Resume a coroutine that already ran up to its first suspension, as a Task would."""
+class _Resumed(collections.abc.Coroutine):
+    """A coroutine already run up to its first suspension, handed over to a Task.
+
+    The Task's first step gets what the coroutine is waiting for; after that, every
+    step (and a cancellation, even one before the first step) goes straight to it.
+    """
     __slots__ = ("coro", "pending")
 
     def __init__(self, coro: Any, pending: Any):
         self.coro, self.pending = coro, pending
 
-    def __await__(self):
-        coro, pending = self.coro, self.pending
-        while True:
-            try:
-                yield pending
-            except BaseException as exc:  # cancellation lands where the coroutine waits
-                step, arg = coro.throw, exc
-            else:
-                step, arg = coro.send, None
-            try:
-                pending = step(arg)
-            except StopIteration as done:
-                return done.value
+    def send(self, value: Any) -> Any:
+        if self.pending is not _STARTED:
+            pending, self.pending = self.pending, _STARTED
+            return pending
+        return self.coro.send(value)
 
+    def throw(self, *exc: Any) -> Any:
+        self.pending = _STARTED
+        return self.coro.throw(*exc)
 
-async def _resume(coro: Any, pending: Any) -> Any:
-    return await _Continue(coro, pending)
+    def close(self) -> None:
+        self.coro.close()
+
+    def __await__(self) -> Any:
+        raise TypeError("a _Resumed coroutine is driven by its Task only")
 
 
 class Worker:
@@ -159,14 +163,13 @@ class Worker:
                 payload = orjson.loads(data) if fmt == wire.JSON else data
                 self.post(proc, self.step_out, event, payload)
         except (wire.BusFrameError, ValueError) as exc:
-            self.bad_frame(frames, exc, source="broadcast")
+            self.bad_frame(frames, exc, source=f"broadcast on {frames[0][:60]!r}")
 
     def bad_frame(self, frames: list[bytes], exc: Exception, source: str = "") -> None:
         self.bad_frames += 1
         if self.bad_frames <= 10 or self.bad_frames % 1000 == 0:
-            peer = frames[1][:60] if len(frames) > 1 and not source else b"?"
-            log.warning("worker %s: dropped bad %s frame from peer %r (%d so far): %s",
-                        self.slot, source or "bus", peer, self.bad_frames, exc)
+            what = source or f"{frames[0][:8]!r} frame from peer {frames[1][:60] if len(frames) > 1 else b'?'!r}"
+            log.warning("worker %s: dropped a bad %s (%d so far): %s", self.slot, what, self.bad_frames, exc)
 
     def on_heartbeat(self, frames: list[bytes]) -> None:
         if self.broker_silent:
@@ -217,13 +220,14 @@ class Worker:
                 reason = result.reply.get("reason", "refused") if isinstance(result, Error) else "refused"
                 return refuse(reason if isinstance(reason, str) else str(reason))
             elif result is not True:
-                log.error("connect returned %r (%s); valid returns: the socket (socket.assign(...)) "
-                          "or True to accept, False, None or error(...) to refuse", result,
-                          type(result).__name__)
+                log.error("connect returned %r (%s) for edge %r conn %r; valid returns: the socket "
+                          "(socket.assign(...)) or True to accept, False, None or error(...) to refuse",
+                          result, type(result).__name__, edge, conn)
                 return refuse("connect returned an invalid value")
             sid = self.app.id_handler(socket) if self.app.id_handler is not None else None
             if sid is not None and not isinstance(sid, str):
-                log.error("id returned %r (%s); valid returns: a string or None", sid, type(sid).__name__)
+                log.error("id returned %r (%s) for edge %r conn %r; valid returns: a string or None",
+                          sid, type(sid).__name__, edge, conn)
                 return refuse("id returned an invalid value")
         except Exception:
             log.exception("connect crashed (edge %r conn %r)", edge, conn)
@@ -231,7 +235,8 @@ class Worker:
         try:
             return _OK, orjson.dumps({"assigns": socket.assigns, "id": sid})
         except TypeError as exc:
-            log.error("connect: the socket assigns are not JSON-serialisable (%s): %r", exc, socket.assigns)
+            log.error("connect for edge %r conn %r: the socket assigns are not JSON-serialisable (%s): %r",
+                      edge, conn, exc, socket.assigns)
             return refuse("assigns are not JSON-serialisable")
 
     # --- channel lifecycle ------------------------------------------------------------
@@ -241,8 +246,8 @@ class Worker:
         topic = topic_b.decode()
         route = self.app.route(topic)
         if route is None:
-            self.join_reply(edge, conn, topic_b, join_ref, ref, _ERROR,
-                            b'{"reason":"unmatched topic"}', b"[]")
+            self.dealer.send([wire.JOIN_REPLY, edge, conn, topic_b, join_ref, ref, _ERROR,
+                              b'{"reason":"unmatched topic"}', b"[]"])
             return
         info, payload = orjson.loads(socket_json), orjson.loads(payload_b)
         if not isinstance(info, dict) or not isinstance(info.get("assigns", {}), dict):
@@ -263,20 +268,24 @@ class Worker:
             channel.__init__()
         except Exception:
             log.exception("%s.__init__ crashed (topic %r edge %r conn %r)", cls.__name__, topic, edge, conn)
-            self.join_reply(edge, conn, topic_b, join_ref, ref, _ERROR, b'{"reason":"join crashed"}', b"[]")
+            self.dealer.send([wire.JOIN_REPLY, edge, conn, topic_b, join_ref, ref, _ERROR,
+                              b'{"reason":"join crashed"}', b"[]"])
             return
         self.channels[(edge, conn, topic_b)] = proc
         self.post(proc, self.step_join, ref, payload)
 
     async def step_join(self, proc: ChannelProc, ref: bytes, payload: Any) -> None:
         result = await self.call(proc, "join", proc.topic, payload)
+        try:
+            response = b"" if result is _CRASHED else orjson.dumps(result.reply)
+        except TypeError as exc:
+            log.error("channel %r crashed: the join response is not JSON-serialisable: %s", proc, exc)
+            result = _CRASHED
         if result is _CRASHED:
             self.detach(proc, CLOSED)
-            self.join_reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref, _ERROR,
-                            b'{"reason":"join crashed"}', b"[]")
+            self.join_reply(proc, ref, _ERROR, b'{"reason":"join crashed"}', b"[]")
         elif type(result) is Error:
-            self.join_reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref, _ERROR,
-                            orjson.dumps(result.reply), b"[]")
+            self.join_reply(proc, ref, _ERROR, response, b"[]")
             self.detach(proc, ENDING)
             await self.terminate(proc, "shutdown")
             proc.state = CLOSED
@@ -285,11 +294,11 @@ class Worker:
             if proc.state == JOINING:   # else a leave/close arrived meanwhile and is queued
                 proc.state = JOINED
                 self.subscribe(proc)
-            self.join_reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref, _OK,
-                            orjson.dumps(result.reply), self.intercepts_of(type(proc.channel))[1])
+            self.join_reply(proc, ref, _OK, response, self.intercepts_of(type(proc.channel))[1])
 
-    def join_reply(self, edge, conn, topic_b, join_ref, ref, status, response, intercept) -> None:
-        self.dealer.send([wire.JOIN_REPLY, edge, conn, topic_b, join_ref, ref, status, response, intercept])
+    def join_reply(self, proc: ChannelProc, ref: bytes, status: bytes, response: bytes, intercept: bytes) -> None:
+        self.dealer.send([wire.JOIN_REPLY, proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
+                          status, response, intercept])
 
     def on_in(self, frames: list[bytes]) -> None:
         _, edge, conn, topic_b, join_ref, ref, event, data, fmt = frames
@@ -343,11 +352,16 @@ class Worker:
         kind = type(result)
         if kind is NoReply:
             return
-        if kind is Reply:
-            self.reply(proc, ref, result)
-        elif kind is Stop:
-            if result.reply is not None:
+        try:
+            if kind is Reply:
+                self.reply(proc, ref, result)
+                return
+            if kind is Stop and result.reply is not None:
                 self.reply(proc, ref, result.reply)
+        except TypeError as exc:
+            log.error("channel %r crashed: the reply response is not JSON-serialisable: %s", proc, exc)
+            kind = None
+        if kind is Stop:
             self.detach(proc, ENDING)
             await self.terminate(proc, result.reason)
             self.close(proc, wire.CHANNEL_CLOSE if result.graceful else wire.CHANNEL_ERROR)
@@ -357,14 +371,10 @@ class Worker:
 
     def reply(self, proc: ChannelProc, ref: bytes, result: Reply) -> None:
         response = result.response
-        try:
-            if isinstance(response, bytes):
-                data, fmt = response, wire.BINARY
-            else:
-                data, fmt = orjson.dumps(response), wire.JSON
-        except TypeError as exc:
-            log.error("channel %r: reply response is not JSON-serialisable (%s); replying error", proc, exc)
-            result, data, fmt = Reply("error"), b'{"reason":"reply not serialisable"}', wire.JSON
+        if isinstance(response, bytes):
+            data, fmt = response, wire.BINARY
+        else:
+            data, fmt = orjson.dumps(response), wire.JSON
         self.dealer.send([wire.REPLY, proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
                           result.status.encode(), data, fmt])
 
@@ -509,7 +519,10 @@ class Worker:
             pending = coro.send(None)
         except StopIteration:
             return None
-        task = self.loop.create_task(_resume(coro, pending))
+        except Exception:
+            log.exception("worker %s: internal error", self.slot)
+            return None
+        task = self.loop.create_task(_Resumed(coro, pending))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
@@ -583,7 +596,7 @@ class Worker:
                             self.slot, len(late), SHUTDOWN_GRACE)
         for task in list(self.tasks):
             task.cancel()
-        log.info("worker %s stopped (%d channel(s) terminated)", self.slot, len(procs))
+        log.info("worker %s stopped, %d channel(s) closed", self.slot, len(procs))
 
 
 async def _maybe_await(value: Any) -> Any:
