@@ -192,8 +192,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.close(code, reason)
         self.failed = True
         self.buf.clear()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
+        if self.transport is not None:
+            self.transport.close()   # flushes our close frame, then ends the TCP connection
 
     # --- the transport interface Connection writes through -------------------------------
     def prebuild(self, data: bytes, binary: bool) -> bytes:
