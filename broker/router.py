@@ -47,6 +47,11 @@ class Router:
         self.unroutable = 0
         self.malformed = 0
         self._next_heartbeat = 0.0
+        # Right after a (re)start the registry is empty until peers heartbeat again; a message
+        # for a peer we never heard of is then dropped (at-most-once) rather than reported
+        # unroutable, which would make edges error channels whose worker is alive.
+        self._warm_until = time.monotonic() + PEER_LIVENESS
+        self.dropped_while_warming = 0
 
     # --- the loop ---------------------------------------------------------
     def run(self, should_stop) -> None:
@@ -120,7 +125,11 @@ class Router:
             self.routed += 1
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
+                known = dest in self.workers or dest in self.edges
                 self.remove(dest, "unreachable")
+                if not known and time.monotonic() < self._warm_until:
+                    self.dropped_while_warming += 1
+                    return
             else:
                 log.warning("could not route %r to %r: %s", kind, dest, exc)
             self._unroutable(sender, dest, data, offset)

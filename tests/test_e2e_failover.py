@@ -1,0 +1,72 @@
+"""Losing the broker or an edge (DESIGN principles 2 and 9), with real phoenix.js clients.
+
+A broker restart keeps every client connected and every channel joined; once it is back,
+pushes and broadcasts flow again without rejoining.  An edge that dies has its channels
+terminated in the workers (terminate/2 runs), which other clients can observe.
+"""
+from __future__ import annotations
+
+import signal
+import uuid
+
+import pytest
+
+from tests.conftest import Proc, wait_until
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.mark.timeout(90)
+def test_broker_restart_keeps_clients_and_channels(cluster_factory, js_client):
+    cluster = cluster_factory(edges=2, workers=2)
+    topic = f"echo:{uid()}"
+    a, b = js_client("a"), js_client("b")
+    assert a.connect(cluster.ws_urls[0], {"user": "a"})["status"] == "open"
+    assert b.connect(cluster.ws_urls[1], {"user": "b"})["status"] == "open"
+    assert a.join("c", topic)["status"] == "ok"
+    assert b.join("c", topic)["status"] == "ok"
+    b.on("c", "bcast")
+
+    cluster.broker.popen.send_signal(signal.SIGKILL)
+    cluster.broker.popen.wait(5)
+    restarted = Proc("broker", "--bus", cluster.bus, name="broker2")
+    cluster.procs.append(restarted)
+    assert restarted.wait_ready(1, 10)[0]["bus"] == cluster.bus
+
+    # Peers re-register with their next heartbeats; messages in the gap may be lost.
+    def ping_ok() -> bool:
+        return a.push("c", "ping", {"n": 1}, timeout_ms=1000)["status"] == "ok"
+    wait_until(ping_ok, timeout=20, interval=0.2)
+
+    def broadcast_arrives() -> bool:
+        mark = b.mark()
+        a.push("c", "bcast", {"after": "restart"}, timeout_ms=1000)
+        try:
+            b.wait_event({"type": "message", "chan": "c", "event": "bcast"}, timeout=0.5, since=mark)
+            return True
+        except AssertionError:
+            return False
+    wait_until(broadcast_arrives, timeout=20, interval=0.1)
+    for client in (a, b):
+        assert not client.find({"type": "socket_close"}), "a client lost its connection"
+        assert not client.find({"type": "chan_error"}), "a channel crashed during the restart"
+
+
+@pytest.mark.timeout(60)
+def test_dead_edge_channels_are_terminated_in_workers(cluster_factory, js_client):
+    cluster = cluster_factory(edges=2, workers=2)
+    topic = f"terminate:{uid()}"
+    watcher = js_client("watcher")
+    assert watcher.connect(cluster.ws_urls[1], {"user": "w"})["status"] == "open"
+    assert watcher.join("t", "terminations:" + topic)["status"] == "ok"
+    watcher.on("t", "terminated")
+    victim = js_client("victim")
+    assert victim.connect(cluster.ws_urls[0], {"user": "v"})["status"] == "open"
+    assert victim.join("c", topic)["status"] == "ok"
+
+    cluster.edge_procs[0].popen.send_signal(signal.SIGKILL)
+    event = watcher.wait_event({"type": "message", "chan": "t", "event": "terminated"}, timeout=10)
+    assert "closed" in event["payload"]["reason"]
+    assert "edge down" in cluster.broker.stderr_text()
