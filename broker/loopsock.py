@@ -22,6 +22,7 @@ from broker import wire
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512  # messages handled before yielding to other loop callbacks
+NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's enum flags cost a conversion per call
 
 
 class LoopSocket:
@@ -57,7 +58,7 @@ class LoopSocket:
         decode = self._decode
         for _ in range(MAX_BATCH):
             try:
-                frames = decode(recv(zmq.NOBLOCK))
+                frames = decode(recv(NOBLOCK))
             except wire.BusFrameError as exc:
                 self.malformed += 1
                 if self.malformed <= 20 or self.malformed % 1000 == 0:
@@ -81,7 +82,7 @@ class LoopSocket:
     def send(self, frames: list[bytes]) -> bool:
         """Send without blocking; False (and a counted drop) when the HWM is reached."""
         try:
-            self.sock.send(self._encode(frames), zmq.NOBLOCK)
+            self.sock.send(self._encode(frames), NOBLOCK)
         except zmq.Again:
             self.dropped += 1
             if self.dropped in (1, 10, 100, 1000) or self.dropped % 10000 == 0:
@@ -91,8 +92,9 @@ class LoopSocket:
             log.error("%s: send failed: %s", self.name, exc)
             return False
         finally:
-            if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self._schedule()
+            # A send may have consumed the descriptor's edge: look again, once per loop turn
+            # however many messages this turn sends.
+            self._schedule()
         return True
 
     def close(self) -> None:
