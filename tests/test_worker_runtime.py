@@ -758,7 +758,7 @@ def test_duplicate_join_while_the_first_async_join_waits(quirks):
 
 def test_resumed_coroutine_finishes_in_its_task_and_cancels_where_it_waits():
     import asyncio
-    from workers.runner import _Resumed
+    from workers.channels import _Resumed
 
     async def body(events, delay):
         try:
