@@ -51,6 +51,9 @@ class ChannelRef:
 
 
 class Connection:
+    __slots__ = ("hub", "serializer", "transport", "socket_json", "label", "conn_id", "origin",
+                 "channels", "last_recv", "closed", "fmt_key", "__weakref__")
+
     def __init__(self, hub: "EdgeHub", serializer, transport, socket_json: bytes, label: str):
         self.hub = hub
         self.serializer = serializer

@@ -39,6 +39,9 @@ CLOSE_WAIT = 2.0          # seconds to wait for the client's close frame after o
 
 class WebSocketProtocol(asyncio.Protocol):
     frame_kind = "ws"
+    __slots__ = ("hub", "make_connection", "handshake", "transport", "conn", "buf", "fragments",
+                 "fragment_opcode", "fragment_size", "closing", "failed", "paused", "max_size",
+                 "max_outbound")
 
     def __init__(self, hub: "EdgeHub", make_connection, handshake: bytes):
         self.hub = hub
