@@ -15,8 +15,6 @@ import zmq
 
 log = logging.getLogger(__name__)
 
-FANOUT_HWM = 200_000  # messages queued per subscriber before libzmq drops (at-most-once)
-
 
 class Fanout:
     def __init__(self, ctx: zmq.Context, xsub: zmq.Socket, xpub: zmq.Socket):
@@ -27,13 +25,6 @@ class Fanout:
         self._control = ctx.socket(zmq.PAIR)
         self._control.bind(self._control_addr)
         self._thread = threading.Thread(target=self._run, name="fanout", daemon=True)
-
-    @staticmethod
-    def configure(xsub: zmq.Socket, xpub: zmq.Socket) -> None:
-        for s in (xsub, xpub):
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, FANOUT_HWM)
-            s.setsockopt(zmq.RCVHWM, FANOUT_HWM)
 
     def start(self) -> None:
         self._thread.start()

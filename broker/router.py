@@ -20,7 +20,11 @@ from broker import wire
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 0.25   # broker -> peer probes; a probe to a vanished peer fails at once
-PEER_LIVENESS = 3.0         # seconds of silence before a connected peer counts as dead
+# Seconds of silence before a still-connected peer counts as dead.  A peer whose connection
+# is gone is noticed by the next probe; this only catches a stuck one, so it is generous:
+# a busy edge may not heartbeat for a few seconds.
+PEER_LIVENESS = 10.0
+EVICTED_MEMORY = 10_000     # ids of evicted peers remembered, to tell them if they come back
 BATCH = 1000                # messages routed before housekeeping gets a turn
 
 
@@ -37,8 +41,9 @@ class Peer:
 
 
 class Router:
-    def __init__(self, sock: zmq.Socket):
+    def __init__(self, sock: zmq.Socket, peer_timeout: float = PEER_LIVENESS):
         self.sock = sock
+        self.peer_timeout = peer_timeout
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.workers: dict[bytes, Peer] = {}
         self.edges: dict[bytes, Peer] = {}
@@ -50,8 +55,10 @@ class Router:
         # Right after a (re)start the registry is empty until peers heartbeat again; a message
         # for a peer we never heard of is then dropped (at-most-once) rather than reported
         # unroutable, which would make edges error channels whose worker is alive.
-        self._warm_until = time.monotonic() + PEER_LIVENESS
+        self._warm_until = time.monotonic() + min(peer_timeout, 3.0)
         self.dropped_while_warming = 0
+        self.dropped_full = 0
+        self.evicted: dict[bytes, float] = {}
 
     # --- the loop ---------------------------------------------------------
     def run(self, should_stop) -> None:
@@ -124,14 +131,22 @@ class Router:
             self.sock.send_multipart([dest, wire.readdress(data, sender, offset)], zmq.NOBLOCK)
             self.routed += 1
         except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                known = dest in self.workers or dest in self.edges
-                self.remove(dest, "unreachable")
-                if not known and time.monotonic() < self._warm_until:
-                    self.dropped_while_warming += 1
-                    return
-            else:
+            if exc.errno == zmq.EAGAIN:
+                # The peer is alive but its queue is full: drop this message (counted);
+                # the peer is not treated as gone.
+                self.dropped_full += 1
+                if self.dropped_full in (1, 10, 100, 1000) or self.dropped_full % 10000 == 0:
+                    log.warning("queue to %r full: %d message(s) dropped so far",
+                                dest, self.dropped_full)
+                return
+            if exc.errno != zmq.EHOSTUNREACH:
                 log.warning("could not route %r to %r: %s", kind, dest, exc)
+                return
+            known = dest in self.workers or dest in self.edges
+            self.remove(dest, "unreachable")
+            if not known and time.monotonic() < self._warm_until:
+                self.dropped_while_warming += 1
+                return
             self._unroutable(sender, dest, data, offset)
 
     def _unroutable(self, sender: bytes, dest: bytes, data: bytes, offset: int) -> None:
@@ -169,6 +184,11 @@ class Router:
         now = time.monotonic()
         peer = registry.get(sender)
         if peer is None:
+            if self.evicted.pop(sender, None) is not None:
+                # Declared dead while it was only slow: its peers dropped their shared
+                # state (channels), so it must drop its side too before it starts afresh.
+                log.warning("%r came back after being declared dead; telling it to reset", sender)
+                self._send(sender, [wire.EVICTED, b""])
             peer = registry[sender] = Peer(sender, role, now)
             log.info("%s up: %s (%d %ss live)", "worker" if role == wire.ROLE_WORKER else "edge",
                      sender.decode(errors="replace"), len(registry),
@@ -179,6 +199,11 @@ class Router:
         peer.placed = 0
 
     def remove(self, peer_id: bytes, why: str) -> None:
+        if peer_id in self.workers or peer_id in self.edges:
+            if len(self.evicted) >= EVICTED_MEMORY:
+                self.evicted.pop(next(iter(self.evicted)))
+            if why != "left":
+                self.evicted[peer_id] = time.monotonic()
         peer = self.workers.pop(peer_id, None)
         if peer is not None:
             log.warning("worker down: %s (%s); telling %d edge(s)",
@@ -205,7 +230,7 @@ class Router:
     def housekeeping(self, now: float) -> None:
         for registry in (self.workers, self.edges):
             for peer in list(registry.values()):
-                if now - peer.last_seen > PEER_LIVENESS:
+                if now - peer.last_seen > self.peer_timeout:
                     self.remove(peer.id, f"silent for {now - peer.last_seen:.1f}s")
                 else:
                     self._send(peer.id, [wire.HEARTBEAT, b""])

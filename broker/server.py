@@ -14,7 +14,7 @@ from broker.router import Router
 
 log = logging.getLogger("broker")
 
-ROUTER_HWM = 200_000
+HWM = 200_000   # messages queued per peer before libzmq refuses more (at-most-once)
 
 
 def bind_bus(ctx: zmq.Context, base: str) -> tuple[str, zmq.Socket, zmq.Socket, zmq.Socket]:
@@ -29,7 +29,10 @@ def bind_bus(ctx: zmq.Context, base: str) -> tuple[str, zmq.Socket, zmq.Socket, 
         sockets = [ctx.socket(kind) for kind in (zmq.ROUTER, zmq.XSUB, zmq.XPUB)]
         try:
             for offset, sock in enumerate(sockets):
+                # Limits must be set before bind: connections take them from the listener.
                 sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, HWM)
+                sock.setsockopt(zmq.RCVHWM, HWM)
                 sock.bind(f"{host}:{port + offset}")
         except zmq.ZMQError as exc:
             last_error = exc
@@ -48,12 +51,9 @@ def main(args) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    router_sock.setsockopt(zmq.SNDHWM, ROUTER_HWM)
-    router_sock.setsockopt(zmq.RCVHWM, ROUTER_HWM)
-    Fanout.configure(xsub, xpub)
     fanout = Fanout(ctx, xsub, xpub)
     fanout.start()
-    router = Router(router_sock)
+    router = Router(router_sock, peer_timeout=args.peer_timeout)
 
     stopping = []
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -44,6 +44,8 @@ BYE = b"q"              # peer->broker [BYE, role]: leaving cleanly
 WORKER_DOWN = b"w"      # broker->edge [WORKER_DOWN, worker_id]
 EDGE_DOWN = b"e"        # broker->worker [EDGE_DOWN, edge_id]
 UNROUTABLE = b"u"       # broker->sender [UNROUTABLE, dest_id, kind, *fields]
+EVICTED = b"v"          # broker->peer [EVICTED, b""]: you were declared dead; your peers
+                        # dropped everything they shared with you, so drop it too
 
 # edge -> worker
 CONNECT = b"C"          # [CONNECT, dest, conn_id, request_json]
@@ -59,6 +61,11 @@ REPLY = b"r"            # [REPLY, dest, conn_id, topic, join_ref, ref, status, r
 PUSH = b"p"             # [PUSH, dest, conn_id, topic, join_ref, event, payload, fmt]
 CHANNEL_CLOSE = b"x"    # [CHANNEL_CLOSE, dest, conn_id, topic, join_ref]  -> phx_close
 CHANNEL_ERROR = b"!"    # [CHANNEL_ERROR, dest, conn_id, topic, join_ref]  -> phx_error
+
+# edge -> edge: a LongPoll request that reached an edge other than the one holding its
+# session (non-sticky load balancing), relayed to the holder, and the holder's answer
+LP_REQUEST = b"P"       # [LP_REQUEST, dest, request_id, session_token, method, content_type, body]
+LP_RESPONSE = b"R"      # [LP_RESPONSE, dest, request_id, http_status, body_json]
 
 # pub/sub
 BROADCAST = b"B"        # [topic_key, BROADCAST, event, origin, payload, fmt]
@@ -76,9 +83,11 @@ FRAME_COUNTS = {
     CONNECT: 4, JOIN: 8, IN: 9, LEAVE: 6, TERMINATE: 6,
     CONNECT_REPLY: 5, JOIN_REPLY: 9, REPLY: 9, PUSH: 8,
     CHANNEL_CLOSE: 5, CHANNEL_ERROR: 5,
+    LP_REQUEST: 7, LP_RESPONSE: 5,
 }
 EDGE_TO_WORKER = frozenset((CONNECT, JOIN, IN, LEAVE, TERMINATE))
 WORKER_TO_EDGE = frozenset((CONNECT_REPLY, JOIN_REPLY, REPLY, PUSH, CHANNEL_CLOSE, CHANNEL_ERROR))
+EDGE_TO_EDGE = frozenset((LP_REQUEST, LP_RESPONSE))
 BROADCAST_FRAMES = 6
 
 TOPIC_TERMINATOR = b"\x00"

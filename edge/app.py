@@ -15,6 +15,7 @@ from tornado.netutil import bind_sockets
 from broker.logsetup import announce_ready, setup_logging
 from broker.loopsock import run_loop
 from edge.hub import EdgeHub, Limits
+from edge.longpoll import LongPollHandler
 from edge.websocket import WebSocketUpgrade
 
 log = logging.getLogger("edge")
@@ -38,8 +39,13 @@ class PhoenixJS(web.StaticFileHandler):
         return "application/javascript; charset=utf-8"
 
 
-def make_app(hub: EdgeHub, static_dir: str | None = None) -> web.Application:
-    routes: list = [(r"/socket/websocket", WebSocketUpgrade, {"hub": hub})]
+def make_app(hub: EdgeHub, static_dir: str | None = None, websocket: bool = True,
+             longpoll: bool = True) -> web.Application:
+    routes: list = []
+    if websocket:
+        routes.append((r"/socket/websocket", WebSocketUpgrade, {"hub": hub}))
+    if longpoll:
+        routes.append((r"/socket/longpoll", LongPollHandler, {"hub": hub}))
     js = phoenix_js_dir()
     if js is not None:
         routes.append((r"/js/(phoenix(?:\.min)?\.js)", PhoenixJS, {"path": str(js)}))
@@ -51,12 +57,16 @@ def make_app(hub: EdgeHub, static_dir: str | None = None) -> web.Application:
 
 
 async def serve(args) -> int:
+    window = args.longpoll_window
     limits = Limits(max_channels=args.max_channels, max_frame_size=args.max_frame_size,
-                    heartbeat_timeout=args.heartbeat_timeout, max_outbound=args.max_outbound)
+                    heartbeat_timeout=args.heartbeat_timeout, max_outbound=args.max_outbound,
+                    longpoll_window=window,
+                    longpoll_inactivity=args.longpoll_inactivity or 1.5 * window)
     hub = EdgeHub(args.bus, limits)
     hub.start()
-    app = make_app(hub, args.static)
-    server = HTTPServer(app, xheaders=True, max_body_size=max(args.max_frame_size, 1_048_576))
+    app = make_app(hub, args.static, websocket=not args.no_websocket, longpoll=not args.no_longpoll)
+    # LongPoll POSTs carry up to 100 frames; Plug's default body limit is 8 MB.
+    server = HTTPServer(app, xheaders=True, max_body_size=max(args.max_frame_size, 8_000_000))
     sockets = bind_sockets(args.port, args.host, family=socket.AF_INET if ":" not in args.host else socket.AF_UNSPEC,
                            reuse_port=getattr(args, "reuse_port", False))
     server.add_sockets(sockets)

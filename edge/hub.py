@@ -15,6 +15,8 @@ from broker import wire
 from edge.bus import EdgeBus
 from edge.connection import JOINED, ChannelRef, Connection, ref_bytes, ref_of
 from edge.fastlane import FastLane
+from edge.lphub import LongPollHub
+from edge.lpsession import FRAME_KIND as LONGPOLL
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ class Limits:
     max_frame_size: int = 1_048_576
     heartbeat_timeout: float = 60.0
     max_outbound: int = 4 * 1_048_576
+    longpoll_window: float = 10.0        # longest a LongPoll GET is held
+    longpoll_inactivity: float = 15.0    # a LongPoll session nobody polled for this long ends
 
 
 class ConnectRefused(Exception):
@@ -48,6 +52,7 @@ class EdgeHub:
         self._ids = itertools.count(1)
         self._rpc: dict[bytes, asyncio.Future] = {}
         self.bus: EdgeBus | None = None
+        self.longpoll: LongPollHub | None = None
         self.stats = {"slow_consumer_closes": 0, "heartbeat_timeouts": 0, "bad_frames": 0}
         self._dispatch = {
             wire.CONNECT_REPLY: self._on_connect_reply,
@@ -56,15 +61,20 @@ class EdgeHub:
             wire.PUSH: self._on_push,
             wire.CHANNEL_CLOSE: self._on_channel_close,
             wire.CHANNEL_ERROR: self._on_channel_error,
+            wire.LP_REQUEST: self._on_lp_request,
+            wire.LP_RESPONSE: self._on_lp_response,
         }
 
     def start(self) -> None:
         self.bus = EdgeBus(self.bus_addr, self.edge_id, self.on_direct, self.fastlane.deliver,
                            load=lambda: len(self.connections))
         self.bus_send = self.bus.send
+        self.longpoll = LongPollHub(self, self.limits.longpoll_window, self.limits.longpoll_inactivity)
         asyncio.get_running_loop().create_task(self._sweep())
 
     def close(self) -> None:
+        if self.longpoll is not None:
+            self.longpoll.close()
         if self.bus is not None:
             self.bus.close()
 
@@ -145,6 +155,8 @@ class EdgeHub:
                 self._bad_frame(frames, str(exc))
         elif kind == wire.WORKER_DOWN and len(frames) == 2:
             self.worker_down(frames[1])
+        elif kind == wire.EVICTED:
+            self.evicted()
         elif kind == wire.UNROUTABLE and len(frames) >= 4:
             self._on_unroutable(frames)
         else:
@@ -200,10 +212,20 @@ class EdgeHub:
     def _on_channel_error(self, frames):
         self._on_channel_close(frames, error=True)
 
+    def _on_lp_request(self, frames):
+        self.longpoll.on_bus_request(frames)
+
+    def _on_lp_response(self, frames):
+        self.longpoll.on_bus_response(frames)
+
     def _on_unroutable(self, frames):
         dest, kind = frames[1], frames[2]
         fields = frames[3:]
-        if kind == wire.CONNECT and fields:
+        if kind == wire.LP_REQUEST:
+            self.longpoll.on_unroutable(fields)
+        elif kind == wire.LP_RESPONSE:
+            pass   # the edge that relayed the request is gone, and its client with it
+        elif kind == wire.CONNECT and fields:
             fut = self._rpc.get(fields[0])
             if fut is not None and not fut.done():
                 fut.set_result((b"unavailable", b""))
@@ -229,6 +251,19 @@ class EdgeHub:
                 self.unsubscribe(ch)
             conn.send(conn.serializer.encode_error(ch.join_ref, ch.topic))
 
+    def evicted(self) -> None:
+        """The broker declared this edge dead while it was only slow, and the workers ended
+        its channels: tell every client (phx_error), and phoenix.js rejoins them."""
+        channels = [ch for conn in self.connections.values() for ch in conn.channels.values()]
+        log.warning("the broker had declared this edge dead; sending phx_error to %d channel(s)",
+                    len(channels))
+        self.worker_channels.clear()
+        for ch in channels:
+            conn = ch.conn
+            del conn.channels[ch.topic]
+            self.unsubscribe(ch)
+            conn.send(conn.serializer.encode_error(ch.join_ref, ch.topic))
+
     # --- liveness of clients ------------------------------------------------------------
     async def _sweep(self) -> None:
         timeout = self.limits.heartbeat_timeout
@@ -236,6 +271,8 @@ class EdgeHub:
             await asyncio.sleep(min(5.0, timeout / 4))
             now = time.monotonic()
             for conn in list(self.connections.values()):
+                if conn.transport.frame_kind == LONGPOLL:
+                    continue   # LongPoll clients send no heartbeats; sessions expire in lphub
                 if now - conn.last_recv > timeout:
                     self.stats["heartbeat_timeouts"] += 1
                     log.info("conn %s: nothing received for %.0fs, closing", conn.label, timeout)

@@ -180,6 +180,7 @@ class Cluster:
 
     def __init__(self, app: str = E2E_APP, edges: int = 2, workers: int = 2,
                  edge_args: tuple[str, ...] | list[str] = (), worker_args: tuple[str, ...] | list[str] = (),
+                 broker_args: tuple[str, ...] | list[str] = (),
                  log_level: str = LOG_LEVEL, timeout: float = 10.0):
         self.app = app
         self.procs: list[Proc] = []
@@ -189,7 +190,8 @@ class Cluster:
         self.stopped_codes: dict[str, int] = {}
         log = ("--log-level", log_level)
         try:
-            self.broker = self._add(Proc("broker", "--bus", "tcp://127.0.0.1:0", *log, name="broker"))
+            self.broker = self._add(Proc("broker", "--bus", "tcp://127.0.0.1:0", *broker_args, *log,
+                                           name="broker"))
             self.bus = self.broker.wait_ready(1, timeout)[0]["bus"]
             for i in range(edges):
                 self.edge_procs.append(self._add(Proc(

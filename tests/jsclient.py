@@ -194,6 +194,8 @@ class JsClient:
         Extra opts pass through to phoenix's Socket (vsn, timeout, heartbeatIntervalMs, ...);
         rejoinAfterMs / reconnectAfterMs may be a number or a list; frames=True logs raw frames
         as {"type":"frame","dir":"in"|"out","data":...}; log=True forwards phoenix's logger.
+        transport="longpoll" uses phoenix's LongPoll (default "websocket"); longPollFallbackMs
+        passes through. LongPoll POSTs are logged as {"type":"lp_post","lines":N,"status":S}.
         """
         if not wait:
             opts["wait"] = False
@@ -233,6 +235,22 @@ class JsClient:
         if timeout is None:
             timeout = (timeout_ms or 10_000) / 1000 + 5
         return self.send("push", wait_s=timeout, **fields)
+
+    def push_many(self, chan: str, pushes: list[tuple[str, Any]], *, timeout_ms: int | None = None,
+                  timeout: float | None = None) -> list[dict]:
+        """Several `channel.push`es in one event-loop tick; returns each one's
+        {"status", "response"}, in order."""
+        fields: dict[str, Any] = {"chan": chan, "pushes": [{"event": e, "payload": p} for e, p in pushes]}
+        if timeout_ms is not None:
+            fields["timeout"] = timeout_ms
+        if timeout is None:
+            timeout = (timeout_ms or 10_000) / 1000 + 5
+        return self.send("push_many", wait_s=timeout, **fields)["results"]
+
+    def lp_token(self, token: str | None = None) -> str | None:
+        """The LongPoll session token phoenix.js holds; replaces it first when `token` is given."""
+        fields = {} if token is None else {"token": token}
+        return self.send("lp_token", **fields)["token"]
 
     def on(self, chan: str, event: str) -> None:
         self.send("on", chan=chan, event=event)

@@ -6,6 +6,7 @@ terminated in the workers (terminate/2 runs), which other clients can observe.
 """
 from __future__ import annotations
 
+import os
 import signal
 import uuid
 
@@ -70,3 +71,28 @@ def test_dead_edge_channels_are_terminated_in_workers(cluster_factory, js_client
     event = watcher.wait_event({"type": "message", "chan": "t", "event": "terminated"}, timeout=10)
     assert "closed" in event["payload"]["reason"]
     assert "edge down" in cluster.broker.stderr_text()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("frozen", ["edge", "worker"])
+def test_peer_declared_dead_while_frozen_resets_and_clients_recover(cluster_factory, js_client, frozen):
+    """A peer silent past --peer-timeout is declared dead; when it wakes up the broker tells it
+    (EVICTED), it drops what its peers dropped, and phoenix.js rejoins: nothing stays silently
+    broken."""
+    cluster = cluster_factory(edges=1, workers=1, broker_args=["--peer-timeout", "1"])
+    client = js_client("c")
+    assert client.connect(cluster.ws_urls[0], {"user": "c"})["status"] == "open"
+    topic = f"echo:{uid()}"
+    assert client.join("c", topic)["status"] == "ok"
+    joins_before = len(client.find({"type": "joined", "chan": "c"}))
+    pid = cluster.edge_procs[0].pid if frozen == "edge" else cluster.worker_pids[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: f"{frozen} down" in cluster.broker.stderr_text(), timeout=10)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    client.wait_event({"type": "chan_error", "chan": "c"}, timeout=10)
+    wait_until(lambda: len(client.find({"type": "joined", "chan": "c"})) > joins_before, timeout=15)
+    wait_until(lambda: client.push("c", "ping", {"n": 2}, timeout_ms=1000)["status"] == "ok",
+               timeout=15, interval=0.2)
+    assert "declared dead" in cluster.stderr()

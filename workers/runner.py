@@ -65,7 +65,7 @@ class Worker(ChannelHost):
             wire.CONNECT: self.on_connect, wire.JOIN: self.on_join, wire.IN: self.on_in,
             wire.LEAVE: self.on_leave, wire.TERMINATE: self.on_terminate,
             wire.HEARTBEAT: self.on_heartbeat, wire.EDGE_DOWN: self.on_edge_down,
-            wire.UNROUTABLE: self.on_unroutable,
+            wire.UNROUTABLE: self.on_unroutable, wire.EVICTED: self.on_evicted,
         }
 
     # --- bus input --------------------------------------------------------------------
@@ -122,6 +122,15 @@ class Worker(ChannelHost):
         edge = frames[1]
         procs = [p for p in self.channels.values() if p.edge == edge]
         log.info("worker %s: edge %r down, terminating its %d channel(s)", self.slot, edge, len(procs))
+        for proc in procs:
+            self.end(proc, self.step_end, ("shutdown", "closed"))
+
+    def on_evicted(self, frames: list[bytes]) -> None:
+        """The broker declared us dead while we were only slow: every edge has already
+        sent phx_error for our channels, so end them all; clients rejoin elsewhere."""
+        procs = list(self.channels.values())
+        log.warning("worker %s: the broker had declared this worker dead; ending its %d channel(s)",
+                    self.slot, len(procs))
         for proc in procs:
             self.end(proc, self.step_end, ("shutdown", "closed"))
 

@@ -36,6 +36,14 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-outbound", type=int, default=4 * 1_048_576, metavar="BYTES",
                    help="unsent bytes a slow client may queue before it is closed with 1013 "
                         "(default: %(default)s)")
+    p.add_argument("--longpoll-window", type=float, default=10.0, metavar="SECONDS",
+                   help="longest a LongPoll GET waits for something to deliver (default: %(default)s)")
+    p.add_argument("--longpoll-inactivity", type=float, default=None, metavar="SECONDS",
+                   help="end a LongPoll session nobody polled for this long "
+                        "(default: 1.5 x --longpoll-window)")
+    p.add_argument("--no-websocket", action="store_true",
+                   help="do not serve /socket/websocket (LongPoll only)")
+    p.add_argument("--no-longpoll", action="store_true", help="do not serve /socket/longpoll")
 
 
 def _add_worker_options(p: argparse.ArgumentParser) -> None:
@@ -54,9 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("broker", help="run the central ZeroMQ broker")
     _add_bus(p)
+    p.add_argument("--peer-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="declare a still-connected edge or worker dead after this long without "
+                        "a heartbeat (a closed connection is noticed at once; default: %(default)s)")
     _add_log(p)
 
-    p = sub.add_parser("edge", help="run an edge: WebSocket endpoint for Phoenix clients")
+    p = sub.add_parser("edge", help="run an edge: WebSocket and LongPoll endpoints for Phoenix clients")
     _add_bus(p)
     _add_edge_options(p)
     _add_log(p)

@@ -71,7 +71,13 @@ def main(args) -> int:
                      "--heartbeat-timeout", str(args.heartbeat_timeout),
                      "--max-frame-size", str(args.max_frame_size),
                      "--max-channels", str(args.max_channels),
-                     "--max-outbound", str(args.max_outbound), *level]
+                     "--max-outbound", str(args.max_outbound),
+                     "--longpoll-window", str(args.longpoll_window), *level]
+        if args.longpoll_inactivity is not None:
+            edge_args += ["--longpoll-inactivity", str(args.longpoll_inactivity)]
+        for flag in ("no_websocket", "no_longpoll"):
+            if getattr(args, flag):
+                edge_args.append("--" + flag.replace("_", "-"))
         if static:
             edge_args += ["--static", static]
         edge = Child("edge", edge_args)

@@ -8,12 +8,17 @@
 //
 // One driver = one phoenix Socket (reconnectable with a new "connect"). Channels are named by the
 // test ("chan"), so two channel objects on one topic can coexist.
+//
+// Transport: WebSocket (the `ws` package) unless connect's opts say transport: "longpoll"
+// (phoenix's LongPoll over Node's fetch); longPollFallbackMs passes through to phoenix. LongPoll
+// POSTs show up as {"type":"lp_post","lines":N,"status":S} events, and GETs answered with anything
+// but 200/204 as {"type":"lp_poll","status":S}.
 "use strict";
 
 const readline = require("readline");
 const path = require("path");
 const WebSocket = require("ws");
-const { Socket } = require(path.join(__dirname, "..", "..", "node_modules", "phoenix"));
+const { Socket, LongPoll } = require(path.join(__dirname, "..", "..", "node_modules", "phoenix"));
 
 let socket = null;
 const channels = new Map(); // chan name -> Channel
@@ -99,7 +104,11 @@ const commands = {
       if (opts[key] !== undefined) opts[key] = backoff(opts[key]);
     }
     if (log) opts.logger = (kind, msg, data) => emit({ type: "log", kind, msg, data: toJson(data) });
-    opts.transport = WebSocket;
+    const transport = opts.transport === undefined ? "websocket" : opts.transport;
+    if (transport !== "websocket" && transport !== "longpoll") {
+      throw new Error("transport must be \"websocket\" or \"longpoll\", got " + JSON.stringify(transport));
+    }
+    opts.transport = transport === "longpoll" ? LongPoll : WebSocket;
 
     const s = new Socket(cmd.url, opts);
     socket = s;
@@ -183,6 +192,33 @@ const commands = {
     });
   },
 
+  // Several pushes in one event-loop tick (LongPoll batches them into one POST); the answer
+  // lists every push's reply status and response, in order.
+  push_many(cmd) {
+    const chan = requireChan(cmd.chan);
+    const results = new Array(cmd.pushes.length).fill(null);
+    let left = cmd.pushes.length;
+    cmd.pushes.forEach(({ event, payload }, i) => {
+      const push = chan.push(event, payload === undefined ? {} : payload, cmd.timeout);
+      const origMatch = push.matchReceive.bind(push);
+      push.matchReceive = (reply) => {
+        origMatch(reply);
+        if (results[i] !== null) return;
+        results[i] = { status: reply.status, response: toJson(reply.response) };
+        if (--left === 0) send({ id: cmd.id, ok: true, results });
+      };
+    });
+  },
+
+  // The session token of the current LongPoll transport; with "token" set, replaces it (e.g.
+  // with one the server does not know, to see the client recover from a gone session).
+  lp_token(cmd) {
+    const conn = requireSocket().conn;
+    if (!conn || !(conn instanceof LongPoll)) throw new Error("the socket is not on LongPoll");
+    if (cmd.token !== undefined) conn.token = cmd.token;
+    send({ id: cmd.id, ok: true, token: conn.token });
+  },
+
   push(cmd) {
     const chan = requireChan(cmd.chan);
     const payload = cmd.binary !== undefined ? toArrayBuffer(cmd.binary)
@@ -257,6 +293,19 @@ function listen(name, chan, event) {
            ref: ref === undefined ? null : ref, join_ref: joinRef === undefined ? null : joinRef });
   });
 }
+
+// LongPoll requests as events (POSTs, and polls that were not plain 200/204), so tests can see
+// how pushes were batched and how the client took a status.
+const lpAjax = LongPoll.prototype.ajax;
+LongPoll.prototype.ajax = function (method, headers, body, onCallerTimeout, callback) {
+  const lines = method === "POST" ? String(body).split("\n").length : 0;
+  return lpAjax.call(this, method, headers, body, onCallerTimeout, (resp) => {
+    const status = resp ? resp.status : null;
+    if (method === "POST") emit({ type: "lp_post", lines, status });
+    else if (status !== 200 && status !== 204) emit({ type: "lp_poll", status });
+    callback(resp);
+  });
+};
 
 process.on("uncaughtException", (e) => emit({ type: "driver_error", where: "uncaught",
                                                error: String(e && e.stack || e) }));

@@ -1,0 +1,147 @@
+"""The LongPoll endpoint at /socket/longpoll, in Tornado (PROTOCOL.md §5).
+
+For clients that cannot keep a WebSocket (proxies that strip upgrades, phoenix.js's
+``longPollFallbackMs``).  Every answer is HTTP 200 with the logical status in a JSON
+body, because that is what phoenix.js reads: a GET without a session runs the user's
+``connect`` exactly as the WebSocket upgrade does and answers 410 with a new session
+token; a GET with one waits for frames; a POST carries the client's frames.  The
+session itself (buffer, poll, POST decoding) is ``edge/lpsession.py``; requests whose
+session lives on another edge are relayed by ``edge/lphub.py``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from urllib.parse import parse_qsl, urlsplit
+
+from tornado import web
+
+from edge import serializer as serializers
+from edge.hub import ConnectRefused, EdgeHub
+from edge.lpsession import GONE, parse_token
+from edge.params import decode_params
+
+log = logging.getLogger(__name__)
+
+FORBIDDEN = b'{"status":403}'
+UNAVAILABLE = b'{"status":500}'   # phoenix.js retries 403 and 500 alike; 500 says "not your fault"
+TOKEN_HEADER = "X-Phoenix-Longpoll-Token"      # phoenix.js 1.9; 1.8 sends the `token` param
+AUTH_HEADER = "X-Phoenix-AuthToken"
+
+
+def origin_allowed(origin: str | None, host_name: str) -> bool:
+    """Same host as the request, as the WebSocket endpoint checks; no Origin is fine."""
+    if origin is None:
+        return True
+    host = urlsplit(origin).hostname
+    return host is not None and host.lower() == host_name.lower()
+
+
+class LongPollHandler(web.RequestHandler):
+    # Phoenix answers other methods with an empty 400 rather than 405.
+    SUPPORTED_METHODS = ("GET", "POST", "OPTIONS", "HEAD", "PUT", "PATCH", "DELETE")
+
+    def initialize(self, hub: EdgeHub) -> None:
+        self.hub = hub
+        self._pending: asyncio.Future | None = None
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("Access-Control-Allow-Origin", "*")
+
+    def compute_etag(self) -> None:
+        return None   # every poll is news: never let a client or proxy answer it with a 304
+
+    def prepare(self) -> None:
+        if self.request.method not in ("GET", "POST", "OPTIONS"):
+            self.set_status(400)
+            self.clear_header("Content-Type")
+            self.finish()
+        elif not origin_allowed(self.request.headers.get("Origin"), self.request.host_name):
+            log.info("refused %s: origin %.80r not allowed", self.request.remote_ip,
+                     self.request.headers.get("Origin"))
+            self.finish(FORBIDDEN)
+
+    def options(self) -> None:
+        self.clear_header("Content-Type")
+        self.set_header("Access-Control-Allow-Headers",
+                        self.request.headers.get("Access-Control-Request-Headers", ""))
+        self.set_header("Access-Control-Allow-Methods", "get, post, options")
+        self.set_header("Access-Control-Max-Age", "3600")
+        self.finish()
+
+    async def get(self) -> None:
+        token = parse_token(self.session_token())
+        if token is None:
+            await self.new_session()
+            return
+        await self.answer(token, b"GET", b"")
+
+    async def post(self) -> None:
+        token = parse_token(self.session_token())
+        if token is None:
+            self.finish(GONE)
+            return
+        await self.answer(token, b"POST", self.request.body)
+
+    def session_token(self) -> str | None:
+        """The header first (phoenix.js 1.9), else the LAST `token` param: an app's own
+        `token` param comes before the one phoenix.js appends (PROTOCOL.md §5.3)."""
+        header = self.request.headers.get(TOKEN_HEADER)
+        if header:
+            return header
+        values = [v for k, v in parse_qsl(self.request.query, keep_blank_values=True) if k == "token"]
+        return values[-1] if values else None
+
+    async def answer(self, token, method: bytes, body: bytes) -> None:
+        content_type = self.request.headers.get("Content-Type", "")
+        # Run it as a task, so a client hanging up cancels its poll (on_connection_close)
+        # instead of leaving the session a waiter nobody will read.
+        self._pending = asyncio.ensure_future(
+            self.hub.longpoll.request(token, method, content_type, body))
+        try:
+            status, answer = await self._pending
+        except asyncio.CancelledError:
+            return
+        finally:
+            self._pending = None
+        self.set_status(status)
+        self.finish(answer)
+
+    def on_connection_close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+
+    # --- a new session -----------------------------------------------------------------------
+    async def new_session(self) -> None:
+        req = self.request
+        params = decode_params(req.query)
+        vsn = params.get("vsn")
+        serializer = serializers.serializer_for_vsn(vsn) if vsn is None or isinstance(vsn, str) else None
+        if serializer is None:
+            log.info("refused %s: unsupported vsn %.40r", req.remote_ip, vsn)
+            self.finish(FORBIDDEN)
+            return
+        try:
+            socket_json = await self.hub.connect(params, self.connect_info())
+        except ConnectRefused as exc:
+            log.info("refused %s (longpoll): %s", req.remote_ip, exc)
+            self.finish(UNAVAILABLE if exc.unavailable else FORBIDDEN)
+            return
+        if self.request.connection.stream.closed():
+            return    # the client gave up while connect ran: no session nobody would poll
+        session = self.hub.longpoll.create(serializer, socket_json, req.remote_ip)
+        self.finish(b'{"status":410,"token":' + session.token_json + b',"messages":[]}')
+
+    def connect_info(self) -> dict:
+        req = self.request
+        return {
+            "peer_data": {"address": req.remote_ip},
+            "uri": {"scheme": req.protocol, "host": req.host_name, "path": req.path, "query": req.query},
+            "user_agent": req.headers.get("User-Agent"),
+            "x_headers": {k.lower(): v for k, v in req.headers.get_all() if k.lower().startswith("x-")},
+            # Sent raw on every GET; only the first one's counts (PROTOCOL.md §1.4).
+            "auth_token": req.headers.get(AUTH_HEADER),
+            "transport": "longpoll",
+        }
