@@ -1,0 +1,39 @@
+"""The chat page in headless Chromium: a WebSocket tab and a LongPoll tab talk to each other.
+
+Screenshots of both tabs are kept in tests/artifacts/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT as REPO_ROOT, Cluster
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+
+
+@pytest.mark.timeout(120)
+def test_chat_page_websocket_tab_and_longpoll_tab_see_each_other():
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(app="examples/chat/channels.py", edges=1, workers=2,
+                      edge_args=["--static", "examples/chat/static"])
+    try:
+        run = subprocess.run(["node", "tests/js/browser_chat.js", cluster.http_urls[0], str(ARTIFACTS)],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=90)
+        assert run.returncode == 0, f"browser run failed:\n{run.stderr[-3000:]}\n{cluster.stderr()}"
+        shown = json.loads(run.stdout.strip().splitlines()[-1])
+    finally:
+        cluster.stop()
+        cluster.cleanup()
+    for tab in ("websocket_tab", "longpoll_tab"):
+        assert "hello from the websocket tab" in shown[tab]
+        assert "hello from the longpoll tab" in shown[tab]
+    assert shown["longpoll_requests"] > 0, "the LongPoll tab never used /socket/longpoll"
+    for name in ("chat-websocket-tab.png", "chat-longpoll-tab.png"):
+        assert (ARTIFACTS / name).stat().st_size > 1000
