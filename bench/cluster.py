@@ -1,0 +1,208 @@
+"""The system under test: a broker, the edges and a worker supervisor started as real processes
+on free loopback ports (`python -m broker|edge|workers`), each found ready by its `READY ...`
+line, and stopped in turn at the end (SIGTERM, then SIGKILL after 5 s).
+
+Every process's stdout and stderr go to files in one temporary directory; the stderr files are
+scanned for WARNING/ERROR/Traceback lines for the summary.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from procstats import Sample, alive, proc_tree
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def log(msg: str) -> None:
+    """One progress line on stdout, time-stamped, flushed at once (the run takes minutes)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Proc:
+    """One child process in a session of its own; its stdout lines are copied to a file and
+    queued for wait_line(), its stderr goes straight to a file."""
+
+    def __init__(self, name: str, argv: list[str], tmpdir: str, stdin=None):
+        self.name = name
+        self.err_path = os.path.join(tmpdir, f"{name}.stderr")
+        self.out_path = os.path.join(tmpdir, f"{name}.stdout")
+        self.err = open(self.err_path, "wb")
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.err,
+                                  stdin=stdin, start_new_session=True, bufsize=0)
+        self._out = open(self.out_path, "w")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for raw in iter(self.p.stdout.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            self._out.write(line + "\n")
+            self._out.flush()
+            self.lines.put(line)
+        self.lines.put(None)  # EOF marker
+
+    def wait_line(self, prefix: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"{self.name}: no line starting {prefix!r} within {timeout:.0f} s")
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise RuntimeError(f"{self.name}: exited (code {self.p.poll()}) before {prefix!r}")
+            if line.startswith(prefix):
+                return line
+
+    def stderr_tail(self, n: int = 25) -> str:
+        try:
+            with open(self.err_path, "rb") as f:
+                f.seek(0, 2)
+                size = f.tell()
+                f.seek(max(0, size - 64_000))
+                return "\n".join(f.read().decode(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def mark_shutdown(self) -> None:
+        try:
+            self.shutdown_offset = os.path.getsize(self.err_path)
+        except OSError:
+            self.shutdown_offset = None
+
+    def stderr_problems(self, limit: int = 8, during_shutdown: bool = False) -> tuple[int, list[str]]:
+        """Count WARNING/ERROR/Traceback lines in the stderr file, before the shutdown began
+        (or after it, with during_shutdown); return the count and the first few."""
+        count, first = 0, []
+        off = getattr(self, "shutdown_offset", None)
+        try:
+            with open(self.err_path, "rb") as f:
+                data = f.read()
+                if off is not None:
+                    data = data[off:] if during_shutdown else data[:off]
+                elif during_shutdown:
+                    data = b""
+                for raw in data.splitlines():
+                    line = raw.decode(errors="replace").rstrip()
+                    if " WARNING " in line or " ERROR " in line or " CRITICAL " in line \
+                            or line.startswith("Traceback") or "Error:" in line:
+                        count += 1
+                        if len(first) < limit:
+                            first.append(line[:300])
+        except OSError:
+            pass
+        return count, first
+
+
+class Cluster:
+    """The server processes of one benchmark run, plus any client process added to `procs`."""
+
+    def __init__(self):
+        self.tmpdir = tempfile.mkdtemp(prefix="zchannels-bench-")
+        self.procs: list[Proc] = []
+        self.server: dict[str, subprocess.Popen] = {}
+        self.urls: list[str] = []
+
+    def start(self, edges: int, workers: int, app: str) -> None:
+        """Broker first (the others need its bus endpoint), then the supervisor and the edges;
+        returns once every edge and every worker has printed READY."""
+        log(f"process logs in {self.tmpdir}")
+        broker = Proc("broker", [PY, "-m", "broker", "--bus", "tcp://127.0.0.1:0"], self.tmpdir)
+        self.procs.append(broker)
+        bus = broker.wait_line("READY", 30).split("bus=", 1)[1].split()[0]
+        self.server["broker"] = broker.p
+        sup = Proc("workers", [PY, "-m", "workers", "--bus", bus, "-n", str(workers), app], self.tmpdir)
+        self.procs.append(sup)
+        self.server["workers"] = sup.p
+        for i in range(edges):
+            e = Proc(f"edge{i + 1}", [PY, "-m", "edge", "--bus", bus, "--port", "0"], self.tmpdir)
+            self.procs.append(e)
+            self.server[f"edge{i + 1}"] = e.p
+        for pr in self.procs[2:]:
+            line = pr.wait_line("READY", 30)
+            http = line.split("http=", 1)[1].split()[0]
+            self.urls.append(http.replace("http://", "ws://") + "/socket/websocket")
+        for _ in range(workers):
+            sup.wait_line("READY", 30)
+        log(f"system up: bus {bus}, edges {', '.join(self.urls)}, {workers} workers")
+
+    def sample(self) -> Sample:
+        return Sample(self.server)
+
+    def check_alive(self) -> None:
+        for pr in self.procs:
+            if pr.p.poll() is not None:
+                raise RuntimeError(f"{pr.name} exited with code {pr.p.returncode}:\n{pr.stderr_tail()}")
+
+    def stop(self) -> None:
+        """Stop everything; what the processes log from here on counts as shutdown noise."""
+        for pr in self.procs:
+            pr.mark_shutdown()
+        # clients first, then edges, workers, broker: fewer shutdown-only warnings
+        order = sorted(self.procs, key=lambda pr: ["loadgen", "edge", "workers", "broker"].index(
+            "edge" if pr.name.startswith("edge") else pr.name))
+        stop_all(order)
+
+
+def stop_all(procs: list[Proc]) -> None:
+    """Stop every process we started, one at a time in the given order: SIGTERM, SIGKILL
+    after 5 s; then any descendant (worker) still alive, by its pid."""
+    pids: list[int] = []
+    for pr in procs:
+        if pr.p.poll() is None:
+            pids.extend(proc_tree(pr.p.pid))
+    for pr in procs:
+        if pr.p.poll() is not None:
+            continue
+        kids = proc_tree(pr.p.pid)
+        try:
+            pr.p.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            pr.p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log(f"{pr.name} (pid {pr.p.pid}) ignored SIGTERM for 5 s: SIGKILL")
+            try:
+                os.killpg(pr.p.pid, signal.SIGKILL)   # the session/group we created for it
+            except ProcessLookupError:
+                pass
+            try:
+                pr.p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(alive(k) for k in kids):
+            time.sleep(0.05)
+    for pid in pids:
+        if alive(pid):
+            log(f"pid {pid} still alive after its parent stopped: SIGKILL")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit, before anything starts, so every process inherits it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))   # inherited by the children
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
