@@ -68,7 +68,7 @@ async def serve(args) -> int:
     # LongPoll POSTs carry up to 100 frames; Plug's default body limit is 8 MB.
     server = HTTPServer(app, xheaders=True, max_body_size=max(args.max_frame_size, 8_000_000))
     sockets = bind_sockets(args.port, args.host, family=socket.AF_INET if ":" not in args.host else socket.AF_UNSPEC,
-                           reuse_port=getattr(args, "reuse_port", False))
+                           reuse_port=args.reuse_port)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
 
@@ -93,4 +93,7 @@ def main(args) -> int:
     if args.log_level != "debug":
         # One line per WebSocket upgrade is noise at 10k clients; errors still show.
         logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    if args.processes > 1:
+        from edge.multiproc import run_many
+        return run_many(args)
     return run_loop(serve(args))

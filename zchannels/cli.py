@@ -46,6 +46,14 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-longpoll", action="store_true", help="do not serve /socket/longpoll")
 
 
+def _add_edge_process_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="run N edge processes sharing the port with SO_REUSEPORT, one per core "
+                        "(default: %(default)s)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="bind with SO_REUSEPORT, so separately started edges can share the port")
+
+
 def _add_worker_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--workers", type=int, default=2, help="worker processes (default: %(default)s)")
     p.add_argument("--stuck-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -70,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edge", help="run an edge: WebSocket and LongPoll endpoints for Phoenix clients")
     _add_bus(p)
     _add_edge_options(p)
+    _add_edge_process_options(p)
     _add_log(p)
 
     p = sub.add_parser("workers", help="run a supervisor with N worker processes for APP")

@@ -1,0 +1,127 @@
+"""`zchannels edge --processes N`: N edge processes sharing one port on one host.
+
+One Python process uses one core and, here, at most ~20,000 open files; a machine's
+cores are all used by starting one edge per core on the same port with SO_REUSEPORT,
+the kernel spreading new connections over them.  This parent only starts the
+children, restarts one that dies, and stops them together; each child is an
+ordinary edge with its own bus identity.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from broker.logsetup import announce_ready
+
+log = logging.getLogger("edge")
+
+RESTART_BACKOFF_MAX = 10.0
+
+
+def reserve_port(host: str) -> socket.socket:
+    """A bound (not listening) SO_REUSEPORT socket: picks a free port that the children can
+    share, and keeps others off it until they listen."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock
+
+
+def child_argv(args: argparse.Namespace, port: int) -> list[str]:
+    """The same `edge` command line for one child: every option as given, one process."""
+    from zchannels.cli import build_parser
+    edge_parser = build_parser()._subparsers._group_actions[0].choices["edge"]
+    argv = [sys.executable, "-m", "edge"]
+    for action in edge_parser._actions:
+        if not action.option_strings or action.dest in ("help", "processes", "port", "reuse_port"):
+            continue
+        value = getattr(args, action.dest, None)
+        if isinstance(action, argparse._StoreTrueAction):
+            if value:
+                argv.append(action.option_strings[-1])
+        elif value is not None:
+            argv += [action.option_strings[-1], str(value)]
+    return argv + ["--port", str(port), "--reuse-port"]
+
+
+class Child:
+    def __init__(self, slot: int, argv: list[str]):
+        self.slot = slot
+        self.argv = argv
+        self.failures = 0
+        self.ready = threading.Event()
+        self.fields: dict[str, str] = {}
+        self.started = 0.0
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.ready.clear()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        log.info("edge process started slot=%d pid=%d", self.slot, self.proc.pid)
+
+    def _pump(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            if line.startswith("READY "):
+                self.fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+                self.ready.set()
+
+
+def run_many(args: argparse.Namespace) -> int:
+    reserved = None
+    port = args.port
+    if port == 0:
+        reserved = reserve_port(args.host)
+        port = reserved.getsockname()[1]
+    children = [Child(i, child_argv(args, port)) for i in range(args.processes)]
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    for child in children:
+        child.start()
+    try:
+        deadline = time.monotonic() + 15
+        for child in children:
+            if not child.ready.wait(max(0.1, deadline - time.monotonic())):
+                log.error("edge process slot=%d did not become ready; stopping", child.slot)
+                return 1
+        if reserved is not None:
+            reserved.close()
+        log.info("%d edge processes up on http://%s:%d", len(children), args.host, port)
+        announce_ready(http=f"http://{args.host}:{port}", processes=len(children),
+                       edges=",".join(c.fields.get("edge", "?") for c in children))
+        while not stopping.wait(0.5):
+            for child in children:
+                _restart_if_dead(child)
+        return 0
+    finally:
+        for child in children:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        for child in children:
+            if child.proc is not None:
+                try:
+                    child.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+
+
+def _restart_if_dead(child: Child) -> None:
+    code = child.proc.poll()
+    if code is None:
+        return
+    lived = time.monotonic() - child.started
+    child.failures = 0 if lived > 30 else child.failures + 1
+    delay = min(RESTART_BACKOFF_MAX, 0.1 * 2 ** child.failures) if child.failures else 0
+    log.warning("edge process slot=%d pid=%d exited with code %s after %.0fs; restarting in %.1fs",
+                child.slot, child.proc.pid, code, lived, delay)
+    time.sleep(delay)
+    child.start()
