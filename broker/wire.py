@@ -64,7 +64,7 @@ CHANNEL_ERROR = b"!"    # [CHANNEL_ERROR, dest, conn_id, topic, join_ref]  -> ph
 
 # edge -> edge: a LongPoll request that reached an edge other than the one holding its
 # session (non-sticky load balancing), relayed to the holder, and the holder's answer
-LP_REQUEST = b"P"       # [LP_REQUEST, dest, request_id, session_token, method, content_type, body]
+LP_REQUEST = b"P"       # [LP_REQUEST, dest, request_id, session_token, method, hold_ms, content_type, body]
 LP_RESPONSE = b"R"      # [LP_RESPONSE, dest, request_id, http_status, body_json]
 
 # pub/sub
@@ -83,7 +83,7 @@ FRAME_COUNTS = {
     CONNECT: 4, JOIN: 8, IN: 9, LEAVE: 6, TERMINATE: 6,
     CONNECT_REPLY: 5, JOIN_REPLY: 9, REPLY: 9, PUSH: 8,
     CHANNEL_CLOSE: 5, CHANNEL_ERROR: 5,
-    LP_REQUEST: 7, LP_RESPONSE: 5,
+    LP_REQUEST: 8, LP_RESPONSE: 5,
 }
 EDGE_TO_WORKER = frozenset((CONNECT, JOIN, IN, LEAVE, TERMINATE))
 WORKER_TO_EDGE = frozenset((CONNECT_REPLY, JOIN_REPLY, REPLY, PUSH, CHANNEL_CLOSE, CHANNEL_ERROR))

@@ -89,7 +89,7 @@ class LongPollHub:
         return await self.relay(token, method, content_type, body)
 
     async def serve(self, token: SessionToken, method: bytes, content_type: str,
-                    body: bytes) -> tuple[int, bytes]:
+                    body: bytes, window: float | None = None) -> tuple[int, bytes]:
         session = self.sessions.get(token.sid)
         if session is None or not session.owns(token):
             # Phoenix would start a new session here; the client ignores it and starts over
@@ -97,7 +97,9 @@ class LongPollHub:
             # handed to connect (PROTOCOL.md §5.3).
             return 200, GONE
         if method == GET:
-            return 200, await session.poll(self.window)
+            if window is None or window > self.window:
+                window = self.window
+            return 200, await session.poll(window)
         return session.post(content_type, body)
 
     async def relay(self, token: SessionToken, method: bytes, content_type: str,
@@ -107,8 +109,11 @@ class LongPollHub:
         self._relays[request_id] = fut
         self.stats["relayed"] += 1
         try:
+            # The holder holds the poll no longer than we wait for it, whatever its own window:
+            # an answer that came after we gave up would take the frames with it.
+            hold_ms = str(int(self.window * 1000)).encode()
             self.hub.bus_send([wire.LP_REQUEST, token.edge, request_id, token.text.encode(),
-                               method, content_type.encode(), body])
+                               method, hold_ms, content_type.encode(), body])
             return await asyncio.wait_for(fut, self.window + RELAY_MARGIN)
         except asyncio.TimeoutError:
             # The holder is alive (a gone one comes back UNROUTABLE) but its answer was lost,
@@ -125,20 +130,22 @@ class LongPollHub:
     # --- the bus side of relaying -----------------------------------------------------------
     def on_bus_request(self, frames: list[bytes]) -> None:
         """LP_REQUEST from another edge: serve it here and send back LP_RESPONSE."""
-        _, sender, request_id, token_b, method, content_type, body = frames
+        _, sender, request_id, token_b, method, hold_ms, content_type, body = frames
         token = parse_token(token_b.decode(errors="replace"))
         if token is None or token.edge != self.hub.edge_id or method not in (GET, POST):
             self._respond(sender, request_id, 200, GONE)
             return
+        window = int(hold_ms) / 1000            # a ValueError is logged as a bad frame
+        content_type = content_type.decode(errors="replace")
         task = asyncio.get_running_loop().create_task(
-            self._serve_relayed(sender, request_id, token, method, content_type.decode(errors="replace"), body))
+            self._serve_relayed(sender, request_id, token, method, window, content_type, body))
         self._serving.add(task)
         task.add_done_callback(self._serving.discard)
 
     async def _serve_relayed(self, sender: bytes, request_id: bytes, token: SessionToken,
-                             method: bytes, content_type: str, body: bytes) -> None:
+                             method: bytes, window: float, content_type: str, body: bytes) -> None:
         try:
-            status, answer = await self.serve(token, method, content_type, body)
+            status, answer = await self.serve(token, method, content_type, body, window)
         except Exception:
             log.exception("relayed %s for session %s failed", method.decode(), token.sid)
             status, answer = 200, SERVER_ERROR

@@ -10,8 +10,8 @@ a WebSocket frame goes to, so the channel rules exist once.
 
 The session token names the edge holding the session, so any edge that gets a
 request can relay it there (``edge/lphub.py``); the random secret in it is what
-makes it unguessable.  Phoenix signs its token instead; ours never leaves our
-edges, so a secret compared on the holding edge needs no shared key.
+makes it unguessable.  Phoenix signs its token with a key all nodes share; here
+only the holding edge checks the secret, so edges share no key.
 """
 from __future__ import annotations
 

@@ -248,7 +248,8 @@ class JsClient:
         return self.send("push_many", wait_s=timeout, **fields)["results"]
 
     def lp_token(self, token: str | None = None) -> str | None:
-        """The LongPoll session token phoenix.js holds; replaces it first when `token` is given."""
+        """The LongPoll session token phoenix.js holds; with `token`, the transport's later
+        requests carry that token instead."""
         fields = {} if token is None else {"token": token}
         return self.send("lp_token", **fields)["token"]
 

@@ -210,12 +210,19 @@ const commands = {
     });
   },
 
-  // The session token of the current LongPoll transport; with "token" set, replaces it (e.g.
-  // with one the server does not know, to see the client recover from a gone session).
+  // The session token of the current LongPoll transport. With "token" set, every later request
+  // of this transport carries that token instead (e.g. one the server does not know, to see the
+  // client recover from a gone session); each poll answer would overwrite a plain assignment.
   lp_token(cmd) {
     const conn = requireSocket().conn;
     if (!conn || !(conn instanceof LongPoll)) throw new Error("the socket is not on LongPoll");
-    if (cmd.token !== undefined) conn.token = cmd.token;
+    if (cmd.token !== undefined) {
+      const forced = cmd.token;
+      conn.endpointURL = function () {
+        return this.pollEndpoint + (/\?/.test(this.pollEndpoint) ? "&" : "?") +
+          "token=" + encodeURIComponent(forced);
+      };
+    }
     send({ id: cmd.id, ok: true, token: conn.token });
   },
 
