@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from tornado import web
 
 from edge import serializer as serializers
+from edge.handshake import connect_info, origin_allowed
 from edge.hub import ConnectRefused, EdgeHub
 from edge.lpsession import GONE, parse_token
 from edge.params import decode_params
@@ -27,14 +28,6 @@ FORBIDDEN = b'{"status":403}'
 UNAVAILABLE = b'{"status":500}'   # phoenix.js retries 403 and 500 alike; 500 says "not your fault"
 TOKEN_HEADER = "X-Phoenix-Longpoll-Token"      # phoenix.js 1.9; 1.8 sends the `token` param
 AUTH_HEADER = "X-Phoenix-AuthToken"
-
-
-def origin_allowed(origin: str | None, host_name: str) -> bool:
-    """Same host as the request, as the WebSocket endpoint checks; no Origin is fine."""
-    if origin is None:
-        return True
-    host = urlsplit(origin).hostname
-    return host is not None and host.lower() == host_name.lower()
 
 
 class LongPollHandler(web.RequestHandler):
@@ -135,13 +128,5 @@ class LongPollHandler(web.RequestHandler):
         self.finish(b'{"status":410,"token":' + session.token_json + b',"messages":[]}')
 
     def connect_info(self) -> dict:
-        req = self.request
-        return {
-            "peer_data": {"address": req.remote_ip},
-            "uri": {"scheme": req.protocol, "host": req.host_name, "path": req.path, "query": req.query},
-            "user_agent": req.headers.get("User-Agent"),
-            "x_headers": {k.lower(): v for k, v in req.headers.get_all() if k.lower().startswith("x-")},
-            # Sent raw on every GET; only the first one's counts (PROTOCOL.md §1.4).
-            "auth_token": req.headers.get(AUTH_HEADER),
-            "transport": "longpoll",
-        }
+        # Sent raw on every GET; only the first one's counts (PROTOCOL.md §1.4).
+        return connect_info(self.request, self.request.headers.get(AUTH_HEADER), "longpoll")

@@ -14,13 +14,13 @@ import hashlib
 import logging
 import os
 import socket as pysocket
-from urllib.parse import urlsplit
 
 from tornado import web
 from tornado.iostream import SSLIOStream
 
 from edge import serializer as serializers
 from edge.connection import Connection
+from edge.handshake import connect_info, origin_allowed
 from edge.hub import ConnectRefused, EdgeHub
 from edge.params import decode_params
 from edge.wsproto import WebSocketProtocol
@@ -70,7 +70,7 @@ class WebSocketUpgrade(web.RequestHandler):
             raise web.HTTPError(400, reason="Missing Sec-WebSocket-Key")
         if isinstance(req.connection.stream, SSLIOStream):
             raise web.HTTPError(501, reason="Terminate TLS in front of the edge")
-        if not self.origin_allowed(headers.get("Origin")):
+        if not origin_allowed(headers.get("Origin"), req.host_name):
             log.info("refused %s: origin %.80r not allowed", req.remote_ip, headers.get("Origin"))
             raise web.HTTPError(403)
         params = decode_params(req.query)
@@ -90,7 +90,7 @@ class WebSocketUpgrade(web.RequestHandler):
             log.info("refused %s: no supported subprotocol in %.80r", req.remote_ip, protocols)
             raise web.HTTPError(403)
         try:
-            socket_json = await self.hub.connect(params, self.connect_info(auth_token))
+            socket_json = await self.hub.connect(params, connect_info(req, auth_token, "websocket"))
         except ConnectRefused as exc:
             log.info("refused %s: %s", req.remote_ip, exc)
             raise web.HTTPError(503 if exc.unavailable else 403) from None
@@ -100,24 +100,6 @@ class WebSocketUpgrade(web.RequestHandler):
         if protocol:
             response += f"Sec-WebSocket-Protocol: {protocol}\r\n"
         await self.hand_over((response + "\r\n").encode(), serializer, socket_json)
-
-    def origin_allowed(self, origin: str | None) -> bool:
-        """Same host as the request, as Tornado and Phoenix do by default; no Origin is fine."""
-        if origin is None:
-            return True
-        host = urlsplit(origin).hostname
-        return host is not None and host.lower() == self.request.host_name.lower()
-
-    def connect_info(self, auth_token: str | None) -> dict:
-        req = self.request
-        return {
-            "peer_data": {"address": req.remote_ip},
-            "uri": {"scheme": req.protocol, "host": req.host_name, "path": req.path, "query": req.query},
-            "user_agent": req.headers.get("User-Agent"),
-            "x_headers": {k.lower(): v for k, v in req.headers.get_all() if k.lower().startswith("x-")},
-            "auth_token": auth_token,
-            "transport": "websocket",
-        }
 
     async def hand_over(self, handshake: bytes, serializer, socket_json: bytes) -> None:
         """Move the TCP connection from Tornado to a WebSocketProtocol on the loop."""

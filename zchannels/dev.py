@@ -6,12 +6,10 @@ starts them in order, forwards their output, and stops them together.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from broker.logsetup import setup_logging
