@@ -176,12 +176,14 @@ class Proc:
 
 
 class Cluster:
-    """Broker + `edges` edges + a supervisor with `workers` workers running `app`."""
+    """Broker + `edges` edges + a supervisor with `workers` workers running `app`.
+
+    `env` is added to the environment of every child (e.g. the app's secrets)."""
 
     def __init__(self, app: str = E2E_APP, edges: int = 2, workers: int = 2,
                  edge_args: tuple[str, ...] | list[str] = (), worker_args: tuple[str, ...] | list[str] = (),
                  broker_args: tuple[str, ...] | list[str] = (),
-                 log_level: str = LOG_LEVEL, timeout: float = 10.0):
+                 log_level: str = LOG_LEVEL, timeout: float = 10.0, env: dict[str, str] | None = None):
         self.app = app
         self.procs: list[Proc] = []
         self.edge_procs: list[Proc] = []
@@ -191,15 +193,15 @@ class Cluster:
         log = ("--log-level", log_level)
         try:
             self.broker = self._add(Proc("broker", "--bus", "tcp://127.0.0.1:0", *broker_args, *log,
-                                           name="broker"))
+                                           name="broker", env=env))
             self.bus = self.broker.wait_ready(1, timeout)[0]["bus"]
             for i in range(edges):
                 self.edge_procs.append(self._add(Proc(
                     "edge", "--bus", self.bus, "--port", "0", "--host", "127.0.0.1", *edge_args, *log,
-                    name=f"edge{i}")))
+                    name=f"edge{i}", env=env)))
             self.supervisor = self._add(Proc(
                 "workers", "--bus", self.bus, "-n", str(workers), *worker_args, *log, app,
-                name="workers"))
+                name="workers", env=env))
             for proc in self.edge_procs:
                 self.edge_ready.append(proc.wait_ready(1, timeout)[0])
             self.worker_ready = self.supervisor.wait_ready(workers, timeout)

@@ -1,7 +1,8 @@
 """zchannels workers: write Phoenix channel handlers in Python.
 
 ``from workers import Channel, Socket, ok, error, reply, noreply, stop, broadcast`` —
-see ``workers.api`` for the manual.
+see ``workers.api`` for the manual.  ``sign_token`` / ``verify_token`` / ``TokenError`` are
+Phoenix.Token (``workers.token``), for ``connect`` handlers and the web apps minting tokens.
 """
 from workers.api import (
     BadReturn,
@@ -17,8 +18,9 @@ from workers.api import (
     stop,
 )
 from workers.routes import AppLoadError, load_app
+from workers.token import TokenError, sign as sign_token, verify as verify_token
 
 __all__ = [
     "Channel", "Socket", "SocketState", "Timer", "ok", "error", "reply", "noreply", "stop",
-    "broadcast", "BadReturn", "AppLoadError", "load_app",
+    "broadcast", "BadReturn", "AppLoadError", "load_app", "sign_token", "verify_token", "TokenError",
 ]

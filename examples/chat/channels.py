@@ -2,8 +2,26 @@
 
 Run it with ``zchannels dev examples/chat/channels.py`` and open http://127.0.0.1:4000.
 ``room:lobby`` is open to everyone; every other ``room:*`` topic is private.
+
+Who is who: without configuration anyone connects under the name they give
+(``params: {user: "ada"}``).  With ``ZCHANNELS_SECRET_KEY_BASE`` set (>= 20 bytes, the same
+secret as the web app that logs users in), a connection needs a Phoenix.Token signed with
+salt "user socket" whose data is the user name, in ``params: {token}`` or phoenix.js's
+``authToken`` option; ``python examples/chat/mint_token.py NAME`` mints one.
 """
-from workers import Channel, Socket, error, noreply, ok, reply
+import logging
+import os
+
+from workers import Channel, Socket, TokenError, error, noreply, ok, reply, verify_token
+
+log = logging.getLogger("chat")
+
+SECRET_KEY_BASE = os.environ.get("ZCHANNELS_SECRET_KEY_BASE") or None
+TOKEN_SALT = "user socket"
+TOKEN_MAX_AGE = 14 * 86_400   # two weeks, as in the Phoenix guides
+if SECRET_KEY_BASE is not None and len(SECRET_KEY_BASE.encode()) < 20:
+    raise ValueError("ZCHANNELS_SECRET_KEY_BASE must be at least 20 bytes "
+                     f"(got {len(SECRET_KEY_BASE.encode())}); `openssl rand -base64 48` makes one")
 
 
 class RoomChannel(Channel):
@@ -49,4 +67,16 @@ socket.channel("room:*", RoomChannel)
 
 @socket.connect
 def connect(params, socket, connect_info):
-    return socket.assign(user=params.get("user") or "anonymous")
+    if SECRET_KEY_BASE is None:
+        return socket.assign(user=params.get("user") or "anonymous")
+    token = params.get("token") or connect_info.get("auth_token")
+    peer = (connect_info.get("peer_data") or {}).get("address")
+    try:
+        user = verify_token(SECRET_KEY_BASE, TOKEN_SALT, token, max_age=TOKEN_MAX_AGE)
+    except TokenError as exc:
+        log.info("refused connection from %s: token %s", peer, exc)
+        return False
+    if not isinstance(user, (str, int)) or isinstance(user, bool):
+        log.info("refused connection from %s: token data %.80r is not a user name", peer, user)
+        return False
+    return socket.assign(user=str(user))
