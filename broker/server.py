@@ -7,7 +7,7 @@ import signal
 
 import zmq
 
-from broker import wire
+from broker import curve, wire
 from broker.fanout import Fanout
 from broker.logsetup import announce_ready, setup_logging
 from broker.router import Router
@@ -17,8 +17,10 @@ log = logging.getLogger("broker")
 HWM = 200_000   # messages queued per peer before libzmq refuses more (at-most-once)
 
 
-def bind_bus(ctx: zmq.Context, base: str) -> tuple[str, zmq.Socket, zmq.Socket, zmq.Socket]:
-    """Bind ROUTER, XSUB, XPUB on PORT, PORT+1, PORT+2; port 0 picks three free ones."""
+def bind_bus(ctx: zmq.Context, base: str, keys: curve.ServerKeys | None = None
+             ) -> tuple[str, zmq.Socket, zmq.Socket, zmq.Socket]:
+    """Bind ROUTER, XSUB, XPUB on PORT, PORT+1, PORT+2; port 0 picks three free ones.
+    With ``keys`` every one of them is a CURVE server."""
     host = base.rpartition(":")[0]
     wire.bus_endpoints(base if not base.endswith(":0") else host + ":1")  # validates the form
     wanted = int(base.rpartition(":")[2])
@@ -33,6 +35,7 @@ def bind_bus(ctx: zmq.Context, base: str) -> tuple[str, zmq.Socket, zmq.Socket, 
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, HWM)
                 sock.setsockopt(zmq.RCVHWM, HWM)
+                curve.secure_server(sock, keys)
                 sock.bind(f"{host}:{port + offset}")
         except zmq.ZMQError as exc:
             last_error = exc
@@ -43,14 +46,29 @@ def bind_bus(ctx: zmq.Context, base: str) -> tuple[str, zmq.Socket, zmq.Socket, 
     raise SystemExit(f"broker: cannot bind {base} and the next two ports: {last_error}")
 
 
+def _is_loopback(bus: str) -> bool:
+    host = bus.partition("://")[2].rpartition(":")[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
 def main(args) -> int:
     setup_logging(args.log_level, "broker")
+    keys: curve.ServerKeys | None = getattr(args, "curve", None)
     ctx = zmq.Context()
+    # The ZAP handler must exist before the first connection is accepted.
+    gate = curve.Gatekeeper(ctx, keys) if keys is not None else None
     try:
-        bus, router_sock, xsub, xpub = bind_bus(ctx, args.bus)
+        bus, router_sock, xsub, xpub = bind_bus(ctx, args.bus, keys)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    if gate is not None:
+        gate.watch({"routing": router_sock, "publish-in": xsub, "subscribe-out": xpub})
+        log.info("bus secured with CURVE: %d client key(s) admitted from %s (%s)", len(keys.clients),
+                 keys.clients_dir, ", ".join(sorted(keys.clients.values())))
+    elif not _is_loopback(bus):
+        log.warning("the bus listens on %s without CURVE: anyone who reaches it can publish, "
+                    "subscribe and route; see `zchannels keys` and --curve-secret/--curve-clients", bus)
     fanout = Fanout(ctx, xsub, xpub)
     fanout.start()
     router = Router(router_sock, peer_timeout=args.peer_timeout)
@@ -68,5 +86,7 @@ def main(args) -> int:
                  router.routed, router.unroutable, router.malformed)
         fanout.stop()
         router_sock.close(linger=0)
+        if gate is not None:
+            gate.stop()
         ctx.term()
     return 0

@@ -15,6 +15,7 @@ from broker.logsetup import announce_ready, setup_logging
 from broker.loopsock import run_loop
 from edge.hub import EdgeHub, Limits
 from edge.longpoll import LongPollHandler
+from edge.origin import OriginCheck
 from edge.websocket import WebSocketUpgrade
 
 log = logging.getLogger("edge")
@@ -55,13 +56,14 @@ def make_app(hub: EdgeHub, static_dir: str | None = None, websocket: bool = True
     return web.Application(routes)
 
 
-async def serve(args) -> int:
+async def serve(args, origin_check: OriginCheck) -> int:
     window = args.longpoll_window
     limits = Limits(max_channels=args.max_channels, max_frame_size=args.max_frame_size,
                     heartbeat_timeout=args.heartbeat_timeout, max_outbound=args.max_outbound,
+                    max_rate=args.max_rate, max_burst=args.max_burst,
                     longpoll_window=window,
                     longpoll_inactivity=args.longpoll_inactivity or 1.5 * window)
-    hub = EdgeHub(args.bus, limits)
+    hub = EdgeHub(args.bus, limits, origin_check=origin_check)
     hub.start()
     app = make_app(hub, args.static, websocket=not args.no_websocket, longpoll=not args.no_longpoll)
     # LongPoll POSTs carry up to 100 frames; Plug's default body limit is 8 MB.
@@ -75,7 +77,10 @@ async def serve(args) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("edge %s up on http://%s:%d, bus %s", hub.edge_id.decode(), args.host, port, args.bus)
+    log.info("edge %s up on http://%s:%d, bus %s; origins allowed: %s; rate limit: %s",
+             hub.edge_id.decode(), args.host, port, args.bus, origin_check.describe(),
+             f"{limits.max_rate:g}/s, burst {limits.max_burst}"
+             if limits.max_rate > 0 and limits.max_burst > 0 else "off")
     announce_ready(http=f"http://{args.host}:{port}", edge=hub.edge_id.decode())
     await stop.wait()
     log.info("edge stopping: closing %d connection(s) with 1012", len(hub.connections))
@@ -89,10 +94,15 @@ async def serve(args) -> int:
 
 def main(args) -> int:
     setup_logging(args.log_level, "edge")
+    try:
+        origin_check = OriginCheck.from_options(args.check_origin, args.allowed_origins)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     if args.log_level != "debug":
         # One line per WebSocket upgrade is noise at 10k clients; errors still show.
         logging.getLogger("tornado.access").setLevel(logging.WARNING)
     if args.processes > 1:
         from edge.multiproc import run_many
         return run_many(args)
-    return run_loop(serve(args))
+    return run_loop(serve(args, origin_check))

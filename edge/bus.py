@@ -11,7 +11,7 @@ from typing import Callable
 
 import zmq
 
-from broker import wire
+from broker import curve, wire
 from broker.loopsock import LoopSocket
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class EdgeBus:
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, HWM)
             s.setsockopt(zmq.RCVHWM, HWM)
+            curve.secure_client(s)   # the keys `zchannels edge` installed, if any
         dealer.connect(router_ep)
         sub.connect(subscribe_ep)
         self._on_direct = on_direct
@@ -64,7 +65,8 @@ class EdgeBus:
             if not self._broker_silent and loop.time() - self._last_broker > BROKER_SILENCE_WARNING:
                 self._broker_silent = True
                 log.warning("no word from the broker for %.0fs; clients stay connected, "
-                            "bus messages may be lost until it is back", BROKER_SILENCE_WARNING)
+                            "bus messages may be lost until it is back%s", BROKER_SILENCE_WARNING,
+                            curve.silent_broker_hint())
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     def subscribe(self, key: bytes) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from broker import wire
+from edge.ratelimit import CLOSE_POLICY_VIOLATION, RATE_LIMITED, bucket_for
 from edge.serializer import Message
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class ChannelRef:
 
 class Connection:
     __slots__ = ("hub", "serializer", "transport", "socket_json", "label", "conn_id", "origin",
-                 "channels", "last_recv", "closed", "fmt_key", "__weakref__")
+                 "channels", "last_recv", "closed", "fmt_key", "id_key", "bucket", "__weakref__")
 
     def __init__(self, hub: "EdgeHub", serializer, transport, socket_json: bytes, label: str):
         self.hub = hub
@@ -66,6 +67,8 @@ class Connection:
         self.last_recv = time.monotonic()
         self.closed = False
         self.fmt_key = (serializer, transport.frame_kind)
+        self.id_key = socket_id_key(socket_json)     # the socket id's topic key, for "disconnect"
+        self.bucket = bucket_for(hub.limits.max_rate, hub.limits.max_burst, self.last_recv)
 
     # --- writing --------------------------------------------------------------
     def send(self, encoded: tuple[bytes, bool]) -> None:
@@ -77,16 +80,34 @@ class Connection:
 
     # --- reading ----------------------------------------------------------------
     def handle(self, msg: Message) -> None:
-        self.last_recv = time.monotonic()
+        now = self.last_recv = time.monotonic()
         event = msg.event
         if event == "heartbeat" and msg.topic == "phoenix":
             self.reply(None, msg.ref, "phoenix", "ok", EMPTY)
-        elif event == "phx_join":
-            self.join(msg)
         elif event == "phx_leave":
             self.leave(msg)
+        elif self.bucket is not None and not self.bucket.take(now):
+            self.rate_limited(msg, now)
+        elif event == "phx_join":
+            self.join(msg)
         else:
             self.push_in(msg)
+
+    def rate_limited(self, msg: Message, now: float) -> None:
+        """Over --max-rate: an error reply, or close with 1008 if the client keeps going (ratelimit.py)."""
+        stats = self.hub.stats
+        stats["rate_limited"] += 1
+        first, close = self.bucket.refuse(now)
+        if close:
+            stats["rate_limit_closes"] += 1
+            log.info("conn %s: still over %g messages/s after being refused; closing with %d",
+                     self.label, self.bucket.rate, CLOSE_POLICY_VIOLATION)
+            self.transport.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+            return
+        if first:
+            log.info("conn %s: over %g messages/s (burst %g); refusing messages", self.label,
+                     self.bucket.rate, self.bucket.burst)
+        self.reply(msg.join_ref, msg.ref, msg.topic, "error", RATE_LIMITED)
 
     def join(self, msg: Message) -> None:
         topic = msg.topic
@@ -190,6 +211,17 @@ class Connection:
         self.joined(ch, b"", ref, "error", NO_WORKER)
 
     # --- end of the connection ------------------------------------------------------
+    def shut_down(self, code: int, why: str, terminate_reason: bytes) -> None:
+        """End the connection from the server side (e.g. a "disconnect" broadcast to its socket
+        id): its channels terminate with ("shutdown", terminate_reason), then the transport
+        closes with `code` (a LongPoll session just ends; its next request gets 410)."""
+        if self.closed:
+            return
+        for ch in list(self.channels.values()):
+            self.hub.drop_channel(ch, reason=terminate_reason)
+        self.channels.clear()
+        self.transport.close(code, why)
+
     def on_transport_closed(self) -> None:
         if self.closed:
             return
@@ -198,6 +230,20 @@ class Connection:
             self.hub.drop_channel(ch, reason=b"closed")
         self.channels.clear()
         self.hub.remove_connection(self)
+
+
+def socket_id_key(socket_json: bytes) -> bytes | None:
+    """The topic key of the socket id in the worker's connect answer; None for no id."""
+    try:
+        sid = orjson.loads(socket_json).get("id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(sid, str) or not sid:
+        return None
+    if "\x00" in sid:
+        log.warning("socket id %.60r contains NUL; it cannot be a topic, ignored", sid)
+        return None
+    return wire.topic_key(sid)
 
 
 def ref_bytes(value: str | None) -> bytes:

@@ -5,11 +5,14 @@ once per wire format in use (V1 text, V2 text, V2 binary), framed once by the
 transport, and the same bytes are written to every joined channel of the topic
 on this edge.  Subscribers that intercept the event are skipped here; their
 worker receives the broadcast too and runs ``handle_out``.
+
+It also knows the connections of each socket id topic (``Socket.id``): there the
+only event that means anything is ``"disconnect"``, handed to the hub to close them.
 """
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from broker import wire
 
@@ -19,9 +22,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+DISCONNECT = b"disconnect"
+
+
 class FastLane:
-    def __init__(self) -> None:
+    def __init__(self, on_disconnect: Callable[[bytes], None]) -> None:
         self.index: dict[bytes, dict["Connection", "ChannelRef"]] = {}
+        self.sockets: dict[bytes, set["Connection"]] = {}    # socket id topic key -> connections
+        self.on_disconnect = on_disconnect
         self.deliveries = 0
         self.malformed = 0
 
@@ -38,6 +46,16 @@ class FastLane:
             if not subs:
                 del self.index[ch.key]
 
+    def add_socket(self, conn: "Connection") -> None:
+        self.sockets.setdefault(conn.id_key, set()).add(conn)
+
+    def remove_socket(self, conn: "Connection") -> None:
+        conns = self.sockets.get(conn.id_key)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self.sockets[conn.id_key]
+
     def deliver(self, frames: list[bytes]) -> None:
         if len(frames) != wire.BROADCAST_FRAMES or frames[1] != wire.BROADCAST:
             self.malformed += 1
@@ -45,11 +63,20 @@ class FastLane:
                 log.warning("dropped malformed broadcast (%d frames)", len(frames))
             return
         key, _kind, event_b, origin, payload, fmt = frames
+        if key in self.sockets and event_b == DISCONNECT:
+            self.on_disconnect(key)      # other events on an id topic are ignored, as in Phoenix
         subs = self.index.get(key)
         if not subs:
             return
-        event = event_b.decode()
-        topic = key[:-1].decode()
+        try:
+            event = event_b.decode()
+            topic = key[:-1].decode()
+        except UnicodeDecodeError:
+            self.malformed += 1
+            if self.malformed <= 20 or self.malformed % 1000 == 0:
+                log.warning("dropped broadcast with a topic or event that is not UTF-8 (%d so far)",
+                            self.malformed)
+            return
         built: dict = {}
         delivered = 0
         for conn, ch in subs.items():

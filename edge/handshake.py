@@ -1,17 +1,23 @@
 """What both transports check and pass on when a client connects: origin, connect_info."""
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+import logging
 
 from tornado.httputil import HTTPServerRequest
 
+from edge.origin import OriginCheck
 
-def origin_allowed(origin: str | None, host_name: str) -> bool:
-    """Same host as the request, as Phoenix's default check_origin does; no Origin is fine."""
-    if origin is None:
+log = logging.getLogger(__name__)
+
+
+def origin_allowed(check: OriginCheck, req: HTTPServerRequest) -> bool:
+    """The edge's check_origin policy applied to this request; a refusal is logged here."""
+    origins = req.headers.get_list("Origin")
+    if check.allows(origins, req.host_name):
         return True
-    host = urlsplit(origin).hostname
-    return host is not None and host.lower() == host_name.lower()
+    log.info("refused %s: origin %.80r not allowed (allowed: %s)", req.remote_ip,
+             ", ".join(origins), check.describe())
+    return False
 
 
 def connect_info(req: HTTPServerRequest, auth_token: str | None, transport: str) -> dict:

@@ -17,18 +17,23 @@ from edge.connection import JOINED, ChannelRef, Connection, ref_bytes, ref_of
 from edge.fastlane import FastLane
 from edge.lphub import LongPollHub
 from edge.lpsession import FRAME_KIND as LONGPOLL
+from edge.origin import OriginCheck
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+CLOSE_GOING_AWAY = 1001
 
 
 @dataclass
 class Limits:
+    """Per-connection bounds (README's limits table says what happens when one is hit)."""
     max_channels: int = 100
     max_frame_size: int = 1_048_576
     heartbeat_timeout: float = 60.0
     max_outbound: int = 4 * 1_048_576
+    max_rate: float = 200.0              # inbound messages a second (token bucket); 0 = no limit
+    max_burst: int = 400                 # ... saved up while quiet; 0 = no limit
     longpoll_window: float = 10.0        # longest a LongPoll GET is held
     longpoll_inactivity: float = 15.0    # a LongPoll session nobody polled for this long ends
 
@@ -42,18 +47,21 @@ class ConnectRefused(Exception):
 
 
 class EdgeHub:
-    def __init__(self, bus: str, limits: Limits, edge_id: bytes | None = None):
+    def __init__(self, bus: str, limits: Limits, edge_id: bytes | None = None,
+                 origin_check: OriginCheck | None = None):
         self.bus_addr = bus
         self.limits = limits
+        self.origin_check = origin_check or OriginCheck()
         self.edge_id = edge_id or wire.new_peer_id(wire.ROLE_EDGE, f"{os.getpid()}")
         self.connections: dict[bytes, Connection] = {}
         self.worker_channels: dict[bytes, set[ChannelRef]] = {}
-        self.fastlane = FastLane()
+        self.fastlane = FastLane(self.disconnect_socket_id)
         self._ids = itertools.count(1)
         self._rpc: dict[bytes, asyncio.Future] = {}
         self.bus: EdgeBus | None = None
         self.longpoll: LongPollHub | None = None
-        self.stats = {"slow_consumer_closes": 0, "heartbeat_timeouts": 0, "bad_frames": 0}
+        self.stats = {"slow_consumer_closes": 0, "close_aborts": 0, "heartbeat_timeouts": 0,
+                      "bad_frames": 0, "rate_limited": 0, "rate_limit_closes": 0, "disconnects": 0}
         self._dispatch = {
             wire.CONNECT_REPLY: self._on_connect_reply,
             wire.JOIN_REPLY: self._on_join_reply,
@@ -105,9 +113,28 @@ class EdgeHub:
 
     def add_connection(self, conn: Connection) -> None:
         self.connections[conn.conn_id] = conn
+        if conn.id_key is not None:
+            # Every connection with this socket id hears its topic (PROTOCOL.md §4.1);
+            # the bus counts subscribers per key, so it is subscribed once per edge.
+            self.fastlane.add_socket(conn)
+            self.bus.subscribe(conn.id_key)
 
     def remove_connection(self, conn: Connection) -> None:
-        self.connections.pop(conn.conn_id, None)
+        if self.connections.pop(conn.conn_id, None) is not None and conn.id_key is not None:
+            self.fastlane.remove_socket(conn)
+            self.bus.unsubscribe(conn.id_key)
+
+    def disconnect_socket_id(self, key: bytes) -> None:
+        """A "disconnect" broadcast to a socket id: close every local connection carrying it
+        (S20: WebSocket 1001, LongPoll session ended; channels end ("shutdown", "disconnected"))."""
+        conns = [c for c in self.fastlane.sockets.get(key, ()) if not c.closed]
+        if not conns:
+            return
+        self.stats["disconnects"] += len(conns)
+        log.info("disconnect for socket id %.80r: closing %d connection(s): %s",
+                 key[:-1].decode(errors="replace"), len(conns), " ".join(c.label for c in conns[:10]))
+        for conn in conns:
+            conn.shut_down(CLOSE_GOING_AWAY, "disconnected", b"disconnected")
 
     # --- channel bookkeeping --------------------------------------------------------
     def subscribe(self, ch: ChannelRef) -> None:
@@ -276,5 +303,5 @@ class EdgeHub:
                 if now - conn.last_recv > timeout:
                     self.stats["heartbeat_timeouts"] += 1
                     log.info("conn %s: nothing received for %.0fs, closing", conn.label, timeout)
-                    conn.transport.close(1001, "heartbeat timeout")
+                    conn.transport.close(CLOSE_GOING_AWAY, "heartbeat timeout")
 

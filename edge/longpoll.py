@@ -51,9 +51,7 @@ class LongPollHandler(web.RequestHandler):
             self.set_status(400)
             self.clear_header("Content-Type")
             self.finish()
-        elif not origin_allowed(self.request.headers.get("Origin"), self.request.host_name):
-            log.info("refused %s: origin %.80r not allowed", self.request.remote_ip,
-                     self.request.headers.get("Origin"))
+        elif not origin_allowed(self.hub.origin_check, self.request):
             self.finish(FORBIDDEN)
 
     def options(self) -> None:

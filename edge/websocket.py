@@ -70,8 +70,7 @@ class WebSocketUpgrade(web.RequestHandler):
             raise web.HTTPError(400, reason="Missing Sec-WebSocket-Key")
         if isinstance(req.connection.stream, SSLIOStream):
             raise web.HTTPError(501, reason="Terminate TLS in front of the edge")
-        if not origin_allowed(headers.get("Origin"), req.host_name):
-            log.info("refused %s: origin %.80r not allowed", req.remote_ip, headers.get("Origin"))
+        if not origin_allowed(self.hub.origin_check, req):
             raise web.HTTPError(403)
         params = decode_params(req.query)
         vsn = params.get("vsn")

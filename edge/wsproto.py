@@ -8,7 +8,10 @@ pipelining frames is paused after ``YIELD_EVERY`` messages so the other
 connections get their turn.
 
 Writes go to ``transport.write``, which sends at once when nothing is queued;
-the fast lane writes the same prebuilt frame bytes to every subscriber.
+the fast lane writes the same prebuilt frame bytes to every subscriber.  A client
+that does not read what it is sent is a slow consumer: past ``--max-outbound``
+unsent bytes it gets no more data, only a close frame (1013), and the connection
+is cut if the client has not closed within ``SLOW_CONSUMER_GRACE``.
 """
 from __future__ import annotations
 
@@ -33,15 +36,17 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED = 1003
 CLOSE_BAD_DATA = 1007
 CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN_LATER = 1013
 YIELD_EVERY = 16          # messages from one client before other connections get a turn
 CLOSE_WAIT = 2.0          # seconds to wait for the client's close frame after ours
+SLOW_CONSUMER_GRACE = 5.0  # ... when it first has to read its backlog (up to --max-outbound)
 
 
 class WebSocketProtocol(asyncio.Protocol):
     frame_kind = "ws"
     __slots__ = ("hub", "make_connection", "handshake", "transport", "conn", "buf", "fragments",
-                 "fragment_opcode", "fragment_size", "closing", "failed", "paused", "max_size",
-                 "max_outbound")
+                 "fragment_opcode", "fragment_size", "closing", "failed", "paused", "lost",
+                 "max_size", "max_outbound")
 
     def __init__(self, hub: "EdgeHub", make_connection, handshake: bytes):
         self.hub = hub
@@ -56,6 +61,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.closing = False
         self.failed = False       # bad input: stop reading altogether
         self.paused = False
+        self.lost = False
         self.max_size = hub.limits.max_frame_size
         self.max_outbound = hub.limits.max_outbound
 
@@ -75,6 +81,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closing = True
+        self.lost = True
         if self.conn is not None:
             self.conn.on_transport_closed()
 
@@ -211,27 +218,41 @@ class WebSocketProtocol(asyncio.Protocol):
             return
         transport.write(frame)
         if transport.get_write_buffer_size() > self.max_outbound:
-            # A close frame would wait behind the backlog it is meant to end: drop the
-            # connection instead; phoenix.js reconnects and rejoins.
+            # No more data for it: the close frame queues behind the backlog, so a client that
+            # is only slow reads everything it was sent, then 1013, and reconnects; one that
+            # reads nothing is cut off when the grace period is over (_close_wait_over).
             self.hub.stats["slow_consumer_closes"] += 1
-            log.info("conn %s: slow consumer, %d bytes unsent; dropping the connection",
-                     self.conn.label if self.conn else "?", transport.get_write_buffer_size())
-            self.closing = True
-            transport.abort()
+            log.info("conn %s: slow consumer, %d bytes unsent; closing with %d",
+                     self.conn.label if self.conn else "?", transport.get_write_buffer_size(),
+                     CLOSE_TRY_AGAIN_LATER)
+            self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer", wait=SLOW_CONSUMER_GRACE)
 
     def _write(self, frame: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(frame)
 
-    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+    def close(self, code: int = CLOSE_NORMAL, reason: str = "", wait: float = CLOSE_WAIT) -> None:
         if self.closing or self.transport is None:
             return
         self.closing = True
         body = code.to_bytes(2, "big") + reason.encode()[:123]
         self._write(build_control(OP_CLOSE, body))
         # The client answers with its own close frame; do not wait for ever.
+        asyncio.get_running_loop().call_later(wait, self._close_wait_over)
+
+    def _close_wait_over(self) -> None:
         transport = self.transport
-        asyncio.get_running_loop().call_later(CLOSE_WAIT, transport.close)
+        if self.lost or transport is None:
+            return
+        unsent = transport.get_write_buffer_size()
+        if not unsent:
+            transport.close()
+            return
+        # transport.close() would wait for a flush that a client reading nothing never allows.
+        self.hub.stats["close_aborts"] += 1
+        log.info("conn %s: did not close, %d bytes still unsent; dropping the connection",
+                 self.conn.label if self.conn else "?", unsent)
+        transport.abort()
 
 
 def build_control(opcode: int, payload: bytes) -> bytes:

@@ -283,7 +283,8 @@ def test_graceful_stop_kills_workers_that_ignore_sigterm(start):
 @pytest.mark.timeout(30)
 def test_children_run_with_the_default_signal_handlers(start, tmp_path):
     sup = start("handlers", n=1)
-    wait_until(lambda: list(tmp_path.glob("handlers-*")))
+    # The child creates the file, then writes it: wait for the content, not the name.
+    wait_until(lambda: any(p.read_text() for p in tmp_path.glob("handlers-*")))
     reported = next(tmp_path.glob("handlers-*")).read_text()
     assert reported == repr([signal.SIG_DFL] * 3)
     assert sup.stop() == 0

@@ -24,7 +24,7 @@ from typing import Callable
 import orjson
 import zmq
 
-from broker import wire
+from broker import curve, wire
 from broker.logsetup import announce_ready, setup_logging
 from broker.loopsock import LoopSocket
 from workers import api
@@ -268,7 +268,8 @@ class Worker(ChannelHost):
             silent = time.monotonic() - self.last_broker
             if silent > BROKER_SILENT_WARNING and not self.broker_silent:
                 self.broker_silent = True
-                log.warning("worker %s: no answer from the broker for %.0f s; still trying", self.slot, silent)
+                log.warning("worker %s: no answer from the broker for %.0f s; still trying%s",
+                            self.slot, silent, curve.silent_broker_hint())
             try:
                 await asyncio.wait_for(self.stopping.wait(), HEARTBEAT_INTERVAL)
             except asyncio.TimeoutError:
@@ -334,6 +335,7 @@ def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callab
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, HWM)
         sock.setsockopt(zmq.RCVHWM, HWM)
+        curve.secure_client(sock)   # the keys `zchannels workers` installed, if any
     dealer.connect(router_ep)
     pub.connect(publish_ep)
     sub.connect(subscribe_ep)
@@ -359,7 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bus", default="tcp://127.0.0.1:5570")
     parser.add_argument("--slot", type=int, default=0)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--curve-server-key", metavar="FILE", help="the broker's public key file")
+    parser.add_argument("--curve-secret", metavar="FILE", help="this worker's secret key file")
     args = parser.parse_args(argv)
+    try:
+        curve.install(curve.load_client_keys(args.curve_server_key, args.curve_secret))
+    except curve.CurveError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     return run_worker(args.app, args.bus, args.slot, args.log_level, lambda: None)
 
 

@@ -7,16 +7,61 @@ import sys
 DEFAULT_BUS = "tcp://127.0.0.1:5570"
 
 
-def _add_bus(p: argparse.ArgumentParser) -> None:
+def _add_bus(p: argparse.ArgumentParser, curve: str = "client") -> None:
+    """--bus, and the CURVE key options of a bus `server` (broker), `client` (edge,
+    workers) or of `dev` (all three on one machine)."""
     p.add_argument("--bus", default=DEFAULT_BUS,
                    help="broker base endpoint tcp://HOST:PORT; the broker uses PORT, PORT+1 and "
                         "PORT+2 (routing, publish-in, subscribe-out). Port 0 on `broker` picks "
                         "free ports. Default: %(default)s")
+    g = p.add_argument_group("bus security (CURVE; make keys with `zchannels keys DIR`, "
+                             "without them the bus is plain TCP)")
+    if curve == "server":
+        g.add_argument("--curve-secret", metavar="FILE",
+                       help="the broker's secret key file (broker.key_secret); with --curve-clients "
+                            "every bus endpoint is encrypted and admits only known keys")
+        g.add_argument("--curve-clients", metavar="DIR",
+                       help="directory of the public key files (*.key) of the edges and workers "
+                            "allowed to connect")
+    elif curve == "client":
+        g.add_argument("--curve-server-key", metavar="FILE",
+                       help="the broker's public key file (broker.key)")
+        g.add_argument("--curve-secret", metavar="FILE",
+                       help="this process's secret key file (e.g. client.key_secret)")
+    else:
+        g.add_argument("--curve-keys", metavar="DIR",
+                       help="a directory made by `zchannels keys`: the broker uses its broker keys "
+                            "and admits its *.key, the edge and workers use client.key_secret")
+
+
+def _load_curve(args: argparse.Namespace):
+    """Read and check the key files before anything starts; edges and workers install theirs."""
+    from broker import curve
+    if args.command == "broker":
+        keys = curve.load_server_keys(args.curve_secret, args.curve_clients)
+    elif args.command == "dev":
+        return curve.dev_flags(args.curve_keys)
+    else:
+        keys = curve.load_client_keys(args.curve_server_key, args.curve_secret)
+        curve.install(keys)
+    for warning in curve.secret_file_warnings(args.curve_secret):
+        print(f"zchannels {args.command}: warning: {warning}", file=sys.stderr)
+    return keys
 
 
 def _add_log(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: %(default)s)")
+
+
+def _origin_list(text: str) -> str:
+    """Checked here so a typo fails at once; the edge parses the text again."""
+    from edge.origin import parse_allowed
+    try:
+        parse_allowed(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _add_edge_options(p: argparse.ArgumentParser) -> None:
@@ -34,8 +79,23 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-channels", type=int, default=100,
                    help="joined channels per connection (default: %(default)s)")
     p.add_argument("--max-outbound", type=int, default=4 * 1_048_576, metavar="BYTES",
-                   help="unsent bytes a slow client may queue before it is closed with 1013 "
+                   help="unsent bytes a slow client may queue; then it gets no more data, a close "
+                        "frame 1013, and is cut off if it has not closed 5 s later (default: %(default)s)")
+    p.add_argument("--max-rate", type=float, default=200.0, metavar="MSGS_PER_S",
+                   help="messages per second one connection may send (heartbeats and leaves "
+                        "excepted); more get the error reply {\"reason\":\"rate limited\"}, and over "
+                        "100 refused within 5 s close it with 1008; 0 = no limit (default: %(default)s)")
+    p.add_argument("--max-burst", type=int, default=400, metavar="MSGS",
+                   help="messages a connection may send at once above --max-rate after being "
+                        "quiet; 0 = no limit (default: %(default)s)")
+    p.add_argument("--check-origin", choices=["true", "false"], default="true",
+                   help="refuse WebSocket upgrades (403) and LongPoll requests ({\"status\":403}) "
+                        "whose Origin header is not allowed; requests without Origin pass "
                         "(default: %(default)s)")
+    p.add_argument("--allowed-origins", type=_origin_list, default=None, metavar="LIST",
+                   help="comma-separated origins allowed instead of the request's own host, as in "
+                        "Phoenix's check_origin: https://example.com (scheme, host and port 443), "
+                        "//another.com:888 (any scheme), //*.other.com (other.com and subdomains)")
     p.add_argument("--longpoll-window", type=float, default=10.0, metavar="SECONDS",
                    help="longest a LongPoll GET waits for something to deliver (default: %(default)s)")
     p.add_argument("--longpoll-inactivity", type=float, default=None, metavar="SECONDS",
@@ -69,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", help="run the central ZeroMQ broker")
-    _add_bus(p)
+    _add_bus(p, curve="server")
     p.add_argument("--peer-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="declare a still-connected edge or worker dead after this long without "
                         "a heartbeat (a closed connection is noticed at once; default: %(default)s)")
@@ -87,15 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log(p)
 
     p = sub.add_parser("dev", help="broker + one edge + workers on this machine")
-    _add_bus(p)
+    _add_bus(p, curve="dev")
     _add_edge_options(p)
     _add_worker_options(p)
     _add_log(p)
+
+    p = sub.add_parser("keys", help="make CURVE keys for the bus: a broker keypair and client keypairs")
+    p.add_argument("dir", metavar="DIR", help="where to write the key files (created if missing)")
+    p.add_argument("--name", action="append", metavar="NAME",
+                   help="make the client keypair NAME.key / NAME.key_secret (repeatable; default: "
+                        "client); an existing broker keypair in DIR is kept")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "keys":
+        from zchannels.keys import main as run
+        return run(args)
+    from broker.curve import CurveError
+    try:
+        args.curve = _load_curve(args)
+    except CurveError as exc:
+        print(f"zchannels {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     if args.command == "broker":
         from broker.server import main as run
     elif args.command == "edge":

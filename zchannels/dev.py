@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from broker.logsetup import setup_logging
+from edge.origin import OriginCheck
 
 log = logging.getLogger("dev")
 
@@ -46,6 +47,11 @@ class Child:
 
 def main(args) -> int:
     setup_logging(args.log_level, "dev")
+    try:
+        OriginCheck.from_options(args.check_origin, args.allowed_origins)
+    except ValueError as exc:       # checked before anything starts, not when the edge exits
+        log.error("%s", exc)
+        return 2
     level = ["--log-level", args.log_level]
     static = args.static
     app_path = Path(args.app.split(":")[0])
@@ -55,22 +61,29 @@ def main(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
 
+    # --curve-keys DIR (checked by the CLI) -> the broker's and the clients' key flags
+    broker_curve, client_curve = getattr(args, "curve", None) or ([], [])
     children: list[Child] = []
     try:
-        broker = Child("broker", ["broker", "--bus", args.bus, *level])
+        broker = Child("broker", ["broker", "--bus", args.bus, *broker_curve, *level])
         children.append(broker)
         if not broker.ready.wait(10):
             log.error("broker did not start; is %s already in use?", args.bus)
             return 1
         bus = broker.fields["bus"]
         children.append(Child("workers", ["workers", "--bus", bus, "-n", str(args.workers),
-                                          "--stuck-timeout", str(args.stuck_timeout), *level, args.app]))
+                                          "--stuck-timeout", str(args.stuck_timeout), *client_curve, *level,
+                                          args.app]))
         edge_args = ["edge", "--bus", bus, "--host", args.host, "--port", str(args.port),
                      "--heartbeat-timeout", str(args.heartbeat_timeout),
                      "--max-frame-size", str(args.max_frame_size),
                      "--max-channels", str(args.max_channels),
                      "--max-outbound", str(args.max_outbound),
-                     "--longpoll-window", str(args.longpoll_window), *level]
+                     "--max-rate", str(args.max_rate), "--max-burst", str(args.max_burst),
+                     "--check-origin", args.check_origin,
+                     "--longpoll-window", str(args.longpoll_window), *client_curve, *level]
+        if args.allowed_origins:
+            edge_args += ["--allowed-origins", args.allowed_origins]
         if args.longpoll_inactivity is not None:
             edge_args += ["--longpoll-inactivity", str(args.longpoll_inactivity)]
         for flag in ("no_websocket", "no_longpoll"):

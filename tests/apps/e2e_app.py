@@ -3,7 +3,9 @@
 Load it as ``tests/apps/e2e_app.py`` (attr ``socket``).
 
 connect params: ``reject`` (truthy) -> refused with reason "rejected"; ``crash`` -> connect
-raises; ``user`` -> assigns["user"]; ``socket_id`` -> the socket id (for "disconnect").
+raises; ``user`` -> assigns["user"]; ``socket_id`` -> the socket id (for "disconnect");
+``stamp`` (truthy) -> assigns["stamp"] = a fresh random value per connect (tells a reconnect
+from the same connection).
 
 Topics:
 - ``echo:*``: join ok, response ``{"joined": topic}`` (join payload ``{"push_in_join": true}``
@@ -16,7 +18,11 @@ Topics:
   payload, reply ok {} | ``bcast_from`` -> broadcast_from "bcast" payload, reply ok {} |
   ``binary`` -> reply ok with the payload bytes reversed (binary frame), reply error for JSON |
   ``push_after`` -> after 50 ms push "push_after" payload, no reply | ``pid`` -> reply ok
-  {"pid": worker pid} | ``assigns`` -> reply ok {"assigns": ..., "id": socket id}.
+  {"pid": worker pid} | ``assigns`` -> reply ok {"assigns": ..., "id": socket id} |
+  ``kick`` -> broadcast payload.get("event", "disconnect") {} to payload["topic"] (a socket
+  id), reply ok {} |
+  ``flood`` -> broadcast "flood" {"i": i, "pad": "x" * payload["size"]} for i in
+  range(payload["n"]), reply ok {}.
 - ``private:*``: join error {"reason": "unauthorized"}.
 - ``crashjoin:*``: join raises -> {"reason": "join crashed"}.
 - ``intercept:*``: like echo, plus intercept ["filtered"]: handle_out pushes "filtered" with
@@ -29,6 +35,7 @@ Topics:
 """
 import asyncio
 import os
+import uuid
 
 from workers import Channel, Socket, broadcast, error, noreply, ok, reply, stop
 
@@ -78,6 +85,14 @@ class EchoChannel(Channel):
             return reply("ok", {"pid": os.getpid()})
         if event == "assigns":
             return reply("ok", {"assigns": socket.assigns, "id": socket.id})
+        if event == "kick":
+            broadcast(payload["topic"], payload.get("event", "disconnect"), {})
+            return reply("ok")
+        if event == "flood":
+            pad = "x" * payload["size"]
+            for i in range(payload["n"]):
+                self.broadcast("flood", {"i": i, "pad": pad})
+            return reply("ok")
         return reply("error", {"reason": f"unknown event {event}"})
 
     def handle_info(self, msg, socket):
@@ -145,6 +160,8 @@ def connect(params, socket, connect_info):
     socket.assign(user=params.get("user"))
     if params.get("socket_id"):
         socket.assign(socket_id=str(params["socket_id"]))
+    if params.get("stamp"):
+        socket.assign(stamp=uuid.uuid4().hex)
     return socket
 
 
