@@ -35,6 +35,7 @@ class Proc:
 
     def __init__(self, name: str, argv: list[str], tmpdir: str, stdin=None):
         self.name = name
+        self.finished = False   # set when it was asked to exit: its end is no failure
         self.err_path = os.path.join(tmpdir, f"{name}.stderr")
         self.out_path = os.path.join(tmpdir, f"{name}.stdout")
         self.err = open(self.err_path, "wb")
@@ -117,9 +118,11 @@ class Cluster:
         self.server: dict[str, subprocess.Popen] = {}
         self.urls: list[str] = []
 
-    def start(self, edges: int, workers: int, app: str) -> None:
+    def start(self, edges: int, workers: int, app: str, edge_processes: int = 0) -> None:
         """Broker first (the others need its bus endpoint), then the supervisor and the edges;
-        returns once every edge and every worker has printed READY."""
+        returns once every edge and every worker has printed READY. With edge_processes N > 0
+        there is one edge instead, started with `--processes N` (N children sharing one port
+        with SO_REUSEPORT; its parent prints one READY line for all of them)."""
         log(f"process logs in {self.tmpdir}")
         broker = Proc("broker", [PY, "-m", "broker", "--bus", "tcp://127.0.0.1:0"], self.tmpdir)
         self.procs.append(broker)
@@ -128,8 +131,11 @@ class Cluster:
         sup = Proc("workers", [PY, "-m", "workers", "--bus", bus, "-n", str(workers), app], self.tmpdir)
         self.procs.append(sup)
         self.server["workers"] = sup.p
+        edge_argv = [PY, "-m", "edge", "--bus", bus, "--port", "0"]
+        if edge_processes > 0:
+            edges, edge_argv = 1, edge_argv + ["--processes", str(edge_processes)]
         for i in range(edges):
-            e = Proc(f"edge{i + 1}", [PY, "-m", "edge", "--bus", bus, "--port", "0"], self.tmpdir)
+            e = Proc(f"edge{i + 1}", edge_argv, self.tmpdir)
             self.procs.append(e)
             self.server[f"edge{i + 1}"] = e.p
         for pr in self.procs[2:]:
@@ -138,14 +144,15 @@ class Cluster:
             self.urls.append(http.replace("http://", "ws://") + "/socket/websocket")
         for _ in range(workers):
             sup.wait_line("READY", 30)
-        log(f"system up: bus {bus}, edges {', '.join(self.urls)}, {workers} workers")
+        layout = f"one edge of {edge_processes} processes" if edge_processes > 0 else f"{edges} edges"
+        log(f"system up: bus {bus}, {layout} at {', '.join(self.urls)}, {workers} workers")
 
     def sample(self) -> Sample:
         return Sample(self.server)
 
     def check_alive(self) -> None:
         for pr in self.procs:
-            if pr.p.poll() is not None:
+            if pr.p.poll() is not None and not pr.finished:
                 raise RuntimeError(f"{pr.name} exited with code {pr.p.returncode}:\n{pr.stderr_tail()}")
 
     def stop(self) -> None:
@@ -153,8 +160,12 @@ class Cluster:
         for pr in self.procs:
             pr.mark_shutdown()
         # clients first, then edges, workers, broker: fewer shutdown-only warnings
-        order = sorted(self.procs, key=lambda pr: ["loadgen", "edge", "workers", "broker"].index(
-            "edge" if pr.name.startswith("edge") else pr.name))
+        def rank(pr: Proc) -> int:
+            for i, prefix in enumerate(("loadgen", "edge", "workers", "broker")):
+                if pr.name.startswith(prefix):
+                    return i
+            return 0
+        order = sorted(self.procs, key=rank)
         stop_all(order)
 
 

@@ -22,10 +22,13 @@
 //        trips); optional sequential probe clients measured separately (fairness).
 //   {"cmd":"heartbeat_all"}   heartbeat every open client and wait for the replies.
 //   {"cmd":"stats"}   counters;   {"cmd":"exit"}
+// The LongPoll clients (lp_* commands) are in bench/lpclient.js, the mass of idle clients of
+// the maxconns phase (mc_* commands) in bench/massconns.js.
 "use strict";
 
 const WebSocket = require("ws");
 const { performance } = require("perf_hooks");
+const EXTRA = { ...require("./lpclient"), ...require("./massconns") };
 
 const TOPIC = "room:lobby";
 const HEARTBEAT_MS = 30000;
@@ -452,7 +455,9 @@ async function handle(o) {
     case "stats": return cmdStats();
     case "heartbeat_all": return cmdHeartbeatAll(o);
     case "exit": return { bye: true };
-    default: throw new Error(`unknown cmd ${o.cmd}`);
+    default:
+      if (Object.hasOwn(EXTRA, o.cmd)) return EXTRA[o.cmd](o);
+      throw new Error(`unknown cmd ${o.cmd}`);
   }
 }
 

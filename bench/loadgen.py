@@ -14,8 +14,8 @@ from procstats import CLK_TCK, cpu_ticks
 
 
 class LoadGen:
-    def __init__(self, tmpdir: str):
-        self.proc = Proc("loadgen", ["node", str(ROOT / "bench" / "loadgen.js")], tmpdir,
+    def __init__(self, tmpdir: str, name: str = "loadgen"):
+        self.proc = Proc(name, ["node", str(ROOT / "bench" / "loadgen.js")], tmpdir,
                          stdin=subprocess.PIPE)
         self.n = 0
 
@@ -52,11 +52,17 @@ class LoadGen:
         c = cpu_ticks(self.proc.p.pid)
         return (c or 0) / CLK_TCK
 
-    def exit(self) -> None:
+    def exit(self, wait: float = 0) -> None:
         """Ask the load generator to close its clients and exit, if it is still running; a
         failure here must not keep the servers from being stopped."""
         if self.proc.p.poll() is None:
+            self.proc.finished = True
             try:
                 self.call({"cmd": "exit"}, 20)
             except Exception:
+                pass
+            try:
+                if wait:
+                    self.proc.p.wait(wait)
+            except subprocess.TimeoutExpired:
                 pass

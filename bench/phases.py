@@ -1,12 +1,15 @@
 """The measured phases (docs/benchmarks.md, "Phases"): a. connections, b. fan-out,
-c. round trips, d. fairness. Each one waits for the machine to be quiet, runs one load
-generator command between two samples of server CPU and RSS, records its figures in
+c. round trips, d. fairness; e. longpoll and f. maxconns are in phase_longpoll.py and
+phase_maxconns.py. Each one waits for the machine to be quiet, runs one load generator
+command between two samples of server CPU and RSS, records its figures in
 `results["phases"]`, logs them against the targets, and waits until the server is idle again.
 """
 from __future__ import annotations
 
 import time
 
+import phase_longpoll
+import phase_maxconns
 from cluster import Cluster, log
 from loadgen import LoadGen
 from procstats import Sample, all_proc_ticks, cpu_delta, others_cpu_s, proc_tree
@@ -36,7 +39,8 @@ class Phases:
         self.results = results
 
     def run(self, names: list[str]) -> None:
-        """The phases named (connections, fanout, rt, fairness), always in this order."""
+        """The phases named (connections, fanout, rt, fairness, longpoll, maxconns), always in
+        this order (the last two are in bench/phase_longpoll.py and bench/phase_maxconns.py)."""
         a = self.args
         if "connections" in names:
             self.connections()
@@ -48,6 +52,10 @@ class Phases:
             self.round_trips()
         if "fairness" in names:
             self.fairness()
+        if "longpoll" in names:
+            phase_longpoll.run(self)
+        if "maxconns" in names:
+            phase_maxconns.run(self)
 
     # -- measuring -----------------------------------------------------------------------
     def settle(self, label: str, max_s: float) -> dict:

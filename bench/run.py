@@ -16,6 +16,12 @@ npm `ws` package, one Node process, clients spread evenly over both edges) and m
   c. round trips  C clients doing sequential "ping" pushes for T seconds
   d. fairness     a few clients pipelining pings (many in flight each) while probe clients
                   do sequential pings; p99 of both
+  e. longpoll     (only with --phases ...,longpoll) L LongPoll clients: ping round trips with
+                  the reply arriving through the poll, and broadcasts from one WebSocket
+                  publisher to them (bench/phase_longpoll.py, bench/lpclient.js)
+  f. maxconns     (only with --phases ...,maxconns; meant for --edge-processes 2) as many joined
+                  WebSocket clients as the machine holds, from several load generator
+                  processes, then one broadcast to all (bench/phase_maxconns.py, massconns.js)
 
 Server CPU is utime+stime from /proc/PID/stat summed over every zchannels process (broker,
 edges, supervisor and its worker children, found by walking /proc/PID/task/*/children),
@@ -35,6 +41,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import phase_longpoll
+import phase_maxconns
 from cluster import ROOT, Cluster, log, raise_nofile
 from loadgen import LoadGen
 from phases import PEERS, Phases
@@ -55,7 +63,7 @@ class Bench:
         failed = False
         try:
             self.results["machine"] = machine()
-            self.cluster.start(a.edges, a.workers, a.app)
+            self.cluster.start(a.edges, a.workers, a.app, a.edge_processes)
             self.lg = LoadGen(self.cluster.tmpdir)
             self.cluster.procs.append(self.lg.proc)
             self.results["args"] = vars(a)
@@ -93,7 +101,8 @@ class Bench:
               f"RLIMIT_NOFILE {self.results.get('nofile')}; python {m.get('python')}, node {m.get('node')}")
         print(f"code: git {m.get('git_head')}" + (f" + uncommitted changes in {', '.join(m['git_modified_files'])}"
                                                   if m.get("git_modified_files") else ""))
-        print(f"system: broker + {a.edges} edge(s) + {a.workers} worker(s) running {a.app}")
+        edges = f"one edge of {a.edge_processes} processes" if a.edge_processes > 0 else f"{a.edges} edge(s)"
+        print(f"system: broker + {edges} + {a.workers} worker(s) running {a.app}")
         rows = []
         ph = self.results["phases"]
         c = ph.get("connections")
@@ -130,6 +139,7 @@ class Bench:
                          f"{r['latency']['p99_ms']} ms", "", ""))
             rows.append((f"d. fairness: sequential probes ({r.get('probe_clients')}) p99",
                          f"{r.get('probe_latency', {}).get('p99_ms')} ms", "", ""))
+        rows += phase_longpoll.summary_rows(self.results) + phase_maxconns.summary_rows(self.results)
         w0 = max([len(x[0]) for x in rows] + [10])
         print(f"{'figure':<{w0}}  {'measured':<26} {'target':<14} peer on this machine")
         print("-" * 100)
@@ -216,7 +226,25 @@ def main() -> int:
     ap.add_argument("--fair-probes", type=int, default=20, help="d. sequential probe clients")
     ap.add_argument("--fair-seconds", type=float, help="d. duration (default 10; quick 3)")
     ap.add_argument("--phases", default="connections,fanout,rt,fairness",
-                    help="comma list of connections, fanout, rt, fairness")
+                    help="comma list of connections, fanout, rt, fairness, longpoll, maxconns "
+                         "(the last two only when named)")
+    ap.add_argument("--lp-clients", type=int, help="e. LongPoll clients (default 200; quick 50)")
+    ap.add_argument("--lp-seconds", type=float, help="e. round-trip duration (default 10; quick 3)")
+    ap.add_argument("--lp-msgs", type=int, help="e. broadcasts to the LongPoll clients (default 100; quick 20)")
+    ap.add_argument("--lp-modes", default="paced,blast",
+                    help="e. comma list of paced (one broadcast in flight, next --gap-ms after all "
+                         "arrived) and blast (all back to back); default %(default)s")
+    ap.add_argument("--mc-target", type=int, help="f. joined clients to reach (default 40000; quick 3000)")
+    ap.add_argument("--mc-per-process", type=int, default=14000,
+                    help="f. clients per load generator process (the number of processes follows)")
+    ap.add_argument("--mc-sources", type=int, default=0,
+                    help="f. source addresses 127.0.0.2.. to spread clients over (default: one per 4,000 clients)")
+    ap.add_argument("--mc-batch", type=int, help="f. clients per ramp round (default 4000; quick 1000)")
+    ap.add_argument("--mc-concurrency", type=int, default=100, help="f. connects+joins in flight per process")
+    ap.add_argument("--mc-handshake-timeout", type=float, default=10, help="f. WebSocket handshake bound (s)")
+    ap.add_argument("--mc-deliver-timeout", type=float, default=30,
+                    help="f. how long every client may take to get the broadcast (s)")
+    ap.add_argument("--mc-max-seconds", type=float, default=300, help="f. bound for the whole phase (s)")
     ap.add_argument("--join-payload", default="{}", type=json.loads,
                     help='JSON join payload (default {}). The chat app announces a join when it is '
                          '{"announce": true}: a "user_joined" broadcast that passes through handle_out '
@@ -231,6 +259,9 @@ def main() -> int:
                     help="before each measured phase wait up to this long (s) for other processes "
                          "to use < 10%% of a core (0: do not wait)")
     ap.add_argument("--edges", type=int, default=2)
+    ap.add_argument("--edge-processes", type=int, default=0, metavar="N",
+                    help="instead of --edges separate edges, start ONE edge with --processes N "
+                         "(N processes sharing one port with SO_REUSEPORT)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--app", default=APP)
     ap.add_argument("--json", help="write all figures to this JSON file")
@@ -245,6 +276,12 @@ def main() -> int:
     a.fair_seconds = a.fair_seconds if a.fair_seconds is not None else (3 if q else 10)
     a.fanout_modes = [m for m in a.fanout_modes.split(",") if m]
     a.phases = [p for p in a.phases.split(",") if p]
+    a.lp_clients = a.lp_clients if a.lp_clients is not None else (50 if q else 200)
+    a.lp_seconds = a.lp_seconds if a.lp_seconds is not None else (3 if q else 10)
+    a.lp_msgs = a.lp_msgs if a.lp_msgs is not None else (20 if q else 100)
+    a.lp_modes = [m for m in a.lp_modes.split(",") if m]
+    a.mc_target = a.mc_target if a.mc_target is not None else (3000 if q else 40000)
+    a.mc_batch = a.mc_batch if a.mc_batch is not None else (1000 if q else 4000)
     nofile = raise_nofile()
     need = max(a.conns, a.subs_big, a.subs) + 500   # per process: the loadgen holds one fd per client
     if nofile[0] < need:
