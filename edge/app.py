@@ -13,6 +13,7 @@ from tornado.netutil import bind_sockets
 
 from broker.logsetup import announce_ready, setup_logging
 from broker.loopsock import run_loop
+from edge.accept import Acceptor
 from edge.hub import EdgeHub, Limits
 from edge.longpoll import LongPollHandler
 from edge.origin import OriginCheck
@@ -70,7 +71,9 @@ async def serve(args, origin_check: OriginCheck) -> int:
     server = HTTPServer(app, xheaders=True, max_body_size=max(args.max_frame_size, 8_000_000))
     sockets = bind_sockets(args.port, args.host, family=socket.AF_INET if ":" not in args.host else socket.AF_UNSPEC,
                            reuse_port=args.reuse_port)
-    server.add_sockets(sockets)
+    acceptors = [Acceptor(server, sock) for sock in sockets]
+    for acceptor in acceptors:
+        acceptor.start()
     port = sockets[0].getsockname()[1]
 
     stop = asyncio.Event()
@@ -84,7 +87,8 @@ async def serve(args, origin_check: OriginCheck) -> int:
     announce_ready(http=f"http://{args.host}:{port}", edge=hub.edge_id.decode())
     await stop.wait()
     log.info("edge stopping: closing %d connection(s) with 1012", len(hub.connections))
-    server.stop()
+    for acceptor in acceptors:
+        acceptor.stop()
     for conn in list(hub.connections.values()):
         conn.transport.close(1012, "service restart")
     await asyncio.sleep(0.1)

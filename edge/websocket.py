@@ -12,7 +12,6 @@ import base64
 import binascii
 import hashlib
 import logging
-import os
 import socket as pysocket
 
 from tornado import web
@@ -104,8 +103,13 @@ class WebSocketUpgrade(web.RequestHandler):
         """Move the TCP connection from Tornado to a WebSocketProtocol on the loop."""
         stream = self.detach()
         label = self.request.remote_ip
-        sock = pysocket.socket(fileno=os.dup(stream.socket.fileno()))
-        stream.close()   # closes Tornado's descriptor only; the duplicate keeps the connection
+        if stream.closed() or stream.socket is None:
+            log.info("conn %s: hung up while connect ran", label)
+            return
+        # Take the descriptor itself (no dup: at the open-files limit there is none to spare).
+        stream.io_loop.remove_handler(stream.socket)
+        sock = pysocket.socket(fileno=stream.socket.detach())
+        stream.close()   # its socket object no longer owns the descriptor
         sock.setblocking(False)
         sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
         hub = self.hub

@@ -173,6 +173,8 @@ class WebSocketProtocol(asyncio.Protocol):
         elif opcode == OP_CLOSE:
             if not self.closing:  # the client started the closing handshake: echo its code
                 code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else CLOSE_NORMAL
+                if not valid_close_code(code):
+                    code = CLOSE_PROTOCOL_ERROR
                 self._write(build_control(OP_CLOSE, code.to_bytes(2, "big")))
                 self.closing = True
             self.transport.close()
@@ -253,6 +255,12 @@ class WebSocketProtocol(asyncio.Protocol):
         log.info("conn %s: did not close, %d bytes still unsent; dropping the connection",
                  self.conn.label if self.conn else "?", unsent)
         transport.abort()
+
+
+def valid_close_code(code: int) -> bool:
+    """Codes a peer may send (RFC 6455 §7.4): the defined ones and the 3000-4999 range."""
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) \
+        or 3000 <= code <= 4999
 
 
 def build_control(opcode: int, payload: bytes) -> bytes:

@@ -14,6 +14,7 @@ When a test fails, the stderr of every child process still running is attached t
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -73,7 +74,8 @@ def parse_ready(line: str) -> dict[str, str] | None:
 class Proc:
     """One child process: `python -m module *args` with cwd = repository root."""
 
-    def __init__(self, module: str, *args: str, name: str | None = None, env: dict | None = None):
+    def __init__(self, module: str, *args: str, name: str | None = None, env: dict | None = None,
+                 max_open_files: int | None = None):
         self.module = module
         self.args = [str(a) for a in args]
         self.name = name or module
@@ -88,7 +90,9 @@ class Proc:
         with open(self.stderr_path, "ab") as err:
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", module, *self.args], cwd=str(ROOT), env=full_env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                preexec_fn=None if max_open_files is None else
+                lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files)))
         self.pid = self.popen.pid
         self._reader = threading.Thread(target=self._read, name=f"proc-{self.name}", daemon=True)
         self._reader.start()
