@@ -58,6 +58,8 @@ class Router:
         self._warm_until = time.monotonic() + min(peer_timeout, 3.0)
         self.dropped_while_warming = 0
         self.dropped_full = 0
+        self.worker_deaths = 0      # removed other than by BYE (counted for /metrics)
+        self.edge_losses = 0
         self.evicted: dict[bytes, float] = {}
 
     # --- the loop ---------------------------------------------------------
@@ -206,6 +208,8 @@ class Router:
                 self.evicted[peer_id] = time.monotonic()
         peer = self.workers.pop(peer_id, None)
         if peer is not None:
+            if why != "left":
+                self.worker_deaths += 1
             log.warning("worker down: %s (%s); telling %d edge(s)",
                         peer_id.decode(errors="replace"), why, len(self.edges))
             for edge in list(self.edges):
@@ -213,6 +217,8 @@ class Router:
             return
         peer = self.edges.pop(peer_id, None)
         if peer is not None:
+            if why != "left":
+                self.edge_losses += 1
             log.warning("edge down: %s (%s); telling %d worker(s)",
                         peer_id.decode(errors="replace"), why, len(self.workers))
             for worker in list(self.workers):

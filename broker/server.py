@@ -52,7 +52,7 @@ def _is_loopback(bus: str) -> bool:
 
 
 def main(args) -> int:
-    setup_logging(args.log_level, "broker")
+    setup_logging(args.log_level, "broker", getattr(args, "log_format", "text"))
     keys: curve.ServerKeys | None = getattr(args, "curve", None)
     ctx = zmq.Context()
     # The ZAP handler must exist before the first connection is accepted.
@@ -77,14 +77,29 @@ def main(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.append(True))
 
-    log.info("broker up: routing %s, publish-in %s, subscribe-out %s", *wire.bus_endpoints(bus))
-    announce_ready(bus=bus)
+    ready = {"bus": bus}
+    metrics_server = None
     try:
+        if getattr(args, "metrics_port", None) is not None:
+            from broker import metrics
+            host = metrics.metrics_host(bus)
+            try:
+                metrics_server = metrics.serve(router, host, args.metrics_port)
+            except OSError as exc:
+                log.error("cannot serve metrics on %s port %d: %s", host, args.metrics_port, exc)
+                return 2
+            ready["metrics"] = f"http://{host}:{metrics_server.server_port}/metrics"
+            log.info("metrics at %s", ready["metrics"])
+        log.info("broker up: routing %s, publish-in %s, subscribe-out %s", *wire.bus_endpoints(bus))
+        announce_ready(**ready)
         router.run(lambda: bool(stopping))
     finally:
         log.info("broker stopping: %d frames routed, %d unroutable, %d malformed",
                  router.routed, router.unroutable, router.malformed)
         fanout.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         router_sock.close(linger=0)
         if gate is not None:
             gate.stop()

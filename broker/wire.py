@@ -91,6 +91,13 @@ EDGE_TO_EDGE = frozenset((LP_REQUEST, LP_RESPONSE))
 BROADCAST_FRAMES = 6
 
 TOPIC_TERMINATOR = b"\x00"
+# Topics of zchannels itself (zchannels:status); publishers from outside the workers
+# (zchannels.Publisher, POST /api/broadcast) may not use them, or they could forge its data.
+SYSTEM_TOPIC_PREFIX = "zchannels:"
+
+# The system topic every edge and worker publishes a snapshot of itself on, once a second
+# (edge/status.py, workers/status.py); the "zchannels:" prefix is reserved for the system.
+STATUS_TOPIC = "zchannels:status"
 
 
 class BusFrameError(ValueError):

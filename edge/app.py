@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
@@ -16,7 +17,10 @@ from broker.loopsock import run_loop
 from edge.accept import Acceptor
 from edge.hub import EdgeHub, Limits
 from edge.longpoll import LongPollHandler
+from edge.metrics import MetricsHandler, make_registry
 from edge.origin import OriginCheck
+from edge.publish_api import PATH as PUBLISH_PATH, BroadcastHandler
+from edge.status import StatusPage
 from edge.websocket import WebSocketUpgrade
 
 log = logging.getLogger("edge")
@@ -41,7 +45,7 @@ class PhoenixJS(web.StaticFileHandler):
 
 
 def make_app(hub: EdgeHub, static_dir: str | None = None, websocket: bool = True,
-             longpoll: bool = True) -> web.Application:
+             longpoll: bool = True, api_key: str | None = None) -> web.Application:
     routes: list = []
     if websocket:
         routes.append((r"/socket/websocket", WebSocketUpgrade, {"hub": hub}))
@@ -52,6 +56,10 @@ def make_app(hub: EdgeHub, static_dir: str | None = None, websocket: bool = True
         routes.append((r"/js/(phoenix(?:\.min)?\.js)", PhoenixJS, {"path": str(js)}))
     else:
         log.warning("phoenix.js not found (run `npm ci` in the project); /js/phoenix.js is off")
+    routes.append((r"/status", StatusPage))   # live cluster view (edge/status.py)
+    routes.append((r"/metrics", MetricsHandler, {"registry": make_registry(hub)}))   # Prometheus
+    # Always routed, so a disabled endpoint is a 404 even with --static's catch-all below.
+    routes.append((PUBLISH_PATH, BroadcastHandler, {"hub": hub, "api_key": api_key}))
     if static_dir:
         routes.append((r"/(.*)", web.StaticFileHandler, {"path": static_dir, "default_filename": "index.html"}))
     return web.Application(routes)
@@ -66,7 +74,12 @@ async def serve(args, origin_check: OriginCheck) -> int:
                     longpoll_inactivity=args.longpoll_inactivity or 1.5 * window)
     hub = EdgeHub(args.bus, limits, origin_check=origin_check)
     hub.start()
-    app = make_app(hub, args.static, websocket=not args.no_websocket, longpoll=not args.no_longpoll)
+    api_key = getattr(args, "api_key", None) or os.environ.get("ZCHANNELS_API_KEY") or None
+    app = make_app(hub, args.static, websocket=not args.no_websocket, longpoll=not args.no_longpoll,
+                   api_key=api_key)
+    if api_key:
+        log.info("HTTP publishing on: POST /api/broadcast (API key from %s)",
+                 "--api-key" if getattr(args, "api_key", None) else "ZCHANNELS_API_KEY")
     # LongPoll POSTs carry up to 100 frames; Plug's default body limit is 8 MB.
     server = HTTPServer(app, xheaders=True, max_body_size=max(args.max_frame_size, 8_000_000))
     sockets = bind_sockets(args.port, args.host, family=socket.AF_INET if ":" not in args.host else socket.AF_UNSPEC,
@@ -97,7 +110,7 @@ async def serve(args, origin_check: OriginCheck) -> int:
 
 
 def main(args) -> int:
-    setup_logging(args.log_level, "edge")
+    setup_logging(args.log_level, "edge", getattr(args, "log_format", "text"))
     try:
         origin_check = OriginCheck.from_options(args.check_origin, args.allowed_origins)
     except ValueError as exc:

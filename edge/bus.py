@@ -1,4 +1,5 @@
-"""The edge's side of the bus: a DEALER to the broker and a SUB for broadcasts.
+"""The edge's side of the bus: a DEALER to the broker, a SUB for broadcasts and a PUB
+for what the edge itself publishes (its zchannels:status snapshots, edge/status.py).
 
 Subscriptions are reference-counted per topic key, so a topic with many local
 subscribers costs one ZeroMQ subscription, dropped when the last one leaves.
@@ -26,28 +27,39 @@ class EdgeBus:
                  on_direct: Callable[[list[bytes]], None],
                  on_broadcast: Callable[[list[bytes]], None],
                  load: Callable[[], int]):
-        router_ep, _publish_ep, subscribe_ep = wire.bus_endpoints(bus)
+        router_ep, publish_ep, subscribe_ep = wire.bus_endpoints(bus)
         self.edge_id = edge_id
         self.ctx = zmq.Context.instance()
         dealer = self.ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.ROUTING_ID, edge_id)
         sub = self.ctx.socket(zmq.SUB)
-        for s in (dealer, sub):
+        pub = self.ctx.socket(zmq.PUB)
+        for s in (dealer, sub, pub):
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, HWM)
             s.setsockopt(zmq.RCVHWM, HWM)
             curve.secure_client(s)   # the keys `zchannels edge` installed, if any
         dealer.connect(router_ep)
         sub.connect(subscribe_ep)
+        # A PUB drops silently at its HWM; NODROP makes that a failed (counted) send, so
+        # POST /api/broadcast can answer 503 instead of 202 for a message that went nowhere.
+        pub.setsockopt(zmq.XPUB_NODROP, 1)
+        pub.connect(publish_ep)
         self._on_direct = on_direct
         self.dealer = LoopSocket(dealer, self._direct, name="edge-dealer")
         self.sub = LoopSocket(sub, on_broadcast, name="edge-sub")
+        self.pub = LoopSocket(pub, None, name="edge-pub")   # send-only: broadcasts from this edge
         self._sub_counts: dict[bytes, int] = {}
         self._load = load
         self._last_broker = asyncio.get_running_loop().time()
         self._broker_silent = False
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeats())
         self.send = self.dealer.send
+
+    @property
+    def broker_silent(self) -> bool:
+        """True after BROKER_SILENCE_WARNING s without a word from the broker."""
+        return self._broker_silent
 
     def _direct(self, frames: list[bytes]) -> None:
         self._last_broker = asyncio.get_running_loop().time()
@@ -68,6 +80,10 @@ class EdgeBus:
                             "bus messages may be lost until it is back%s", BROKER_SILENCE_WARNING,
                             curve.silent_broker_hint())
             await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    def publish(self, topic: str, event: str, payload: bytes, fmt: bytes = wire.JSON) -> None:
+        """Broadcast ``payload`` on ``topic`` to every subscriber, like a worker's broadcast."""
+        self.pub.send(wire.broadcast_frames(topic, event, payload, fmt))
 
     def subscribe(self, key: bytes) -> None:
         n = self._sub_counts.get(key, 0)
@@ -90,3 +106,4 @@ class EdgeBus:
         self.dealer.sock.setsockopt(zmq.LINGER, 200)
         self.dealer.close()
         self.sub.close()
+        self.pub.close()

@@ -73,6 +73,9 @@ class Connection:
     # --- writing --------------------------------------------------------------
     def send(self, encoded: tuple[bytes, bool]) -> None:
         if not self.closed:
+            hub = self.hub
+            hub.frames_out += 1
+            hub.bytes_out += len(encoded[0])   # Phoenix message bytes, before transport framing
             self.transport.send(*encoded)
 
     def reply(self, join_ref, ref, topic, status: str, response: bytes, fmt: bytes = wire.JSON) -> None:
@@ -81,6 +84,7 @@ class Connection:
     # --- reading ----------------------------------------------------------------
     def handle(self, msg: Message) -> None:
         now = self.last_recv = time.monotonic()
+        self.hub.frames_in += 1
         event = msg.event
         if event == "heartbeat" and msg.topic == "phoenix":
             self.reply(None, msg.ref, "phoenix", "ok", EMPTY)

@@ -31,6 +31,7 @@ class FastLane:
         self.sockets: dict[bytes, set["Connection"]] = {}    # socket id topic key -> connections
         self.on_disconnect = on_disconnect
         self.deliveries = 0
+        self.bytes_out = 0      # message bytes delivered (before transport framing), for /metrics
         self.malformed = 0
 
     def add(self, ch: "ChannelRef") -> None:
@@ -78,6 +79,7 @@ class FastLane:
                             self.malformed)
             return
         built: dict = {}
+        sizes: dict = {}
         delivered = 0
         for conn, ch in subs.items():
             if origin and conn.origin == origin:
@@ -94,7 +96,20 @@ class FastLane:
                               conn.serializer.name, exc)
                 else:
                     frame = built[conn.fmt_key] = conn.transport.prebuild(*encoded)
+                    sizes[conn.fmt_key] = len(encoded[0])
             if frame:
                 conn.transport.send_prebuilt(frame)
                 delivered += 1
         self.deliveries += delivered
+        if delivered:
+            self.bytes_out += self._bytes_out(sizes, delivered, subs, origin, event)
+
+    @staticmethod
+    def _bytes_out(sizes: dict, delivered: int, subs: dict, origin: bytes, event: str) -> int:
+        """Message bytes just delivered, for /metrics, kept out of the per-recipient loop: with
+        one wire format in use (the usual case) it is one multiplication; a topic whose clients
+        mix formats takes a second pass."""
+        if len(sizes) == 1:
+            return delivered * next(iter(sizes.values()))
+        return sum(sizes.get(conn.fmt_key, 0) for conn, ch in subs.items()
+                   if not (origin and conn.origin == origin) and not (ch.intercept and event in ch.intercept))

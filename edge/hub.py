@@ -18,6 +18,7 @@ from edge.fastlane import FastLane
 from edge.lphub import LongPollHub
 from edge.lpsession import FRAME_KIND as LONGPOLL
 from edge.origin import OriginCheck
+from edge.status import EdgeStatus
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,13 @@ class EdgeHub:
         self.longpoll: LongPollHub | None = None
         self.stats = {"slow_consumer_closes": 0, "close_aborts": 0, "heartbeat_timeouts": 0,
                       "bad_frames": 0, "rate_limited": 0, "rate_limit_closes": 0, "disconnects": 0}
+        # For the status page (edge/status.py): client frames in and out (fast-lane deliveries
+        # are counted by the fast lane), and workers reported gone: id -> time.time().
+        self.frames_in = 0
+        self.frames_out = 0
+        self.bytes_out = 0      # for /metrics (edge/metrics.py); fast-lane bytes: fastlane.bytes_out
+        self.worker_downs: dict[bytes, float] = {}
+        self.status: EdgeStatus | None = None
         self._dispatch = {
             wire.CONNECT_REPLY: self._on_connect_reply,
             wire.JOIN_REPLY: self._on_join_reply,
@@ -79,8 +87,11 @@ class EdgeHub:
         self.bus_send = self.bus.send
         self.longpoll = LongPollHub(self, self.limits.longpoll_window, self.limits.longpoll_inactivity)
         asyncio.get_running_loop().create_task(self._sweep())
+        self.status = EdgeStatus(self)
 
     def close(self) -> None:
+        if self.status is not None:
+            self.status.close()
         if self.longpoll is not None:
             self.longpoll.close()
         if self.bus is not None:
@@ -266,6 +277,7 @@ class EdgeHub:
             self.worker_down(dest)
 
     def worker_down(self, worker: bytes) -> None:
+        self.worker_downs.setdefault(worker, time.time())
         chans = self.worker_channels.pop(worker, None)
         if not chans:
             return

@@ -140,9 +140,13 @@ class FakeBroker:
     # --- broadcasts ---
 
     def broadcast(self, timeout: float = TIMEOUT) -> list[bytes]:
-        if not self.capture.poll(int(timeout * 1000)):
-            raise AssertionError(f"no broadcast from the worker within {timeout} s\n{self.stderr()}")
-        return wire.unpack_broadcast(self.capture.recv())
+        """The worker's next broadcast, skipping its once-a-second status snapshots."""
+        deadline = time.monotonic() + timeout
+        while self.capture.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            frames = wire.unpack_broadcast(self.capture.recv())
+            if frames[0] != wire.topic_key(wire.STATUS_TOPIC):
+                return frames
+        raise AssertionError(f"no broadcast from the worker within {timeout} s\n{self.stderr()}")
 
     def publish(self, *frames: bytes) -> None:
         """Feed a broadcast to the worker's SUB, as the broker's XPUB would."""

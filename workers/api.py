@@ -84,7 +84,7 @@ from typing import Any, Callable
 
 import orjson
 
-from workers.routes import Route
+from workers.routes import SYSTEM_PREFIX, Route
 
 log = logging.getLogger("zchannels.worker")
 
@@ -296,6 +296,9 @@ class Socket:
         """
         if not (isinstance(channel, type) and issubclass(channel, Channel)):
             raise TypeError(f"socket.channel({pattern!r}, ...) needs a Channel subclass, got {channel!r}")
+        if isinstance(pattern, str) and pattern.startswith(SYSTEM_PREFIX):
+            raise ValueError(f"socket.channel({pattern!r}, ...): topics starting with {SYSTEM_PREFIX!r} "
+                             "are reserved for zchannels itself (the status page's zchannels:status)")
         intercept = getattr(channel, "intercept", ())
         if isinstance(intercept, str) or not all(isinstance(e, str) for e in intercept):
             raise TypeError(f"{channel.__name__}.intercept must be a list of event names, got {intercept!r}")

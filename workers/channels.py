@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import logging
+import time
 from collections import deque
 from typing import Any, Callable
 
@@ -26,6 +27,7 @@ import zmq
 
 from broker import wire
 from broker.loopsock import LoopSocket
+from workers import metrics
 from workers.api import BadReturn, Channel, Error, NoReply, Reply, Stop, Timer, check_result
 
 log = logging.getLogger("zchannels.worker")
@@ -165,6 +167,7 @@ class ChannelHost:
     async def call(self, proc: ChannelProc, callback: str, *args: Any) -> Any:
         """Run one callback of the channel and check its return shape; _CRASHED if it failed."""
         channel = proc.channel
+        started = time.perf_counter()
         try:
             result = getattr(channel, callback)(*args, channel.socket)
             if hasattr(result, "__await__"):
@@ -175,6 +178,9 @@ class ChannelHost:
             log.error("channel %r crashed: %s", proc, exc)
         except Exception:
             log.exception("channel %r crashed in %s.%s", proc, type(channel).__name__, callback)
+        finally:
+            metrics.recorder.observe(callback, time.perf_counter() - started)
+        metrics.recorder.crashed(callback)
         return _CRASHED
 
     async def outcome(self, proc: ChannelProc, result: Any, ref: bytes = b"") -> None:
@@ -234,6 +240,7 @@ class ChannelHost:
             await _maybe_await(channel.terminate(reason, channel.socket))
         except Exception:
             log.exception("channel %r: terminate(%r) raised", proc, reason)
+            metrics.recorder.crashed("terminate")
 
     def end(self, proc: ChannelProc, step: Callable, *args: Any) -> None:
         """The channel ends once the messages already in its mailbox are handled."""

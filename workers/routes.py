@@ -13,7 +13,12 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["Route", "AppLoadError", "load_app", "parse_spec", "check_pattern"]
+from broker import wire
+
+__all__ = ["Route", "AppLoadError", "load_app", "parse_spec", "check_pattern", "SYSTEM_PREFIX"]
+
+# Topics under this prefix belong to zchannels itself (workers/status.py); apps cannot route them.
+SYSTEM_PREFIX = wire.SYSTEM_TOPIC_PREFIX
 
 
 def check_pattern(pattern: Any) -> str:

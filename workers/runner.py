@@ -27,10 +27,11 @@ import zmq
 from broker import curve, wire
 from broker.logsetup import announce_ready, setup_logging
 from broker.loopsock import LoopSocket
-from workers import api
+from workers import api, metrics
 from workers.api import Channel, Error, SocketState
 from workers.channels import _EMPTY_JSON, _ERROR, _OK, ChannelHost, ChannelProc, _maybe_await
-from workers.routes import AppLoadError, load_app
+from workers.routes import SYSTEM_PREFIX, AppLoadError, load_app
+from workers.status import publish_forever as publish_status, system_route
 from workers.supervisor import HANDLER_LOAD_ERROR  # exit code: the app cannot be loaded
 
 
@@ -187,7 +188,7 @@ class Worker(ChannelHost):
     def on_join(self, frames: list[bytes]) -> None:
         _, edge, conn, topic_b, join_ref, ref, socket_json, payload_b = frames
         topic = topic_b.decode()
-        route = self.app.route(topic)
+        route = system_route(topic) if topic.startswith(SYSTEM_PREFIX) else self.app.route(topic)
         if route is None:
             self.dealer.send([wire.JOIN_REPLY, edge, conn, topic_b, join_ref, ref, _ERROR,
                               b'{"reason":"unmatched topic"}', b"[]"])
@@ -256,6 +257,7 @@ class Worker(ChannelHost):
         alive_failed = False
         while not self.stopping.is_set():
             self.dealer.send(load_frames + [str(len(self.channels)).encode()])
+            metrics.recorder.channels(len(self.channels))
             try:
                 self.alive()
             except Exception:
@@ -303,17 +305,20 @@ async def _serve(app: api.Socket, socks: tuple, slot: int, peer_id: bytes,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
     beat = loop.create_task(worker.heartbeat())
+    status = loop.create_task(publish_status(worker))   # zchannels:status snapshots
     try:
         await worker.stopping.wait()
         await worker.shutdown()
     finally:
         beat.cancel()
+        status.cancel()
         api._runtime = None
 
 
-def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callable[[], None]) -> int:
+def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callable[[], None],
+               log_format: str = "text") -> int:
     """Run one worker until SIGTERM/SIGINT; return the process exit code."""
-    setup_logging(log_level, f"worker{slot}")
+    setup_logging(log_level, f"worker{slot}", log_format)
     faulthandler.enable()   # SIGABRT from the supervisor on a stuck loop prints the stack
     try:
         app = load_app(app_spec)
@@ -361,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bus", default="tcp://127.0.0.1:5570")
     parser.add_argument("--slot", type=int, default=0)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
     parser.add_argument("--curve-server-key", metavar="FILE", help="the broker's public key file")
     parser.add_argument("--curve-secret", metavar="FILE", help="this worker's secret key file")
     args = parser.parse_args(argv)
@@ -368,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         curve.install(curve.load_client_keys(args.curve_server_key, args.curve_secret))
     except curve.CurveError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    return run_worker(args.app, args.bus, args.slot, args.log_level, lambda: None)
+    return run_worker(args.app, args.bus, args.slot, args.log_level, lambda: None, args.log_format)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,10 @@ class Worker:
 class Supervisor:
     """Fork `n` children running `target(slot, alive)` and keep them alive until stopped."""
 
-    def __init__(self, target: Target, n: int, stuck_timeout: float, graceful_timeout: float = 10.0):
+    def __init__(self, target: Target, n: int, stuck_timeout: float, graceful_timeout: float = 10.0,
+                 metrics=None):
+        from workers.metrics import NoSupervisorMetrics
+        self.metrics = metrics or NoSupervisorMetrics()   # workers/metrics.py
         self.target = target
         self.n = n
         self.stuck_timeout = stuck_timeout
@@ -178,6 +181,7 @@ class Supervisor:
 
     def on_death(self, w: Worker, status: int) -> None:
         os.close(w.alive_fd)
+        self.metrics.reaped(w.pid)
         lived = time.monotonic() - w.started
         code = None
         if os.WIFSIGNALED(status):
@@ -198,6 +202,8 @@ class Supervisor:
             log.info("worker stopped slot=%d pid=%d %s", w.slot, w.pid, how)
             return
         delay = self.schedule_respawn(w, lived)
+        if not w.expected:
+            self.metrics.restarted()
         level = logging.INFO if w.expected else logging.WARNING
         log.log(level, "worker died slot=%d pid=%d %s after %.1fs; restart in %.2fs",
                 w.slot, w.pid, how, lived, delay)
@@ -289,6 +295,7 @@ class Supervisor:
                 signal.signal(signum, handler)
             for fd in [*self.pipe, *(w.alive_fd for w in self.workers.values())]:
                 os.close(fd)
+            self.metrics.forked()
             result = self.target(slot, lambda: os.utime(alive_fd))
             code = result if isinstance(result, int) else 0
         except SystemExit as exc:   # mirror the interpreter: int -> code, None -> 0, text -> 1
@@ -332,14 +339,33 @@ class Supervisor:
 def main(args) -> int:
     """`zchannels workers`: supervise `args.workers` runners for `args.app`."""
     from broker.logsetup import setup_logging
-    setup_logging(args.log_level, "workers")
+    log_format = getattr(args, "log_format", "text")
+    setup_logging(args.log_level, "workers", log_format)
     if args.workers < 1:
         log.error("--workers must be at least 1, got %d", args.workers)
         return 2
 
+    metrics = None
+    if getattr(args, "metrics_port", None) is not None:
+        from workers.metrics import SupervisorMetrics
+        try:
+            metrics = SupervisorMetrics(args.metrics_port)
+        except OSError as exc:
+            log.error("cannot serve metrics on 127.0.0.1 port %d: %s", args.metrics_port, exc)
+            return 2
+        log.info("metrics at %s (directory %s)", metrics.url, metrics.dir)
+        print(f"METRICS {metrics.url}", flush=True)   # for tooling, like the READY lines
+
     def target(slot: int, alive: Callable[[], None]) -> int:
         from workers.runner import run_worker
-        return run_worker(args.app, args.bus, slot, args.log_level, alive)
+        if metrics is not None:
+            from workers.metrics import init_worker
+            init_worker()
+        return run_worker(args.app, args.bus, slot, args.log_level, alive, log_format)
 
     graceful = getattr(args, "graceful_timeout", 10.0)
-    return Supervisor(target, args.workers, args.stuck_timeout, graceful).run()
+    try:
+        return Supervisor(target, args.workers, args.stuck_timeout, graceful, metrics).run()
+    finally:
+        if metrics is not None:
+            metrics.close()

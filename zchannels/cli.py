@@ -52,6 +52,15 @@ def _load_curve(args: argparse.Namespace):
 def _add_log(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: %(default)s)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text: one line per event for people; json: one JSON object per line "
+                        "(time, level, process, pid, logger, message) (default: %(default)s)")
+
+
+def _add_metrics(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help=f"serve Prometheus metrics of {what} at http://HOST:PORT/metrics; "
+                        "0 = any free port (announced on stdout); default: off")
 
 
 def _origin_list(text: str) -> str:
@@ -104,6 +113,10 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-websocket", action="store_true",
                    help="do not serve /socket/websocket (LongPoll only)")
     p.add_argument("--no-longpoll", action="store_true", help="do not serve /socket/longpoll")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="enable POST /api/broadcast for callers sending 'Authorization: Bearer KEY' "
+                        "(default: env ZCHANNELS_API_KEY; unset = the endpoint answers 404). The "
+                        "environment variable keeps the key out of process listings")
 
 
 def _add_edge_process_options(p: argparse.ArgumentParser) -> None:
@@ -133,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="declare a still-connected edge or worker dead after this long without "
                         "a heartbeat (a closed connection is noticed at once; default: %(default)s)")
+    _add_metrics(p, "the broker (on the --bus host)")
     _add_log(p)
 
     p = sub.add_parser("edge", help="run an edge: WebSocket and LongPoll endpoints for Phoenix clients")
@@ -144,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("workers", help="run a supervisor with N worker processes for APP")
     _add_bus(p)
     _add_worker_options(p)
+    _add_metrics(p, "the supervisor and all its workers (on 127.0.0.1)")
     _add_log(p)
 
     p = sub.add_parser("dev", help="broker + one edge + workers on this machine")
@@ -151,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edge_options(p)
     _add_worker_options(p)
     _add_log(p)
+
+    p = sub.add_parser("publish", help="publish one broadcast to TOPIC on the bus and exit")
+    p.add_argument("topic", metavar="TOPIC", help="channel topic, e.g. room:lobby")
+    p.add_argument("event", metavar="EVENT", help="event name the clients receive")
+    p.add_argument("json", metavar="JSON", help="the payload, a JSON object, e.g. '{\"body\": \"hi\"}'")
+    _add_bus(p)
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="how long to wait for the bus; exit code 1 if it is unreachable for longer "
+                        "(default: %(default)s)")
 
     p = sub.add_parser("keys", help="make CURVE keys for the bus: a broker keypair and client keypairs")
     p.add_argument("dir", metavar="DIR", help="where to write the key files (created if missing)")
@@ -177,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         from edge.app import main as run
     elif args.command == "workers":
         from workers.supervisor import main as run
+    elif args.command == "publish":
+        from zchannels.publisher import cli as run
     else:
         from zchannels.dev import main as run
     return run(args) or 0

@@ -46,13 +46,14 @@ class Child:
 
 
 def main(args) -> int:
-    setup_logging(args.log_level, "dev")
+    log_format = getattr(args, "log_format", "text")
+    setup_logging(args.log_level, "dev", log_format)
     try:
         OriginCheck.from_options(args.check_origin, args.allowed_origins)
     except ValueError as exc:       # checked before anything starts, not when the edge exits
         log.error("%s", exc)
         return 2
-    level = ["--log-level", args.log_level]
+    level = ["--log-level", args.log_level, "--log-format", log_format]
     static = args.static
     app_path = Path(args.app.split(":")[0])
     if static is None and app_path.suffix == ".py" and (app_path.parent / "static").is_dir():
@@ -84,6 +85,8 @@ def main(args) -> int:
                      "--longpoll-window", str(args.longpoll_window), *client_curve, *level]
         if args.allowed_origins:
             edge_args += ["--allowed-origins", args.allowed_origins]
+        if getattr(args, "api_key", None):
+            edge_args += ["--api-key", args.api_key]
         if args.longpoll_inactivity is not None:
             edge_args += ["--longpoll-inactivity", str(args.longpoll_inactivity)]
         for flag in ("no_websocket", "no_longpoll"):

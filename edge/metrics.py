@@ -1,0 +1,102 @@
+"""Prometheus metrics of one edge, served at GET /metrics on the edge's HTTP port.
+
+The hot path only does plain int adds (``hub.frames_in``, ``hub.frames_out``,
+``hub.bytes_out``, ``fastlane.deliveries`` / ``fastlane.bytes_out`` and the
+``hub.stats`` counters); this collector reads them when Prometheus scrapes, so
+there is no per-message call into prometheus_client.  The gauges (connections,
+joined channels) are counted at scrape time, a walk over the connection table.
+
+With ``--processes N`` every edge process serves its own /metrics on the shared
+port, and the kernel picks which one answers a scrape: run separate edges on
+separate ports (``--reuse-port`` off) when each must be scraped.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from tornado import web
+
+if TYPE_CHECKING:
+    from edge.hub import EdgeHub
+
+TRANSPORTS = {"ws": "websocket", "longpoll": "longpoll"}   # Connection.transport.frame_kind -> label
+
+# hub.stats key -> (metric name without _total, help)
+STATS = {
+    "slow_consumer_closes": ("zchannels_edge_slow_consumer_closes",
+                             "Connections closed (1013) or LongPoll sessions ended for not reading"),
+    "heartbeat_timeouts": ("zchannels_edge_heartbeat_timeouts",
+                           "WebSockets closed (1001) after --heartbeat-timeout without a frame"),
+    "rate_limited": ("zchannels_edge_rate_limit_refusals",
+                     "Client messages refused with {\"reason\":\"rate limited\"}"),
+    "rate_limit_closes": ("zchannels_edge_rate_limit_closes",
+                          "Connections closed (1008) for staying over --max-rate"),
+    "bad_frames": ("zchannels_edge_bad_frames",
+                   "Undecodable client frames and malformed bus frames dropped"),
+    "close_aborts": ("zchannels_edge_close_aborts",
+                     "Connections cut off because they did not read their close frame"),
+    "disconnects": ("zchannels_edge_socket_id_disconnects",
+                    "Connections closed by a \"disconnect\" broadcast to their socket id"),
+}
+
+
+class EdgeCollector:
+    """Reads one hub's counters at scrape time."""
+
+    def __init__(self, hub: "EdgeHub"):
+        self.hub = hub
+
+    def collect(self):
+        hub = self.hub
+        by_transport = dict.fromkeys(TRANSPORTS.values(), 0)
+        joined = 0
+        for conn in list(hub.connections.values()):
+            label = TRANSPORTS.get(conn.transport.frame_kind, conn.transport.frame_kind)
+            by_transport[label] = by_transport.get(label, 0) + 1
+            joined += len(conn.channels)
+        g = GaugeMetricFamily("zchannels_edge_connections", "Client connections open on this edge",
+                              labels=["transport"])
+        for transport, n in by_transport.items():
+            g.add_metric([transport], n)
+        yield g
+        yield GaugeMetricFamily("zchannels_edge_channels_joined",
+                                "Channels joined (or joining) by this edge's clients", value=joined)
+        fastlane = hub.fastlane
+        yield CounterMetricFamily("zchannels_edge_frames_in", "Phoenix messages received from clients",
+                                  value=hub.frames_in)
+        yield CounterMetricFamily("zchannels_edge_frames_out",
+                                  "Phoenix messages sent to clients (replies, pushes, broadcasts)",
+                                  value=hub.frames_out + fastlane.deliveries)
+        yield CounterMetricFamily("zchannels_edge_bytes_out",
+                                  "Bytes of Phoenix messages sent to clients, before transport framing",
+                                  value=hub.bytes_out + fastlane.bytes_out)
+        yield CounterMetricFamily("zchannels_edge_fastlane_deliveries",
+                                  "Broadcasts written to a client by the fast lane",
+                                  value=fastlane.deliveries)
+        yield CounterMetricFamily("zchannels_edge_fastlane_malformed",
+                                  "Broadcasts from the bus dropped as malformed", value=fastlane.malformed)
+        for key, (name, text) in STATS.items():
+            yield CounterMetricFamily(name, text, value=hub.stats.get(key, 0))
+
+
+def make_registry(hub: "EdgeHub") -> CollectorRegistry:
+    """An edge-local registry: the hub's counters and this process's CPU, memory and files."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EdgeCollector(hub))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+class MetricsHandler(web.RequestHandler):
+    """GET /metrics in the Prometheus text format."""
+
+    def initialize(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.set_header("Cache-Control", "no-store")
+        self.finish(generate_latest(self.registry))

@@ -1,0 +1,87 @@
+"""The edge's side of the live status page: its own snapshot on ``zchannels:status``, and
+the page itself at ``/status``.
+
+Once a second the edge publishes what it knows about itself (connections, joined channels,
+its busiest topics, frame counters, workers the broker reported down) through its PUB
+socket, event ``"edge"``; workers publish theirs (workers/status.py).  The page
+(edge/static_status/status.html) is a phoenix.js client of this very system: it joins the
+topic, keeps the latest snapshot per process, drops processes silent for 5 s and derives
+rates from consecutive snapshots.  No process keeps a cluster-wide view, so nothing needs
+to agree: a dead process simply stops publishing.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import orjson
+from tornado import web
+
+from broker import wire
+
+if TYPE_CHECKING:
+    from edge.hub import EdgeHub
+
+log = logging.getLogger(__name__)
+
+STATUS_TOPIC = wire.STATUS_TOPIC   # reserved; joined through workers/status.py
+INTERVAL = 1.0
+TOP_TOPICS = 10
+WORKER_DOWNS_KEPT = 20              # the most recent ones, ...
+WORKER_DOWNS_MAX_AGE = 600.0        # ... heard of in the last 10 minutes
+PAGE = Path(__file__).resolve().parent / "static_status" / "status.html"
+
+
+class EdgeStatus:
+    def __init__(self, hub: "EdgeHub") -> None:
+        self.hub = hub
+        self.started = time.time()
+        self._task = asyncio.get_running_loop().create_task(self._publish_forever())
+
+    def snapshot(self) -> dict:
+        hub = self.hub
+        now = time.time()
+        index = hub.fastlane.index
+        busiest = heapq.nlargest(TOP_TOPICS, index.items(), key=lambda kv: len(kv[1]))
+        downs = hub.worker_downs
+        for worker, at in list(downs.items()):    # oldest first (insertion order)
+            if len(downs) > WORKER_DOWNS_KEPT or now - at > WORKER_DOWNS_MAX_AGE:
+                del downs[worker]
+        return {
+            "id": hub.edge_id.decode(), "pid": os.getpid(), "started": self.started,
+            "uptime": round(now - self.started, 1), "ts": now,
+            "connections": len(hub.connections),
+            "channels": sum(len(subs) for subs in index.values()),
+            "topic_count": len(index),
+            "topics": [[key[:-1].decode(errors="replace"), len(subs)] for key, subs in busiest],
+            "frames_in": hub.frames_in,
+            "frames_out": hub.frames_out + hub.fastlane.deliveries,
+            "deliveries": hub.fastlane.deliveries,
+            "worker_downs": [{"id": w.decode(errors="replace"), "at": at} for w, at in downs.items()],
+            "stats": hub.stats,
+        }
+
+    async def _publish_forever(self) -> None:
+        while True:
+            try:
+                self.hub.bus.publish(STATUS_TOPIC, "edge", orjson.dumps(self.snapshot()), wire.JSON)
+            except Exception:   # the status page must never take the edge down
+                log.exception("edge %s: status snapshot failed", self.hub.edge_id.decode())
+            await asyncio.sleep(INTERVAL)
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
+class StatusPage(web.RequestHandler):
+    """``GET /status``: the live cluster view (one HTML file, plain JS, no external assets)."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.write(PAGE.read_bytes())

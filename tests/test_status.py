@@ -1,0 +1,150 @@
+"""The live status page: every edge and worker publishes a snapshot of itself on the system
+topic "zchannels:status" once a second; /status on any edge is a phoenix.js client of it.
+
+The browser test keeps a screenshot in tests/artifacts/status.png.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT as REPO_ROOT, Cluster, wait_until
+from workers import Channel, Socket
+
+STATUS = "zchannels:status"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
+
+
+def snapshots(client, kind: str, since: int = 0) -> dict[str, dict]:
+    """The latest snapshot of each process of `kind` ("edge" or "worker") received so far."""
+    return {m["payload"]["id"]: m["payload"] for m in client.messages("status", kind, since)}
+
+
+def test_status_topic_carries_snapshots_of_every_edge_and_worker(cluster, js_client):
+    c = js_client("status")
+    c.connect(cluster.ws_urls[0])
+    joined = c.join("status", STATUS, on=["edge", "worker"])
+    assert joined["status"] == "ok", joined
+    edge_ids = set(cluster.edge_ids)
+    worker_ids = {r["id"] for r in cluster.worker_ready}
+    wait_until(lambda: set(snapshots(c, "edge")) >= edge_ids and set(snapshots(c, "worker")) >= worker_ids,
+               timeout=5, message=lambda: f"edges {set(snapshots(c, 'edge'))} / {edge_ids}, "
+                                          f"workers {set(snapshots(c, 'worker'))} / {worker_ids}")
+    # A second round, so this client's own join shows in its edge's counters.
+    mark = c.mark()
+    wait_until(lambda: cluster.edge_ids[0] in snapshots(c, "edge", mark), timeout=5)
+    edge = snapshots(c, "edge", mark)[cluster.edge_ids[0]]
+    assert edge["connections"] >= 1 and edge["channels"] >= 1
+    assert [STATUS, 1] in edge["topics"]
+    assert edge["frames_in"] >= 1 and edge["frames_out"] >= 1 and edge["uptime"] >= 0
+    workers = snapshots(c, "worker")
+    pids = {int(r["pid"]) for r in cluster.worker_ready}
+    assert {w["pid"] for w in workers.values() if w["id"] in worker_ids} == pids
+    assert {w["slot"] for w in workers.values() if w["id"] in worker_ids} == {0, 1}
+    # Exactly one worker holds the status channel of this client.
+    assert sum(w["channels"] for w in workers.values() if w["id"] in worker_ids) >= 1
+
+
+def test_other_system_topics_are_unmatched_even_when_the_app_routes_everything(cluster, js_client):
+    c = js_client("sys")
+    c.connect(cluster.ws_urls[1])
+    refused = c.join("other", "zchannels:secret")
+    assert refused["status"] == "error" and refused["response"] == {"reason": "unmatched topic"}
+
+
+def test_apps_cannot_declare_routes_under_the_system_prefix():
+    socket = Socket()
+    with pytest.raises(ValueError, match="reserved"):
+        socket.channel("zchannels:*", Channel)
+    socket.channel("zchannelsish:*", Channel)   # only the prefix with its colon is reserved
+
+
+def test_status_page_is_served_by_every_edge(cluster):
+    for url in cluster.http_urls:
+        with urllib.request.urlopen(f"{url}/status", timeout=5) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/html")
+            body = resp.read().decode()
+        assert '<script src="/js/phoenix.js"></script>' in body and STATUS in body
+        assert "http://" not in body and "https://" not in body   # no external assets
+
+
+class LineReader:
+    """stdout lines of a child, with deadlines."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+
+    def _read(self, proc):
+        for line in proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def json_with(self, key: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"browser printed no {key!r} within {timeout}s") from None
+            if line is None:
+                raise AssertionError(f"browser exited before printing {key!r}")
+            if line.startswith("{") and key in (msg := json.loads(line)):
+                return msg[key]
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+@pytest.mark.timeout(120)
+def test_status_page_shows_the_cluster_and_a_worker_restart_live():
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(edges=2, workers=2)
+    browser = None
+    try:
+        browser = subprocess.Popen(
+            ["node", "tests/js/browser_status.js", cluster.http_urls[1], str(ARTIFACTS), "2", "2"],
+            cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out = LineReader(browser)
+        try:
+            shown = out.json_with("shown", timeout=30)
+        except AssertionError:
+            browser.kill()
+            raise AssertionError(f"{browser.stderr.read()[-3000:]}\n{cluster.stderr()}") from None
+        assert {e["edgeId"] for e in shown["edges"]} == set(cluster.edge_ids)
+        pids = {int(r["pid"]) for r in cluster.worker_ready}
+        assert {int(w["pid"]) for w in shown["workers"]} == pids
+        assert shown["conn"] == "live"
+        assert int(shown["cards"]["connections"]) >= 1   # the page's own
+
+        victim = int(cluster.worker_ready[0]["pid"])
+        os.kill(victim, signal.SIGKILL)
+        new = cluster.wait_new_worker(pids, timeout=15)
+        browser.stdin.write(json.dumps({"killed": victim}) + "\n")
+        browser.stdin.close()
+        try:
+            after = out.json_with("after", timeout=40)
+        except AssertionError:
+            browser.kill()
+            raise AssertionError(f"{browser.stderr.read()[-3000:]}\n{cluster.stderr()}") from None
+        shown_pids = {int(w["pid"]) for w in after["workers"]}
+        assert victim not in shown_pids and int(new["pid"]) in shown_pids
+        assert any(f"pid {victim}" in e and "down" in e for e in after["events"]), after["events"]
+        assert any(f"pid {new['pid']}" in e and "new worker" in e for e in after["events"]), after["events"]
+        assert browser.wait(10) == 0, browser.stderr.read()[-3000:]
+    finally:
+        if browser is not None and browser.poll() is None:
+            browser.kill()
+            browser.wait(5)
+        cluster.stop()
+        cluster.cleanup()
+    assert (ARTIFACTS / "status.png").stat().st_size > 1000
