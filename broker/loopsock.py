@@ -17,7 +17,7 @@ from typing import Callable
 
 import zmq
 
-from broker import wire
+from broker import curve, wire
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +116,24 @@ def run_loop(main_coro) -> object:
     except ImportError:
         return asyncio.run(main_coro)
     return uvloop.run(main_coro)
+
+
+def connect_peer(ctx: zmq.Context, bus: str, routing_id: bytes, hwm: int,
+                 pub_nodrop: bool = False) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket]:
+    """An edge's or worker's three bus sockets, connected: DEALER (routing), PUB (publish-in),
+    SUB (subscribe-out), with the process's CURVE keys if it has any.  ``pub_nodrop`` makes a
+    full PUB queue a failed, counted send instead of a silent drop."""
+    router_ep, publish_ep, subscribe_ep = wire.bus_endpoints(bus)
+    dealer, pub, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    dealer.setsockopt(zmq.ROUTING_ID, routing_id)
+    for sock in (dealer, pub, sub):
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        curve.secure_client(sock)
+    if pub_nodrop:
+        pub.setsockopt(zmq.XPUB_NODROP, 1)
+    dealer.connect(router_ep)
+    pub.connect(publish_ep)
+    sub.connect(subscribe_ep)
+    return dealer, pub, sub

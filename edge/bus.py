@@ -13,7 +13,7 @@ from typing import Callable
 import zmq
 
 from broker import curve, wire
-from broker.loopsock import LoopSocket
+from broker.loopsock import LoopSocket, connect_peer
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +27,11 @@ class EdgeBus:
                  on_direct: Callable[[list[bytes]], None],
                  on_broadcast: Callable[[list[bytes]], None],
                  load: Callable[[], int]):
-        router_ep, publish_ep, subscribe_ep = wire.bus_endpoints(bus)
         self.edge_id = edge_id
         self.ctx = zmq.Context.instance()
-        dealer = self.ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.ROUTING_ID, edge_id)
-        sub = self.ctx.socket(zmq.SUB)
-        pub = self.ctx.socket(zmq.PUB)
-        for s in (dealer, sub, pub):
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, HWM)
-            s.setsockopt(zmq.RCVHWM, HWM)
-            curve.secure_client(s)   # the keys `zchannels edge` installed, if any
-        dealer.connect(router_ep)
-        sub.connect(subscribe_ep)
-        # A PUB drops silently at its HWM; NODROP makes that a failed (counted) send, so
-        # POST /api/broadcast can answer 503 instead of 202 for a message that went nowhere.
-        pub.setsockopt(zmq.XPUB_NODROP, 1)
-        pub.connect(publish_ep)
+        # NODROP on the PUB: a full queue fails the send (counted), so POST /api/broadcast can
+        # answer 503 instead of 202 for a message that went nowhere.
+        dealer, pub, sub = connect_peer(self.ctx, bus, edge_id, HWM, pub_nodrop=True)
         self._on_direct = on_direct
         self.dealer = LoopSocket(dealer, self._direct, name="edge-dealer")
         self.sub = LoopSocket(sub, on_broadcast, name="edge-sub")

@@ -26,7 +26,7 @@ import zmq
 
 from broker import curve, wire
 from broker.logsetup import announce_ready, setup_logging
-from broker.loopsock import LoopSocket
+from broker.loopsock import LoopSocket, connect_peer
 from workers import api, metrics
 from workers.api import Channel, Error, SocketState
 from workers.channels import _EMPTY_JSON, _ERROR, _OK, ChannelHost, ChannelProc, _maybe_await
@@ -327,23 +327,13 @@ def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callab
         return HANDLER_LOAD_ERROR
     if not app.routes:
         log.warning("app %s declares no channels (socket.channel(...)): every join is refused", app_spec)
+    peer_id = wire.new_peer_id(wire.ROLE_WORKER, f"w{slot}")
+    ctx = zmq.Context()
     try:
-        router_ep, publish_ep, subscribe_ep = wire.bus_endpoints(bus)
+        dealer, pub, sub = connect_peer(ctx, bus, peer_id, HWM)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    peer_id = wire.new_peer_id(wire.ROLE_WORKER, f"w{slot}")
-    ctx = zmq.Context()
-    dealer, pub, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
-    dealer.setsockopt(zmq.ROUTING_ID, peer_id)
-    for sock in (dealer, pub, sub):
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, HWM)
-        sock.setsockopt(zmq.RCVHWM, HWM)
-        curve.secure_client(sock)   # the keys `zchannels workers` installed, if any
-    dealer.connect(router_ep)
-    pub.connect(publish_ep)
-    sub.connect(subscribe_ep)
     log.info("worker %s starting: pid %s app %s bus %s", slot, os.getpid(), app_spec, bus)
     try:
         try:
