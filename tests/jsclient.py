@@ -202,14 +202,18 @@ class JsClient:
         return self.send("connect", wait_s=timeout, url=url, params=params or {}, opts=opts)
 
     def join(self, chan: str, topic: str, params: dict | None = None, *, timeout_ms: int | None = None,
-             on: list[str] = (), timeout: float = 15.0, nowait: bool = False) -> dict:
+             on: list[str] = (), timeout: float = 15.0, nowait: bool = False,
+             presence: bool = False) -> dict:
         """Join `topic` with a channel object named `chan`; returns {"status","response","join_ref"}.
 
         `on` registers listeners before the join is sent, so nothing pushed right after the join
         reply can be missed. nowait=True returns {"status": "sent"} at once (watch the "joined"
-        event), e.g. to push while the join is still in flight.
+        event), e.g. to push while the join is still in flight.  presence=True attaches a
+        phoenix.js `Presence`; each onSync emits {"type": "presence_sync", "chan", "list"}.
         """
         fields: dict[str, Any] = {"chan": chan, "topic": topic, "params": params or {}, "on": list(on)}
+        if presence:
+            fields["presence"] = True
         if nowait:
             fields["nowait"] = True
         if timeout_ms is not None:

@@ -21,6 +21,7 @@ import pytest
 import zmq
 
 from broker import wire
+from workers.presence import PRESENCE_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "tests" / "apps" / "e2e_app.py")
@@ -140,11 +141,12 @@ class FakeBroker:
     # --- broadcasts ---
 
     def broadcast(self, timeout: float = TIMEOUT) -> list[bytes]:
-        """The worker's next broadcast, skipping its once-a-second status snapshots."""
+        """The worker's next broadcast, skipping its once-a-second status snapshots and
+        presence replication (workers/presence.py)."""
         deadline = time.monotonic() + timeout
         while self.capture.poll(max(0, int((deadline - time.monotonic()) * 1000))):
             frames = wire.unpack_broadcast(self.capture.recv())
-            if frames[0] != wire.topic_key(wire.STATUS_TOPIC):
+            if frames[0] not in (wire.topic_key(wire.STATUS_TOPIC), PRESENCE_KEY):
                 return frames
         raise AssertionError(f"no broadcast from the worker within {timeout} s\n{self.stderr()}")
 
@@ -153,9 +155,13 @@ class FakeBroker:
         self.feed.send(wire.pack_broadcast(list(frames)))
 
     def subscription(self, timeout: float = TIMEOUT) -> bytes:
-        if not self.feed.poll(int(timeout * 1000)):
-            raise AssertionError(f"no (un)subscription from the worker within {timeout} s")
-        return self.feed.recv()
+        """The worker's next (un)subscription, skipping its standing presence subscription."""
+        while True:
+            if not self.feed.poll(int(timeout * 1000)):
+                raise AssertionError(f"no (un)subscription from the worker within {timeout} s")
+            sub = self.feed.recv()
+            if sub != b"\x01" + PRESENCE_KEY:
+                return sub
 
     # --- lifecycle ---
 
@@ -583,8 +589,13 @@ def test_chat_lobby_is_open_and_other_rooms_are_private(chat):
 
 def test_chat_announces_joins_from_handle_info_and_broadcasts_messages(chat):
     chat.join_ok(b"c2", "room:lobby", assigns={"user": "bob"}, payload={"announce": True})
+    pushed = chat.recv()   # then tracked in presence, with the full state pushed to the client
+    assert pushed[:6] == [wire.PUSH, EDGE, b"c2", b"room:lobby", b"1", b"presence_state"]
+    assert list(orjson.loads(pushed[6])) == ["bob"]
     assert chat.broadcast() == [wire.topic_key("room:lobby"), wire.BROADCAST, b"user_joined", b"",
                                 b'{"user":"bob"}', wire.JSON]
+    diff = chat.broadcast()
+    assert diff[2] == b"presence_diff" and list(orjson.loads(diff[4])["joins"]) == ["bob"]
     chat.push(b"c2", "room:lobby", "new_msg", {"body": "hi"})
     assert chat.broadcast()[2:5] == [b"new_msg", b"", b'{"body":"hi","user":"bob"}']
     chat.push(b"c2", "room:lobby", "ping", {"t": 1}, ref=b"9")

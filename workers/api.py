@@ -84,6 +84,7 @@ from typing import Any, Callable
 
 import orjson
 
+from workers.presence import PresenceMixin
 from workers.routes import SYSTEM_PREFIX, Route
 
 log = logging.getLogger("zchannels.worker")
@@ -376,7 +377,7 @@ def _check_event(what: str, event: Any) -> str:
     return event
 
 
-class Channel:
+class Channel(PresenceMixin):
     """Base class of a channel: one instance per joined topic per client connection.
 
     Subclass it and define the callbacks (``def`` or ``async def``); ``self.topic`` and
@@ -386,6 +387,10 @@ class Channel:
     ``intercept`` lists the broadcast events that go through ``handle_out`` for this
     channel; every other broadcast on the topic reaches the client directly (the
     Phoenix "fastlane", encoded once for all subscribers).
+
+    Presence (``workers.presence``): ``self.track(key, meta)``, ``self.update(key, meta)``,
+    ``self.untrack(key)`` and ``self.presence_list()``; push the list as ``"presence_state"``
+    from ``handle_info`` right after each join, and phoenix.js ``Presence`` stays in sync.
     """
 
     intercept: list[str] = []

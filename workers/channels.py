@@ -110,6 +110,7 @@ class ChannelHost:
     pub: LoopSocket         # into the broadcast proxy
     sub: LoopSocket         # intercepted broadcasts in ...
     sub_sock: zmq.Socket    # ... and the zmq socket under it, for (un)subscribing
+    presence: Any = None    # workers.presence.Tracker: entries end with their channel
 
     def __init__(self) -> None:
         self.channels: dict[tuple[bytes, bytes, bytes], ChannelProc] = {}
@@ -266,6 +267,8 @@ class ChannelHost:
         if proc.timers:
             for timer in list(proc.timers):
                 timer.cancel()
+        if self.presence is not None and proc in self.presence.by_proc:
+            self.presence.drop_proc(proc)
 
     # --- intercepts -------------------------------------------------------------------
 

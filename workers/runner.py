@@ -27,7 +27,7 @@ import zmq
 from broker import curve, wire
 from broker.logsetup import announce_ready, setup_logging
 from broker.loopsock import LoopSocket, connect_peer
-from workers import api, metrics
+from workers import api, metrics, presence
 from workers.api import Channel, Error, SocketState
 from workers.channels import _EMPTY_JSON, _ERROR, _OK, ChannelHost, ChannelProc, _maybe_await
 from workers.routes import SYSTEM_PREFIX, AppLoadError, load_app
@@ -56,6 +56,11 @@ class Worker(ChannelHost):
         self.sub_sock = sub
         self.sub = LoopSocket(sub, self.on_sub, self.loop, name="worker sub")
         super().__init__()   # the channel table, intercepts and tasks (workers/channels.py)
+        self.presence = presence.Tracker(
+            peer_id, lambda topic, event, data: self.publish(topic, event, data, wire.JSON, b""),
+            self.loop.call_later)
+        sub.setsockopt(zmq.SUBSCRIBE, presence.PRESENCE_KEY)   # every owner's replication
+        self.sub._schedule()   # setsockopt may consume the edge-triggered FD signal
         self.stopping = asyncio.Event()
         self.ready = False
         self.bad_frames = 0
@@ -89,6 +94,9 @@ class Worker(ChannelHost):
     def on_sub(self, frames: list[bytes]) -> None:
         try:
             wire.check_broadcast(frames)
+            if frames[0] == presence.PRESENCE_KEY:
+                self.presence.on_bus(frames[2].decode(), frames[4])
+                return
             procs = self.intercepts.get(frames[0])
             if not procs:
                 return
@@ -283,6 +291,7 @@ class Worker(ChannelHost):
         procs = list(self.channels.values())
         for proc in procs:
             self.kill(proc)
+        self.presence.flush()   # their presence leaves, before the PUB socket closes
         pending = [self.loop.create_task(self.terminate(p, "shutdown")) for p in procs
                    if p.joined and type(p.channel).terminate is not Channel.terminate]
         if pending:
@@ -300,19 +309,38 @@ class Worker(ChannelHost):
 async def _serve(app: api.Socket, socks: tuple, slot: int, peer_id: bytes,
                  alive: Callable[[], None]) -> None:
     worker = Worker(app, *socks, slot=slot, peer_id=peer_id, alive=alive)
-    api._runtime = worker
+    api._runtime, presence._tracker = worker, worker.presence
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
     beat = loop.create_task(worker.heartbeat())
     status = loop.create_task(publish_status(worker))   # zchannels:status snapshots
+    replicate = loop.create_task(presence_forever(worker))
     try:
         await worker.stopping.wait()
         await worker.shutdown()
     finally:
         beat.cancel()
         status.cancel()
-        api._runtime = None
+        replicate.cancel()
+        api._runtime = presence._tracker = None
+
+
+async def presence_forever(worker: Worker) -> None:
+    """Full presence state every HEARTBEAT seconds; silent owners dropped twice as often."""
+    tick = 0
+    while not worker.stopping.is_set():
+        try:
+            if tick % 2 == 0:
+                worker.presence.announce()
+            worker.presence.expire()
+        except Exception:   # never let presence take a worker down
+            log.exception("worker %s: presence replication failed", worker.slot)
+        tick += 1
+        try:
+            await asyncio.wait_for(worker.stopping.wait(), presence.HEARTBEAT / 2)
+        except asyncio.TimeoutError:
+            pass
 
 
 def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callable[[], None],

@@ -11,6 +11,7 @@ salt "user socket" whose data is the user name, in ``params: {token}`` or phoeni
 """
 import logging
 import os
+import time
 
 from workers import Channel, Socket, TokenError, error, noreply, ok, reply, verify_token
 
@@ -34,8 +35,8 @@ class RoomChannel(Channel):
         params = payload if isinstance(payload, dict) else {}
         # Users this client does not want to hear about (join params {"ignore": [...]}).
         socket.assign(ignoring=frozenset(params.get("ignore") or ()))
-        # The page asks to be announced; load tests joining thousands of clients do not
-        # (every announcement passes through handle_out of every member).
+        # The page asks to be announced (and tracked in presence); load tests joining thousands
+        # of clients do not (every announcement passes through handle_out of every member).
         if params.get("announce"):
             # Pushing or broadcasting is not allowed inside join: announce from handle_info.
             self.send("after_join")
@@ -44,6 +45,11 @@ class RoomChannel(Channel):
     def handle_info(self, msg, socket):
         if msg == "after_join":
             self.broadcast("user_joined", {"user": socket.assigns["user"]})
+            # Presence, as in the Phoenix guide: track this connection under the user name
+            # (two tabs = two metas under one key), then hand the client the full state;
+            # phoenix.js Presence applies the presence_diff broadcasts after it.
+            self.track(socket.assigns["user"], {"online_at": int(time.time())})
+            self.push("presence_state", self.presence_list())
         return noreply()
 
     def handle_in(self, event, payload, socket):

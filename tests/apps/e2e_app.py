@@ -168,3 +168,32 @@ def connect(params, socket, connect_info):
 @socket.id
 def socket_id(socket):
     return socket.assigns.get("socket_id")
+
+
+class PresenceChannel(EchoChannel):
+    """``presence:*``: tracks assigns["user"] (meta {"tab": join param "tab"}) right after each
+    join and pushes "presence_state"; events ``update`` (meta = payload), ``untrack``, ``list``."""
+
+    def join(self, topic, payload, socket):
+        self.send(("after_join", {"tab": payload.get("tab")}))
+        return ok()
+
+    def handle_info(self, msg, socket):
+        kind, meta = msg
+        if kind == "after_join":
+            self.track(socket.assigns["user"], meta)
+            self.push("presence_state", self.presence_list())
+            return noreply()
+        return super().handle_info(msg, socket)
+
+    def handle_in(self, event, payload, socket):
+        if event == "update":
+            return reply("ok", {"ref": self.update(socket.assigns["user"], payload)})
+        if event == "untrack":
+            return reply("ok", {"untracked": self.untrack(socket.assigns["user"])})
+        if event == "list":
+            return reply("ok", self.presence_list())
+        return super().handle_in(event, payload, socket)
+
+
+socket.channel("presence:*", PresenceChannel)

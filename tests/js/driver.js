@@ -18,7 +18,7 @@
 const readline = require("readline");
 const path = require("path");
 const WebSocket = require("ws");
-const { Socket, LongPoll } = require(path.join(__dirname, "..", "..", "node_modules", "phoenix"));
+const { Socket, LongPoll, Presence } = require(path.join(__dirname, "..", "..", "node_modules", "phoenix"));
 
 let socket = null;
 const channels = new Map(); // chan name -> Channel
@@ -165,6 +165,16 @@ const commands = {
     chan.onClose((payload) => emit({ type: "chan_close", chan: name, topic: cmd.topic,
                                      payload: toJson(payload) }));
     for (const event of cmd.on || []) listen(name, chan, event);
+    // presence: true -> a phoenix.js Presence on the channel; every onSync emits the whole list
+    // as {"type":"presence_sync","chan","list":{key: [meta, ...]}}.
+    if (cmd.presence) {
+      const presence = new Presence(chan);
+      presence.onSync(() => {
+        const list = {};
+        presence.list((key, { metas }) => { list[key] = toJson(metas); });
+        emit({ type: "presence_sync", chan: name, list });
+      });
+    }
     const push = chan.join(cmd.timeout);
     let answered = false;
     if (cmd.nowait) {
