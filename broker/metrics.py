@@ -23,7 +23,7 @@ COUNTERS = {
     "dropped_full": ("zchannels_broker_dropped_full",
                      "Bus messages dropped because the destination's queue was full"),
     "dropped_while_warming": ("zchannels_broker_dropped_while_warming",
-                              "Messages for unknown peers dropped right after a broker start"),
+                              "Messages for peers not yet reconnected after a broker start, dropped because too many were held"),
     "worker_deaths": ("zchannels_broker_worker_deaths",
                       "Workers declared dead (unreachable or silent; a BYE does not count)"),
     "edge_losses": ("zchannels_broker_edge_losses",

@@ -26,6 +26,7 @@ HEARTBEAT_INTERVAL = 0.25   # broker -> peer probes; a probe to a vanished peer 
 PEER_LIVENESS = 10.0
 EVICTED_MEMORY = 10_000     # ids of evicted peers remembered, to tell them if they come back
 BATCH = 1000                # messages routed before housekeeping gets a turn
+PARK_LIMIT = 100_000        # messages held during warm-up for peers not yet reconnected
 
 
 class Peer:
@@ -52,10 +53,14 @@ class Router:
         self.unroutable = 0
         self.malformed = 0
         self._next_heartbeat = 0.0
-        # Right after a (re)start the registry is empty until peers heartbeat again; a message
-        # for a peer we never heard of is then dropped (at-most-once) rather than reported
-        # unroutable, which would make edges error channels whose worker is alive.
+        # Right after a (re)start the registry is empty until peers heartbeat again, and peers
+        # reconnect in any order: a message for a peer not connected yet (an edge's queued
+        # "channel ended" for a worker, say) is parked until that peer shows up, rather than
+        # reported unroutable, which would make edges error channels whose worker is alive.
+        # What is still parked when the warm-up ends is reported unroutable then.
         self._warm_until = time.monotonic() + min(peer_timeout, 3.0)
+        self.parked: dict[bytes, list[tuple[bytes, bytes, int]]] = {}   # dest -> (sender, data, offset)
+        self.parked_count = 0
         self.dropped_while_warming = 0
         self.dropped_full = 0
         self.worker_deaths = 0      # removed other than by BYE (counted for /metrics)
@@ -91,6 +96,8 @@ class Router:
             self._malformed(frames, f"{len(frames)} ZeroMQ frames, expected 2")
             return
         sender, data = frames
+        if self.parked and sender in self.parked:
+            self._unpark(sender)
         try:
             kind, dest, offset = wire.split_route(data)
         except wire.BusFrameError as exc:
@@ -147,9 +154,30 @@ class Router:
             known = dest in self.workers or dest in self.edges
             self.remove(dest, "unreachable")
             if not known and time.monotonic() < self._warm_until:
-                self.dropped_while_warming += 1
+                self._park(sender, dest, data, offset)
                 return
             self._unroutable(sender, dest, data, offset)
+
+    def _park(self, sender: bytes, dest: bytes, data: bytes, offset: int) -> None:
+        if self.parked_count >= PARK_LIMIT:
+            self.dropped_while_warming += 1
+            return
+        self.parked.setdefault(dest, []).append((sender, data, offset))
+        self.parked_count += 1
+
+    def _unpark(self, peer_id: bytes) -> None:
+        """``peer_id`` is connected now: route what waited for it, in order."""
+        held = self.parked.pop(peer_id)
+        self.parked_count -= len(held)
+        for sender, data, offset in held:
+            kind, dest, _ = wire.split_route(data)
+            self.route(sender, kind, dest, data, offset)
+
+    def _end_warm_up(self) -> None:
+        parked, self.parked, self.parked_count = self.parked, {}, 0
+        for dest, held in parked.items():
+            for sender, data, offset in held:
+                self._unroutable(sender, dest, data, offset)
 
     def _unroutable(self, sender: bytes, dest: bytes, data: bytes, offset: int) -> None:
         """Hand the message back: [UNROUTABLE, dest, kind, *fields]."""
@@ -234,6 +262,8 @@ class Router:
             return False
 
     def housekeeping(self, now: float) -> None:
+        if self.parked and now >= self._warm_until:
+            self._end_warm_up()
         for registry in (self.workers, self.edges):
             for peer in list(registry.values()):
                 if now - peer.last_seen > self.peer_timeout:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
 
 import orjson
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import Proc as ClusterProc, wait_until
 from workers import presence
 from workers.presence import Tracker, new_ref
 
@@ -169,6 +170,47 @@ def test_no_owner_is_dropped_while_the_bus_itself_is_silent():
     bus.now = 10.0   # broker restart: nothing came through, our own state neither
     assert w1.expire() == []
     assert set(w1.list("room:1")) == {"bob"}
+    # The bus is back and our own state returns before w2's: w2 gets a full timeout from now.
+    w1.announce()
+    replicate(bus, w1)
+    bus.now = 12.0
+    assert w1.expire() == []
+    w2.announce()
+    replicate(bus, w1, w2)
+    bus.now = 14.0
+    assert w1.expire() == [] and set(w1.list("room:1")) == {"bob"}
+    bus.fire()
+    assert bus.diffs() == [], "a broker restart must not show clients any leave or join"
+
+
+def test_client_diffs_lost_in_a_bus_outage_are_sent_again_when_it_is_back():
+    bus = Bus()
+    w1 = bus.tracker(b"w1")
+    ann, bob = Proc("room:1"), Proc("room:1")
+    ann_ref = w1.track(ann, "ann", {})
+    w1.track(bob, "bob", {})
+    bus.fire()
+    w1.announce()
+    replicate(bus, w1)   # the bus confirms ann and bob
+    bus.sent.clear()
+    bus.now = 5.0        # outage: these diffs are lost
+    w1.drop_proc(ann)
+    cat_ref = w1.track(Proc("room:1"), "cat", {})
+    bus.fire()
+    bus.sent.clear()
+    w1.announce()
+    replicate(bus, w1)   # back
+    bus.fire()
+    [diff] = bus.diffs()
+    assert [m["phx_ref"] for m in diff["leaves"]["ann"]["metas"]] == [ann_ref]
+    assert [m["phx_ref"] for m in diff["joins"]["cat"]["metas"]] == [cat_ref]
+    assert "bob" not in diff["joins"] and "bob" not in diff["leaves"]
+    bus.sent.clear()
+    bus.now = 6.0        # no outage: nothing is sent again
+    w1.announce()
+    replicate(bus, w1)
+    bus.fire()
+    assert bus.diffs() == []
 
 
 # ---- e2e: phoenix.js Presence ------------------------------------------------------------------
@@ -256,3 +298,61 @@ def test_kill_9_of_a_worker_drops_its_entries_for_the_others_and_rejoin_resyncs(
     victim.wait_event({"type": "joined", "chan": "p"}, timeout=15, since=mark_v)
     synced(victim, "p", lambda l: name in l and "watcher" in l, timeout=8, since=mark_v)
     synced(watcher, "p", lambda l: len(l.get(name, ())) == 1, timeout=8, since=mark_w)
+
+
+def restart_broker(cluster, down_s: float, while_down=lambda: None) -> None:
+    cluster.broker.popen.send_signal(signal.SIGKILL)
+    cluster.broker.popen.wait(5)
+    while_down()
+    time.sleep(down_s)
+    restarted = ClusterProc("broker", "--bus", cluster.bus, name="broker2")
+    cluster.procs.append(restarted)
+    assert restarted.wait_ready(1, 10)[0]["bus"] == cluster.bus
+
+
+@pytest.mark.timeout(120)
+def test_broker_restart_shows_no_spurious_leaves_or_joins_and_state_converges(cluster_factory, js_client):
+    cluster = cluster_factory(edges=2, workers=2)
+    topic = f"presence:{uid()}"
+    clients, pids = [], set()
+    for i in range(8):   # until the entries live on both workers (placement is least-loaded)
+        c = js_client(f"u{i}")
+        assert c.connect(cluster.ws_urls[i % 2], {"user": f"u{i}"})["status"] == "open"
+        assert c.join("p", topic, presence=True)["status"] == "ok"
+        pids.add(c.push("p", "pid", {})["response"]["pid"])
+        clients.append(c)
+        if len(pids) == 2 and len(clients) >= 4:
+            break
+    assert len(pids) == 2, "every join landed on one worker"
+    names = {c.name for c in clients}
+    for c in clients:
+        synced(c, "p", lambda l: set(l) == names)
+        c.on("p", "presence_diff")
+    marks = [len(c.events) for c in clients]
+
+    # Down for longer than the owner timeout: no worker may take the silence for a death.
+    # A client that disconnects meanwhile leaves once the broker is back.
+    gone = clients.pop()
+    restart_broker(cluster, down_s=presence.OWNER_TIMEOUT + 1.0, while_down=gone.disconnect)
+    names.discard(gone.name)
+    wait_until(lambda: clients[0].push("p", "ping", {}, timeout_ms=1000)["status"] == "ok",
+               timeout=20, interval=0.2)
+    time.sleep(presence.OWNER_TIMEOUT + 2 * presence.HEARTBEAT)
+    for c, mark in zip(clients, marks):
+        diffs = [e["payload"] for e in c.messages("p", "presence_diff", since=mark)]
+        changed = [d for d in diffs if set(d["joins"]) | set(d["leaves"]) != {gone.name}]
+        assert not changed, f"{c.name} saw presence change across the broker restart: {changed}"
+        synced(c, "p", lambda l: set(l) == names, since=mark)
+        assert not c.find({"type": "chan_error"}) and not c.find({"type": "socket_close"})
+
+    # After it: a newcomer and a leaver reach every client, and every list is the server's.
+    newcomer = js_client("new")
+    assert newcomer.connect(cluster.ws_urls[1], {"user": "new"})["status"] == "open"
+    assert newcomer.join("p", topic, presence=True)["status"] == "ok"
+    leaver, stayers = clients[0], clients[1:] + [newcomer]
+    assert leaver.leave("p")["status"] == "ok"
+    expected = (names - {leaver.name}) | {"new"}
+    for c in stayers:
+        synced(c, "p", lambda l: set(l) == expected, timeout=8)
+    for c in stayers:
+        assert set(c.push("p", "list", {})["response"]) == expected

@@ -35,16 +35,20 @@ class RoomChannel(Channel):
         params = payload if isinstance(payload, dict) else {}
         # Users this client does not want to hear about (join params {"ignore": [...]}).
         socket.assign(ignoring=frozenset(params.get("ignore") or ()))
-        # The page asks to be announced (and tracked in presence); load tests joining thousands
-        # of clients do not (every announcement passes through handle_out of every member).
+        # The page asks to be announced and tracked in presence ({"announce": true}); the
+        # presence benchmark only to be tracked ({"track": true}); the other load tests
+        # neither (every announcement passes through handle_out of every member).
+        # Pushing or broadcasting is not allowed inside join: both happen in handle_info.
         if params.get("announce"):
-            # Pushing or broadcasting is not allowed inside join: announce from handle_info.
             self.send("after_join")
+        elif params.get("track"):
+            self.send("track")
         return ok()
 
     def handle_info(self, msg, socket):
         if msg == "after_join":
             self.broadcast("user_joined", {"user": socket.assigns["user"]})
+        if msg in ("after_join", "track"):
             # Presence, as in the Phoenix guide: track this connection under the user name
             # (two tabs = two metas under one key), then hand the client the full state;
             # phoenix.js Presence applies the presence_diff broadcasts after it.

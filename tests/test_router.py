@@ -1,0 +1,83 @@
+"""The broker's ROUTER loop on real ZeroMQ sockets: warm-up parking after a (re)start."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import zmq
+
+from broker import router as router_mod, wire
+from broker.router import Router
+
+
+@pytest.fixture
+def bus():
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind("inproc://router-test")
+    peers = []
+
+    def peer(peer_id: bytes) -> zmq.Socket:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.ROUTING_ID, peer_id)
+        dealer.connect("inproc://router-test")
+        peers.append(dealer)
+        return dealer
+
+    yield sock, peer
+    for s in (*peers, sock):
+        s.close(0)
+    ctx.term()
+
+
+def pump(router: Router, sock: zmq.Socket, count: int) -> None:
+    for _ in range(count):
+        assert sock.poll(2000), "the router got nothing"
+        router.handle(sock.recv_multipart())
+
+
+def recv(dealer: zmq.Socket) -> list[bytes]:
+    assert dealer.poll(2000), "nothing arrived"
+    return wire.unpack(dealer.recv())
+
+
+TERMINATE = [wire.TERMINATE, b"W-late", b"conn1", b"room:1", b"1", b"closed"]
+
+
+def test_message_for_a_peer_not_reconnected_yet_waits_for_it_during_warm_up(bus):
+    sock, peer = bus
+    router = Router(sock)
+    edge = peer(b"E-1")
+    edge.send(wire.pack(TERMINATE))
+    pump(router, sock, 1)
+    assert router.parked_count == 1 and router.unroutable == 0
+    worker = peer(b"W-late")
+    worker.send(wire.pack([wire.HEARTBEAT, wire.ROLE_WORKER, b"0"]))
+    pump(router, sock, 1)
+    assert router.parked_count == 0
+    got = [recv(worker), recv(worker)]
+    terminate = next(f for f in got if f[0] == wire.TERMINATE)
+    assert terminate[1] == b"E-1" and terminate[2:] == TERMINATE[2:]   # readdressed to the sender
+
+
+def test_what_is_still_parked_when_warm_up_ends_is_handed_back_unroutable(bus, monkeypatch):
+    sock, peer = bus
+    router = Router(sock)
+    edge = peer(b"E-1")
+    edge.send(wire.pack(TERMINATE))
+    pump(router, sock, 1)
+    router.housekeeping(time.monotonic() + router_mod.PEER_LIVENESS)
+    assert router.parked_count == 0 and router.unroutable == 1
+    back = recv(edge)
+    assert back[0] == wire.UNROUTABLE and back[1] == b"W-late" and back[2] == wire.TERMINATE
+
+
+def test_parking_is_bounded(bus, monkeypatch):
+    sock, peer = bus
+    monkeypatch.setattr(router_mod, "PARK_LIMIT", 3)
+    router = Router(sock)
+    edge = peer(b"E-1")
+    for _ in range(5):
+        edge.send(wire.pack(TERMINATE))
+    pump(router, sock, 5)
+    assert router.parked_count == 3 and router.dropped_while_warming == 2
