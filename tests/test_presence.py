@@ -356,3 +356,23 @@ def test_broker_restart_shows_no_spurious_leaves_or_joins_and_state_converges(cl
         synced(c, "p", lambda l: set(l) == expected, timeout=8)
     for c in stayers:
         assert set(c.push("p", "list", {})["response"]) == expected
+
+
+@pytest.mark.timeout(60)
+def test_entries_of_a_dead_edges_connections_leave(cluster_factory, js_client):
+    cluster = cluster_factory(edges=2, workers=2)
+    topic = f"presence:{uid()}"
+    watcher = js_client("watcher")
+    assert watcher.connect(cluster.ws_urls[0], {"user": "watcher"})["status"] == "open"
+    assert watcher.join("p", topic, presence=True)["status"] == "ok"
+    victims = [js_client(f"v{i}") for i in range(3)]
+    for v in victims:
+        assert v.connect(cluster.ws_urls[1], {"user": v.name})["status"] == "open"
+        assert v.join("p", topic, presence=True)["status"] == "ok"
+    everyone = {"watcher", "v0", "v1", "v2"}
+    synced(watcher, "p", lambda l: set(l) == everyone)
+    mark = watcher.mark()
+    killed_at = time.monotonic()
+    cluster.edge_procs[1].popen.send_signal(signal.SIGKILL)
+    synced(watcher, "p", lambda l: set(l) == {"watcher"}, timeout=10, since=mark)
+    assert time.monotonic() - killed_at < 5
