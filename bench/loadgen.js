@@ -23,12 +23,13 @@
 //   {"cmd":"heartbeat_all"}   heartbeat every open client and wait for the replies.
 //   {"cmd":"stats"}   counters;   {"cmd":"exit"}
 // The LongPoll clients (lp_* commands) are in bench/lpclient.js, the mass of idle clients of
-// the maxconns phase (mc_* commands) in bench/massconns.js.
+// the maxconns phase (mc_* commands) in bench/massconns.js, the clients keeping presence lists
+// (pr_* commands) in bench/presclient.js.
 "use strict";
 
 const WebSocket = require("ws");
 const { performance } = require("perf_hooks");
-const EXTRA = { ...require("./lpclient"), ...require("./massconns") };
+const EXTRA = { ...require("./lpclient"), ...require("./massconns"), ...require("./presclient") };
 
 const TOPIC = "room:lobby";
 const HEARTBEAT_MS = 30000;

@@ -1,6 +1,6 @@
 """The measured phases (docs/benchmarks.md, "Phases"): a. connections, b. fan-out,
-c. round trips, d. fairness; e. longpoll and f. maxconns are in phase_longpoll.py and
-phase_maxconns.py. Each one waits for the machine to be quiet, runs one load generator
+c. round trips, d. fairness; e. longpoll, f. maxconns and g. presence are in phase_longpoll.py,
+phase_maxconns.py and phase_presence.py. Each one waits for the machine to be quiet, runs one load generator
 command between two samples of server CPU and RSS, records its figures in
 `results["phases"]`, logs them against the targets, and waits until the server is idle again.
 """
@@ -10,6 +10,7 @@ import time
 
 import phase_longpoll
 import phase_maxconns
+import phase_presence
 from cluster import Cluster, log
 from loadgen import LoadGen
 from procstats import Sample, all_proc_ticks, cpu_delta, others_cpu_s, proc_tree
@@ -39,8 +40,9 @@ class Phases:
         self.results = results
 
     def run(self, names: list[str]) -> None:
-        """The phases named (connections, fanout, rt, fairness, longpoll, maxconns), always in
-        this order (the last two are in bench/phase_longpoll.py and bench/phase_maxconns.py)."""
+        """The phases named (connections, fanout, rt, fairness, longpoll, presence, maxconns),
+        always in this order (the last three are in bench/phase_longpoll.py,
+        bench/phase_presence.py and bench/phase_maxconns.py)."""
         a = self.args
         if "connections" in names:
             self.connections()
@@ -54,6 +56,8 @@ class Phases:
             self.fairness()
         if "longpoll" in names:
             phase_longpoll.run(self)
+        if "presence" in names:
+            phase_presence.run(self)
         if "maxconns" in names:
             phase_maxconns.run(self)
 

@@ -22,6 +22,11 @@ npm `ws` package, one Node process, clients spread evenly over both edges) and m
   f. maxconns     (only with --phases ...,maxconns; meant for --edge-processes 2) as many joined
                   WebSocket clients as the machine holds, from several load generator
                   processes, then one broadcast to all (bench/phase_maxconns.py, massconns.js)
+  g. presence     (only with --phases ...,presence) N clients, each under its own user name,
+                  join room:lobby tracked in presence all at once and keep their lists as
+                  phoenix.js does: time until every list is complete, presence frames and bytes
+                  per client, server CPU; then all but K leave at once: time until the K
+                  observers' lists are exact (bench/phase_presence.py, presclient.js)
 
 Server CPU is utime+stime from /proc/PID/stat summed over every zchannels process (broker,
 edges, supervisor and its worker children, found by walking /proc/PID/task/*/children),
@@ -43,6 +48,7 @@ from pathlib import Path
 
 import phase_longpoll
 import phase_maxconns
+import phase_presence
 from cluster import ROOT, Cluster, log, raise_nofile
 from loadgen import LoadGen
 from phases import PEERS, Phases
@@ -139,7 +145,8 @@ class Bench:
                          f"{r['latency']['p99_ms']} ms", "", ""))
             rows.append((f"d. fairness: sequential probes ({r.get('probe_clients')}) p99",
                          f"{r.get('probe_latency', {}).get('p99_ms')} ms", "", ""))
-        rows += phase_longpoll.summary_rows(self.results) + phase_maxconns.summary_rows(self.results)
+        rows += (phase_longpoll.summary_rows(self.results) + phase_presence.summary_rows(self.results)
+                 + phase_maxconns.summary_rows(self.results))
         w0 = max([len(x[0]) for x in rows] + [10])
         print(f"{'figure':<{w0}}  {'measured':<26} {'target':<14} peer on this machine")
         print("-" * 100)
@@ -226,8 +233,8 @@ def main() -> int:
     ap.add_argument("--fair-probes", type=int, default=20, help="d. sequential probe clients")
     ap.add_argument("--fair-seconds", type=float, help="d. duration (default 10; quick 3)")
     ap.add_argument("--phases", default="connections,fanout,rt,fairness",
-                    help="comma list of connections, fanout, rt, fairness, longpoll, maxconns "
-                         "(the last two only when named)")
+                    help="comma list of connections, fanout, rt, fairness, longpoll, presence, maxconns "
+                         "(the last three only when named)")
     ap.add_argument("--lp-clients", type=int, help="e. LongPoll clients (default 200; quick 50)")
     ap.add_argument("--lp-seconds", type=float, help="e. round-trip duration (default 10; quick 3)")
     ap.add_argument("--lp-msgs", type=int, help="e. broadcasts to the LongPoll clients (default 100; quick 20)")
@@ -245,6 +252,12 @@ def main() -> int:
     ap.add_argument("--mc-deliver-timeout", type=float, default=30,
                     help="f. how long every client may take to get the broadcast (s)")
     ap.add_argument("--mc-max-seconds", type=float, default=300, help="f. bound for the whole phase (s)")
+    ap.add_argument("--presence-clients", type=int, default=2000,
+                    help="g. clients joining tracked in presence, each under its own user name")
+    ap.add_argument("--presence-observers", type=int, default=100,
+                    help="g. clients that stay while all the others leave")
+    ap.add_argument("--presence-timeout", type=float, default=60,
+                    help="g. how long the lists may take to become complete (s)")
     ap.add_argument("--join-payload", default="{}", type=json.loads,
                     help='JSON join payload (default {}). The chat app announces a join when it is '
                          '{"announce": true}: a "user_joined" broadcast that passes through handle_out '
@@ -283,9 +296,9 @@ def main() -> int:
     a.mc_target = a.mc_target if a.mc_target is not None else (3000 if q else 40000)
     a.mc_batch = a.mc_batch if a.mc_batch is not None else (1000 if q else 4000)
     nofile = raise_nofile()
-    need = max(a.conns, a.subs_big, a.subs) + 500   # per process: the loadgen holds one fd per client
+    need = max(a.conns, a.subs_big, a.subs, a.presence_clients) + 500   # per process: the loadgen holds one fd per client
     if nofile[0] < need:
-        log(f"WARNING RLIMIT_NOFILE {nofile[0]} may be too low for {max(a.conns, a.subs_big)} clients")
+        log(f"WARNING RLIMIT_NOFILE {nofile[0]} may be too low for {need - 500} clients")
     log(f"RLIMIT_NOFILE soft/hard {nofile[0]}/{nofile[1]} (inherited by all processes)")
     # Ctrl-C and SIGTERM: KeyboardInterrupt in the main thread, then everything is stopped.
     # (SIGINT explicitly: a shell starting us in the background would have it ignored.)
