@@ -48,6 +48,10 @@ class LoopSocket:
             self._scheduled = True
             self.loop.call_soon(self._drain)
 
+    def drain(self) -> None:
+        """Handle what is waiting now, before going on (up to MAX_BATCH messages)."""
+        self._drain()
+
     def _drain(self) -> None:
         self._scheduled = False
         if self._closed:

@@ -37,7 +37,7 @@ JOINING, JOINED = 0, 1
 class ChannelRef:
     """The edge's view of one joined channel instance (connection x topic x join_ref)."""
     __slots__ = ("conn", "topic", "key", "join_ref", "worker", "state", "intercept",
-                 "replaces", "buffered")
+                 "replaces", "buffered", "early")
 
     def __init__(self, conn: "Connection", topic: str, join_ref: str | None):
         self.conn = conn
@@ -48,7 +48,8 @@ class ChannelRef:
         self.state = JOINING
         self.intercept: frozenset[str] = frozenset()
         self.replaces: str | None = None          # join_ref of a duplicate join's old instance
-        self.buffered: list[Message] | None = None
+        self.buffered: list[Message] | None = None     # pushes while joining
+        self.early: list[list[bytes]] | None = None    # broadcasts while joining (edge/fastlane.py)
 
 
 class Connection:
@@ -187,8 +188,8 @@ class Connection:
             except orjson.JSONDecodeError:
                 log.warning("worker %r sent a bad intercept list for %s", worker, topic)
             self.hub.remember_worker_channel(ch)
-            self.hub.activate(ch)
             self.reply(ch.join_ref, ref, topic, "ok", response)
+            self.hub.activate(ch)   # after the reply: broadcasts held meanwhile come next
         else:
             del self.channels[topic]
             self.hub.unsubscribe(ch)

@@ -23,29 +23,54 @@ log = logging.getLogger(__name__)
 
 
 DISCONNECT = b"disconnect"
+MAX_HELD_WHILE_JOINING = 1000   # broadcasts kept for one channel while its join is pending
 
 
 class FastLane:
     def __init__(self, on_disconnect: Callable[[bytes], None]) -> None:
-        self.index: dict[bytes, dict["Connection", "ChannelRef"]] = {}
+        self.index: dict[bytes, dict["Connection", "ChannelRef"]] = {}      # joined channels
+        self.joining: dict[bytes, dict["Connection", "ChannelRef"]] = {}    # join sent, no reply yet
+        self.held_overflow = 0
         self.sockets: dict[bytes, set["Connection"]] = {}    # socket id topic key -> connections
         self.on_disconnect = on_disconnect
         self.deliveries = 0
         self.bytes_out = 0      # message bytes delivered (before transport framing), for /metrics
         self.malformed = 0
 
+    def hold(self, ch: "ChannelRef") -> None:
+        """The join of ``ch`` was sent: keep the topic's broadcasts for it until the reply.
+        A broadcast can overtake the join reply (they travel different bus paths), and one
+        published after the worker accepted the join must still reach the client."""
+        ch.early = []
+        self.joining.setdefault(ch.key, {})[ch.conn] = ch
+
     def add(self, ch: "ChannelRef") -> None:
+        """The join succeeded (its reply is written): the held broadcasts, then live ones."""
+        self._unhold(ch)
+        early, ch.early = ch.early, None
+        if early:
+            for frames in early:
+                self._fan({ch.conn: ch}, *frames)
         subs = self.index.get(ch.key)
         if subs is None:
             subs = self.index[ch.key] = {}
         subs[ch.conn] = ch
 
     def remove(self, ch: "ChannelRef") -> None:
+        self._unhold(ch)
+        ch.early = None
         subs = self.index.get(ch.key)
         if subs is not None and subs.get(ch.conn) is ch:
             del subs[ch.conn]
             if not subs:
                 del self.index[ch.key]
+
+    def _unhold(self, ch: "ChannelRef") -> None:
+        joining = self.joining.get(ch.key)
+        if joining is not None and joining.get(ch.conn) is ch:
+            del joining[ch.conn]
+            if not joining:
+                del self.joining[ch.key]
 
     def add_socket(self, conn: "Connection") -> None:
         self.sockets.setdefault(conn.id_key, set()).add(conn)
@@ -66,9 +91,26 @@ class FastLane:
         key, _kind, event_b, origin, payload, fmt = frames
         if key in self.sockets and event_b == DISCONNECT:
             self.on_disconnect(key)      # other events on an id topic are ignored, as in Phoenix
+        joining = self.joining.get(key)
+        if joining:
+            self._hold_for(joining, frames)
         subs = self.index.get(key)
-        if not subs:
-            return
+        if subs:
+            self._fan(subs, key, _kind, event_b, origin, payload, fmt)
+
+    def _hold_for(self, joining: dict, frames: list[bytes]) -> None:
+        for ch in joining.values():
+            if len(ch.early) < MAX_HELD_WHILE_JOINING:
+                ch.early.append(frames)
+            else:
+                self.held_overflow += 1
+                if self.held_overflow in (1, 10, 100) or self.held_overflow % 10000 == 0:
+                    log.warning("joining channel on %.60s held %d broadcasts already; "
+                                "dropped the next (%d so far)", ch.topic, MAX_HELD_WHILE_JOINING,
+                                self.held_overflow)
+
+    def _fan(self, subs: dict, key: bytes, _kind: bytes, event_b: bytes, origin: bytes,
+             payload: bytes, fmt: bytes) -> None:
         try:
             event = event_b.decode()
             topic = key[:-1].decode()

@@ -152,6 +152,7 @@ class EdgeHub:
         # Subscribe when the join starts, so the subscription has propagated to the
         # publishers by the time the join reply lets the client expect broadcasts.
         self.bus.subscribe(ch.key)
+        self.fastlane.hold(ch)
 
     def activate(self, ch: ChannelRef) -> None:
         self.fastlane.add(ch)

@@ -376,3 +376,12 @@ def test_entries_of_a_dead_edges_connections_leave(cluster_factory, js_client):
     cluster.edge_procs[1].popen.send_signal(signal.SIGKILL)
     synced(watcher, "p", lambda l: set(l) == {"watcher"}, timeout=10, since=mark)
     assert time.monotonic() - killed_at < 5
+
+
+def test_a_list_first_reads_the_replication_already_waiting():
+    bus = Bus()
+    w1, w2 = bus.tracker(b"w1"), bus.tracker(b"w2")
+    w2.track(Proc("room:1"), "bob", {})
+    bus.fire()
+    w1.catch_up = lambda: replicate(bus, w1)   # the worker drains its SUB socket here
+    assert set(w1.list("room:1")) == {"bob"}

@@ -130,6 +130,10 @@ class Tracker:
         self.to_clients: dict[str, Diff] = {}                  # topic -> pending presence_diff
         self.to_replicas: dict[str, Diff] = {}                 # topic -> pending delta
         self.timer: Any = None
+        # Reads the replication messages already waiting before a list is made (set by the
+        # worker): a joining client's presence_state must hold every entry whose diff its edge
+        # saw before forwarding the join, and those entries' deltas are queued by then.
+        self.catch_up: Callable[[], None] = lambda: None
 
     # --- the owner side (called by the Channel methods) --------------------------------
 
@@ -172,6 +176,7 @@ class Tracker:
             self._remove(proc.topic, key, self.mine[proc.topic][key][ref])
 
     def list(self, topic: str) -> dict:
+        self.catch_up()
         merged: Presences = {}
         merge_into(merged, self.mine.get(topic, {}))
         for owner, topics in self.owners.items():

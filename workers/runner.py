@@ -59,6 +59,7 @@ class Worker(ChannelHost):
         self.presence = presence.Tracker(
             peer_id, lambda topic, event, data: self.publish(topic, event, data, wire.JSON, b""),
             self.loop.call_later)
+        self.presence.catch_up = self.sub.drain
         sub.setsockopt(zmq.SUBSCRIBE, presence.PRESENCE_KEY)   # every owner's replication
         self.sub._schedule()   # setsockopt may consume the edge-triggered FD signal
         self.stopping = asyncio.Event()
