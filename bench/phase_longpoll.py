@@ -100,14 +100,7 @@ def run(ph) -> None:
         if res["lost"] or res["duplicates"]:
             ph.results["errors"].append(f"longpoll fan-out {mode}: lost {res['lost']}, duplicates {res['duplicates']}")
         ph.settle(f"longpoll fan-out {mode}", a.settle_timeout)
-    stats = ph.lg.call({"cmd": "lp_stats"}, 30)
-    out["client_counters"] = stats["counters"]
-    out["client_first_errors"] = stats["first_errors"]
-    log("  LongPoll client counters: " + ", ".join(f"{k} {v}" for k, v in stats["counters"].items() if v))
-    for e in stats["first_errors"][:5]:
-        log(f"  LongPoll client saw: {e}")
-    out["close"] = ph.lg.call({"cmd": "lp_close"}, 300)
-    ph.settle("longpoll close", a.settle_timeout)
+    ph.close_clients("lp", "LongPoll", out)
 
 
 def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:

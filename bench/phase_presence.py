@@ -128,15 +128,7 @@ def run(ph) -> None:
         + f"; client CPU {lv['client_cpu_s']} s")
     _log_check(ph, "leave", res)
 
-    stats = ph.lg.call({"cmd": "pr_stats"}, 30)
-    out["client_counters"] = stats["counters"]
-    out["client_close_codes"] = stats["close_codes"]
-    out["client_first_errors"] = stats["first_errors"]
-    log("  presence client counters: " + ", ".join(f"{c} {v}" for c, v in stats["counters"].items() if v))
-    for e in stats["first_errors"][:5]:
-        log(f"  presence client saw: {e}")
-    out["close"] = ph.lg.call({"cmd": "pr_close"}, 300)
-    ph.settle("presence close", a.settle_timeout)
+    ph.close_clients("pr", "presence", out)
 
 
 def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:

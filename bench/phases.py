@@ -62,6 +62,20 @@ class Phases:
             phase_maxconns.run(self)
 
     # -- measuring -----------------------------------------------------------------------
+    def close_clients(self, prefix: str, label: str, out: dict) -> None:
+        """The end of a phase with its own kind of clients (``lp_*``, ``pr_*`` commands): record
+        their counters and first errors in ``out``, close them, wait until the server is idle."""
+        stats = self.lg.call({"cmd": f"{prefix}_stats"}, 30)
+        out["client_counters"] = stats["counters"]
+        if "close_codes" in stats:
+            out["client_close_codes"] = stats["close_codes"]
+        out["client_first_errors"] = stats["first_errors"]
+        log(f"  {label} client counters: " + ", ".join(f"{k} {v}" for k, v in stats["counters"].items() if v))
+        for e in stats["first_errors"][:5]:
+            log(f"  {label} client saw: {e}")
+        out["close"] = self.lg.call({"cmd": f"{prefix}_close"}, 300)
+        self.settle(f"{label} close", self.args.settle_timeout)
+
     def settle(self, label: str, max_s: float) -> dict:
         """Wait until the server is idle (< 5% of a core over 1 s); the work done after the last
         client answer (e.g. intercepted broadcasts queued in workers) shows up here."""
