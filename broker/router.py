@@ -238,10 +238,11 @@ class Router:
         if peer is not None:
             if why != "left":
                 self.worker_deaths += 1
-            log.warning("worker down: %s (%s); telling %d edge(s)",
-                        peer_id.decode(errors="replace"), why, len(self.edges))
-            for edge in list(self.edges):
-                self._send(edge, [wire.WORKER_DOWN, peer_id])
+            log.warning("worker down: %s (%s); telling %d edge(s) and %d worker(s)",
+                        peer_id.decode(errors="replace"), why, len(self.edges), len(self.workers))
+            # Edges error its channels; the other workers drop its presence entries at once.
+            for peer in [*self.edges, *self.workers]:
+                self._send(peer, [wire.WORKER_DOWN, peer_id])
             return
         peer = self.edges.pop(peer_id, None)
         if peer is not None:

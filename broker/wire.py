@@ -41,7 +41,7 @@ import struct
 # control, peer <-> broker
 HEARTBEAT = b"h"        # peer->broker [HEARTBEAT, role, load]; broker->peer [HEARTBEAT, b""]
 BYE = b"q"              # peer->broker [BYE, role]: leaving cleanly
-WORKER_DOWN = b"w"      # broker->edge [WORKER_DOWN, worker_id]
+WORKER_DOWN = b"w"      # broker->edge, broker->worker [WORKER_DOWN, worker_id]
 EDGE_DOWN = b"e"        # broker->worker [EDGE_DOWN, edge_id]
 UNROUTABLE = b"u"       # broker->sender [UNROUTABLE, dest_id, kind, *fields]
 EVICTED = b"v"          # broker->peer [EVICTED, b""]: you were declared dead; your peers

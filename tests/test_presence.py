@@ -158,6 +158,27 @@ def test_silent_owner_is_dropped_and_only_the_lowest_live_id_sends_the_leave():
     assert w1.list("room:1") == w2.list("room:1") == {}
 
 
+def test_an_owner_the_broker_saw_die_leaves_at_once():
+    bus = Bus()
+    w1, w2, w3 = bus.tracker(b"w1"), bus.tracker(b"w2"), bus.tracker(b"w3")
+    w3.track(Proc("room:1"), "cat", {})
+    bus.fire()
+    for _ in range(2):   # the second round tells who replicates whom
+        for t in (w1, w2, w3):
+            t.announce()
+        replicate(bus, w1, w2, w3)
+    bus.sent.clear()
+    for t in (w1, w2):   # WORKER_DOWN from the broker, long before OWNER_TIMEOUT
+        t.owner_down("w3")
+        t.owner_down("w3")      # told twice: nothing more
+        t.owner_down("nobody")  # never heard of: nothing
+    bus.fire()
+    [diff] = bus.diffs()   # once, from w1
+    assert set(diff["leaves"]) == {"cat"}
+    assert w1.list("room:1") == w2.list("room:1") == {}
+    assert w1.expire() == []
+
+
 def test_no_owner_is_dropped_while_the_bus_itself_is_silent():
     bus = Bus()
     w1, w2 = bus.tracker(b"w1"), bus.tracker(b"w2")
@@ -289,11 +310,13 @@ def test_kill_9_of_a_worker_drops_its_entries_for_the_others_and_rejoin_resyncs(
     [dead_ref] = [m["phx_ref"] for m in synced(watcher, "p", lambda l: name in l)[name]]
     victim_pid = victim.push("p", "pid", {})["response"]["pid"]
     mark_w, mark_v = len(watcher.events), len(victim.events)
+    killed_at = time.monotonic()
     os.kill(victim_pid, signal.SIGKILL)
-    # The dead worker's entries leave for the other clients within a few seconds (phoenix.js
-    # rejoins meanwhile, so the user may be back already, with a new meta) ...
+    # The dead worker's entries leave for the other clients as soon as the broker sees it die
+    # (phoenix.js rejoins meanwhile, so the user may be back already, with a new meta) ...
     synced(watcher, "p", lambda l: dead_ref not in [m["phx_ref"] for m in l.get(name, ())],
            timeout=8, since=mark_w)
+    assert time.monotonic() - killed_at < 2.0, "a dead worker's entries must leave within ~2 s"
     # ... and after phoenix.js rejoins, a fresh presence_state has the user again.
     victim.wait_event({"type": "joined", "chan": "p"}, timeout=15, since=mark_v)
     synced(victim, "p", lambda l: name in l and "watcher" in l, timeout=8, since=mark_v)

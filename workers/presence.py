@@ -26,7 +26,8 @@ Owners replicate on the one internal bus topic ``zchannels:presence`` (every wor
 subscribes to it, so every worker holds a full replica and ``presence_list`` is complete
 anywhere): ``delta`` messages carry each flushed change, ``state`` messages the owner's full
 state every ``HEARTBEAT`` seconds (a replica adopts it wholesale, so missed deltas and late
-starters converge).  A replica drops an owner silent for ``OWNER_TIMEOUT`` seconds, unless
+starters converge).  A replica drops an owner at once when the broker reports it dead
+(WORKER_DOWN), and otherwise when it was silent for ``OWNER_TIMEOUT`` seconds, unless
 its own heartbeats stopped coming back too (the bus is down: nobody is dropped).  Client
 diffs come from the owner only; for a dead owner, the lowest live id that replicated it sends
 the leave diff (and a join diff if that owner comes back after a bus outage).
@@ -301,15 +302,21 @@ class Tracker:
             return []
         dead = [o for o, t in self.heard.items() if now - t > OWNER_TIMEOUT]
         for owner in dead:
-            del self.heard[owner]
-            self.knows.pop(owner, None)
-            self.expired.add(owner)
-            topics = self.owners.pop(owner, {})
-            if self.elected(owner):
-                for topic, entries in topics.items():
-                    merge_into(self.to_clients.setdefault(topic, Diff()).leaves, entries)
-                self._schedule()
+            self.owner_down(owner)
         return dead
+
+    def owner_down(self, owner: str) -> None:
+        """``owner`` is gone (silent too long, or the broker saw it die): its entries leave."""
+        if owner == self.me or (owner not in self.heard and owner not in self.owners):
+            return
+        self.heard.pop(owner, None)
+        self.expired.add(owner)
+        topics = self.owners.pop(owner, {})
+        if self.elected(owner):
+            for topic, entries in topics.items():
+                merge_into(self.to_clients.setdefault(topic, Diff()).leaves, entries)
+            self._schedule()
+        self.knows.pop(owner, None)
 
 
 # --- the handler API (mixed into workers.api.Channel) ---------------------------------

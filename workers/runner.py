@@ -72,6 +72,7 @@ class Worker(ChannelHost):
             wire.CONNECT: self.on_connect, wire.JOIN: self.on_join, wire.IN: self.on_in,
             wire.LEAVE: self.on_leave, wire.TERMINATE: self.on_terminate,
             wire.HEARTBEAT: self.on_heartbeat, wire.EDGE_DOWN: self.on_edge_down,
+            wire.WORKER_DOWN: self.on_worker_down,
             wire.UNROUTABLE: self.on_unroutable, wire.EVICTED: self.on_evicted,
         }
 
@@ -134,6 +135,10 @@ class Worker(ChannelHost):
         log.info("worker %s: edge %r down, terminating its %d channel(s)", self.slot, edge, len(procs))
         for proc in procs:
             self.end(proc, self.step_end, ("shutdown", "closed"))
+
+    def on_worker_down(self, frames: list[bytes]) -> None:
+        """Another worker is gone: its presence entries leave now, not after OWNER_TIMEOUT."""
+        self.presence.owner_down(frames[1].decode(errors="replace"))
 
     def on_evicted(self, frames: list[bytes]) -> None:
         """The broker declared us dead while we were only slow: every edge has already
