@@ -265,9 +265,29 @@ class Router:
     def housekeeping(self, now: float) -> None:
         if self.parked and now >= self._warm_until:
             self._end_warm_up()
+        unreachable = []
+        probe = wire.pack([wire.HEARTBEAT, b""])
         for registry in (self.workers, self.edges):
             for peer in list(registry.values()):
                 if now - peer.last_seen > self.peer_timeout:
                     self.remove(peer.id, f"silent for {now - peer.last_seen:.1f}s")
-                else:
-                    self._send(peer.id, [wire.HEARTBEAT, b""])
+                    continue
+                try:
+                    self.sock.send_multipart([peer.id, probe], zmq.NOBLOCK)
+                except zmq.ZMQError as exc:
+                    if exc.errno == zmq.EHOSTUNREACH:
+                        unreachable.append(peer.id)
+        if unreachable:
+            # A peer that stopped cleanly may have its BYE waiting behind its closed
+            # connection: read what is there first, so it counts as gone, not dead.
+            self._handle_waiting()
+            for peer_id in unreachable:
+                self.remove(peer_id, "unreachable")
+
+    def _handle_waiting(self) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle(frames)

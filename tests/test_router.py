@@ -81,3 +81,17 @@ def test_parking_is_bounded(bus, monkeypatch):
         edge.send(wire.pack(TERMINATE))
     pump(router, sock, 5)
     assert router.parked_count == 3 and router.dropped_while_warming == 2
+
+
+def test_a_peer_that_said_bye_before_its_connection_closed_counts_as_gone_not_dead(bus):
+    sock, peer = bus
+    router = Router(sock)
+    worker = peer(b"W-1")
+    worker.send(wire.pack([wire.HEARTBEAT, wire.ROLE_WORKER, b"0"]))
+    pump(router, sock, 1)
+    assert b"W-1" in router.workers
+    worker.send(wire.pack([wire.BYE, wire.ROLE_WORKER]))
+    worker.close(linger=1000)   # the BYE is still unread when the probe finds the peer gone
+    time.sleep(0.2)
+    router.housekeeping(time.monotonic())
+    assert b"W-1" not in router.workers and router.worker_deaths == 0
