@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is
 
 
 @pytest.mark.timeout(120)
-def test_chat_page_websocket_tab_and_longpoll_tab_see_each_other():
+def test_chat_page_websocket_tab_and_longpoll_tab_see_each_other_and_who_is_online():
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(app="examples/chat/channels.py", edges=1, workers=2,
                       edge_args=["--static", "examples/chat/static"])
@@ -34,6 +34,9 @@ def test_chat_page_websocket_tab_and_longpoll_tab_see_each_other():
     for tab in ("websocket_tab", "longpoll_tab"):
         assert "hello from the websocket tab" in shown[tab]
         assert "hello from the longpoll tab" in shown[tab]
+    for tab in ("websocket_tab", "longpoll_tab"):   # phoenix.js Presence on the page
+        assert "wsuser" in shown["online"][tab] and "lpuser" in shown["online"][tab]
+    assert "lpuser" in shown["online_after_ws_closed"] and "wsuser" not in shown["online_after_ws_closed"]
     assert shown["longpoll_requests"] > 0, "the LongPoll tab never used /socket/longpoll"
     for name in ("chat-websocket-tab.png", "chat-longpoll-tab.png"):
         assert (ARTIFACTS / name).stat().st_size > 1000

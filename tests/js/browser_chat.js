@@ -31,13 +31,27 @@ async function say(page, text) {
     await lp.waitForSelector("text=hello from the websocket tab", { timeout: 10000 })
     await say(lp, "hello from the longpoll tab")
     await ws.waitForSelector("text=hello from the longpoll tab", { timeout: 10000 })
+    // Who is online (phoenix.js Presence on the page): both names in both tabs.
+    const bothOnline = () => {
+      const text = document.getElementById("online").textContent
+      return text.includes("wsuser") && text.includes("lpuser")
+    }
+    await ws.waitForFunction(bothOnline, null, { timeout: 10000 })
+    await lp.waitForFunction(bothOnline, null, { timeout: 10000 })
     await ws.screenshot({ path: path.join(artifacts, "chat-websocket-tab.png") })
     await lp.screenshot({ path: path.join(artifacts, "chat-longpoll-tab.png") })
+    const online = { websocket_tab: await ws.textContent("#online"), longpoll_tab: await lp.textContent("#online") }
     const transports = await lp.evaluate(() => performance.getEntriesByType("resource")
       .map(e => e.name).filter(n => n.includes("/socket/")).map(n => new URL(n).pathname))
+    const messages = { websocket_tab: await ws.textContent("#messages"), longpoll_tab: await lp.textContent("#messages") }
+    // The WebSocket tab closes: the LongPoll tab sees that user leave.
+    await ws.close()
+    await lp.waitForFunction(() => !document.getElementById("online").textContent.includes("wsuser"),
+                             null, { timeout: 10000 })
     console.log(JSON.stringify({
-      websocket_tab: await ws.textContent("#messages"),
-      longpoll_tab: await lp.textContent("#messages"),
+      ...messages,
+      online,
+      online_after_ws_closed: await lp.textContent("#online"),
       longpoll_requests: transports.filter(p => p.endsWith("/longpoll")).length,
     }))
   } finally {
