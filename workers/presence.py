@@ -135,6 +135,7 @@ class Tracker:
         # worker): a joining client's presence_state must hold every entry whose diff its edge
         # saw before forwarding the join, and those entries' deltas are queued by then.
         self.catch_up: Callable[[], None] = lambda: None
+        self._catching_up = False
 
     # --- the owner side (called by the Channel methods) --------------------------------
 
@@ -177,7 +178,12 @@ class Tracker:
             self._remove(proc.topic, key, self.mine[proc.topic][key][ref])
 
     def list(self, topic: str) -> dict:
-        self.catch_up()
+        if not self._catching_up:   # a handler run by the catch-up may list too: read once
+            self._catching_up = True
+            try:
+                self.catch_up()
+            finally:
+                self._catching_up = False
         merged: Presences = {}
         merge_into(merged, self.mine.get(topic, {}))
         for owner, topics in self.owners.items():
