@@ -240,6 +240,15 @@ def uid() -> str:
     return uuid.uuid4().hex[:8]
 
 
+def presence_client(js_client, url: str, name: str, topic: str):
+    """A phoenix.js client connected as user ``name`` and joined to ``topic`` (channel "p")
+    with a phoenix.js Presence on it."""
+    client = js_client(name)
+    assert client.connect(url, {"user": name})["status"] == "open"
+    assert client.join("p", topic, presence=True)["status"] == "ok"
+    return client
+
+
 def synced(client, chan, pred, timeout=5.0, since=0):
     return client.wait_event(lambda e: e.get("type") == "presence_sync" and e.get("chan") == chan
                              and pred(e["list"]), timeout=timeout, since=since)["list"]
@@ -292,16 +301,12 @@ def test_presence_state_join_leave_update_and_two_tabs_agree_across_edges(cluste
 def test_kill_9_of_a_worker_drops_its_entries_for_the_others_and_rejoin_resyncs(cluster_factory, js_client):
     cluster = cluster_factory(edges=2, workers=2)
     topic = f"presence:{uid()}"
-    watcher = js_client("w")
-    assert watcher.connect(cluster.ws_urls[0], {"user": "watcher"})["status"] == "open"
-    assert watcher.join("p", topic, presence=True)["status"] == "ok"
+    watcher = presence_client(js_client, cluster.ws_urls[0], "watcher", topic)
     watcher_pid = watcher.push("p", "pid", {})["response"]["pid"]
     # A victim client whose channel lands on the other worker (placement is least-loaded).
     victim = None
     for i in range(8):
-        c = js_client(f"v{i}")
-        assert c.connect(cluster.ws_urls[1], {"user": f"v{i}"})["status"] == "open"
-        assert c.join("p", topic, presence=True)["status"] == "ok"
+        c = presence_client(js_client, cluster.ws_urls[1], f"v{i}", topic)
         if c.push("p", "pid", {})["response"]["pid"] != watcher_pid:
             victim = c
             break
@@ -339,9 +344,7 @@ def test_broker_restart_shows_no_spurious_leaves_or_joins_and_state_converges(cl
     topic = f"presence:{uid()}"
     clients, pids = [], set()
     for i in range(8):   # until the entries live on both workers (placement is least-loaded)
-        c = js_client(f"u{i}")
-        assert c.connect(cluster.ws_urls[i % 2], {"user": f"u{i}"})["status"] == "open"
-        assert c.join("p", topic, presence=True)["status"] == "ok"
+        c = presence_client(js_client, cluster.ws_urls[i % 2], f"u{i}", topic)
         pids.add(c.push("p", "pid", {})["response"]["pid"])
         clients.append(c)
         if len(pids) == 2 and len(clients) >= 4:
@@ -369,9 +372,7 @@ def test_broker_restart_shows_no_spurious_leaves_or_joins_and_state_converges(cl
         assert not c.find({"type": "chan_error"}) and not c.find({"type": "socket_close"})
 
     # After it: a newcomer and a leaver reach every client, and every list is the server's.
-    newcomer = js_client("new")
-    assert newcomer.connect(cluster.ws_urls[1], {"user": "new"})["status"] == "open"
-    assert newcomer.join("p", topic, presence=True)["status"] == "ok"
+    newcomer = presence_client(js_client, cluster.ws_urls[1], "new", topic)
     leaver, stayers = clients[0], clients[1:] + [newcomer]
     assert leaver.leave("p")["status"] == "ok"
     expected = (names - {leaver.name}) | {"new"}
@@ -385,13 +386,9 @@ def test_broker_restart_shows_no_spurious_leaves_or_joins_and_state_converges(cl
 def test_entries_of_a_dead_edges_connections_leave(cluster_factory, js_client):
     cluster = cluster_factory(edges=2, workers=2)
     topic = f"presence:{uid()}"
-    watcher = js_client("watcher")
-    assert watcher.connect(cluster.ws_urls[0], {"user": "watcher"})["status"] == "open"
-    assert watcher.join("p", topic, presence=True)["status"] == "ok"
-    victims = [js_client(f"v{i}") for i in range(3)]
-    for v in victims:
-        assert v.connect(cluster.ws_urls[1], {"user": v.name})["status"] == "open"
-        assert v.join("p", topic, presence=True)["status"] == "ok"
+    watcher = presence_client(js_client, cluster.ws_urls[0], "watcher", topic)
+    for i in range(3):
+        presence_client(js_client, cluster.ws_urls[1], f"v{i}", topic)
     everyone = {"watcher", "v0", "v1", "v2"}
     synced(watcher, "p", lambda l: set(l) == everyone)
     mark = watcher.mark()
