@@ -150,7 +150,11 @@ def test_silent_owner_is_dropped_and_only_the_lowest_live_id_sends_the_leave():
     for t in (w1, w2):
         t.announce()
     replicate(bus, w1, w2)
+    assert w1.expire() == []
     bus.now = 3.0
+    for t in (w1, w2):
+        t.announce()
+    replicate(bus, w1, w2)
     assert w1.expire() == ["w3"] and w2.expire() == ["w3"]
     bus.fire()
     [diff] = bus.diffs()   # once, from w1
@@ -202,6 +206,22 @@ def test_no_owner_is_dropped_while_the_bus_itself_is_silent():
     assert w1.expire() == [] and set(w1.list("room:1")) == {"bob"}
     bus.fire()
     assert bus.diffs() == [], "a broker restart must not show clients any leave or join"
+
+
+def test_an_owner_heard_just_before_our_own_last_echo_is_not_dropped_when_the_bus_goes_down():
+    bus = Bus()
+    w1, w2 = bus.tracker(b"w1"), bus.tracker(b"w2")
+    w2.track(Proc("room:1"), "bob", {})
+    bus.fire()
+    w2.announce()
+    replicate(bus, w1)   # w2's last state before the broker went, at 0.0
+    bus.now = 0.6
+    w1.announce()
+    replicate(bus, w1)   # our own last echo, at 0.6
+    for now in (2.6, 3.05, 3.5, 6.0):   # the broker is down all along
+        bus.now = now
+        assert w1.expire() == [], f"w2 dropped at {now} for the bus's silence"
+    assert set(w1.list("room:1")) == {"bob"}
 
 
 def test_client_diffs_lost_in_a_bus_outage_are_sent_again_when_it_is_back():

@@ -302,11 +302,10 @@ class Tracker:
         return self.me <= min((o for o in self.heard if owner in self.knows.get(o, ())), default=self.me)
 
     def expire(self) -> list[str]:
-        """Drop owners silent for OWNER_TIMEOUT (unless our own bus link is silent too)."""
-        now = self.clock()
-        if now - self.self_heard > OWNER_TIMEOUT:
-            return []
-        dead = [o for o, t in self.heard.items() if now - t > OWNER_TIMEOUT]
+        """Drop owners silent for OWNER_TIMEOUT while the bus was up.  Silence is counted up to
+        the last time our own state came back, not up to now: when the bus goes down, no owner
+        comes closer to the timeout, whichever of us announced last before it went."""
+        dead = [o for o, t in self.heard.items() if self.self_heard - t > OWNER_TIMEOUT]
         for owner in dead:
             self.owner_down(owner)
         return dead
