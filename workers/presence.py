@@ -83,6 +83,17 @@ def remove_from(target: Presences, entries: Presences) -> None:
                 del target[key]
 
 
+def entries_not_in(entries: Presences, other: Presences) -> Presences:
+    """The entries (by ref) of ``entries`` that ``other`` does not hold."""
+    missing: Presences = {}
+    for key, metas in entries.items():
+        have = other.get(key, {})
+        kept = {ref: meta for ref, meta in metas.items() if ref not in have}
+        if kept:
+            missing[key] = kept
+    return missing
+
+
 def apply_delta(replica: dict[str, Presences], topics: dict) -> None:
     """Apply one owner's replicated ``delta`` (per topic: joins with metas, leaves as refs)."""
     for topic, diff in topics.items():
@@ -125,9 +136,7 @@ class Tracker:
         self.expired: set[str] = set()                         # owners dropped for silence
         self.knows: dict[str, set[str]] = {}                   # owner id -> owners it replicates
         self.self_heard = clock()                              # our own state came back (bus up)
-        self.announced: dict[str, Presences] = {}              # our entries in the last state sent
-        self.announced_seq = 0
-        self.confirmed: dict[str, Presences] = {}              # ... as the bus echoed them to us
+        self.confirmed: dict[str, Presences] = {}              # our entries as the bus echoed them
         self.to_clients: dict[str, Diff] = {}                  # topic -> pending presence_diff
         self.to_replicas: dict[str, Diff] = {}                 # topic -> pending delta
         self.timer: Any = None
@@ -235,18 +244,15 @@ class Tracker:
 
     def announce(self) -> None:
         """The periodic full state of this owner (also our liveness for the other workers)."""
-        self.announced = {topic: {key: dict(metas) for key, metas in entries.items()}
-                          for topic, entries in self.mine.items()}
-        self.announced_seq += 1
         self.publish(PRESENCE_TOPIC, "state", orjson.dumps(
-            {"owner": self.me, "seq": self.announced_seq, "topics": self.mine, "knows": sorted(self.heard)}))
+            {"owner": self.me, "topics": self.mine, "knows": sorted(self.heard)}))
 
     def on_bus(self, event: str, data: bytes) -> None:
         msg = orjson.loads(data)
         owner, topics = msg["owner"], msg["topics"]
         if owner == self.me:
             if event == "state":
-                self._bus_heard(msg.get("seq"))
+                self._bus_heard(topics)
             elif event == "delta":
                 apply_delta(self.confirmed, topics)
             return
@@ -264,31 +270,25 @@ class Tracker:
             self.heard.setdefault(owner, self.clock())
             apply_delta(self.owners.setdefault(owner, {}), topics)
 
-    def _bus_heard(self, seq: int | None) -> None:
-        """Our own state came back through the bus.  After a silence (a broker restart), every
-        other owner gets a full OWNER_TIMEOUT from now to be heard again, rather than being
-        dropped for the outage, and our client diffs that the outage may have swallowed are
-        sent again: the difference between our entries now and those the bus last confirmed
-        (phoenix.js applies a diff it already had without change)."""
+    def _bus_heard(self, echoed: dict[str, Presences]) -> None:
+        """Our own state came back through the bus (``echoed``: our entries when we sent it;
+        our deltas sent after it come back after it).  After a silence (a broker restart),
+        every other owner gets a full OWNER_TIMEOUT from now to be heard again, rather than
+        being dropped for the outage, and our client diffs that the outage may have swallowed
+        are sent again: the difference between our entries now and those the bus last
+        confirmed (phoenix.js applies a diff it already had without change)."""
         now = self.clock()
         if now - self.self_heard > 2 * HEARTBEAT:
             for owner in self.heard:
                 self.heard[owner] = now
             self._resend_since(self.confirmed)
         self.self_heard = now
-        if seq == self.announced_seq:   # the echo of our latest state, not of an older one
-            self.confirmed = self.announced
-            self.announced = {}
+        self.confirmed = echoed
 
     def _resend_since(self, confirmed: dict[str, Presences]) -> None:
         for topic in set(confirmed) | set(self.mine):
             was, now = confirmed.get(topic, {}), self.mine.get(topic, {})
-            joins = {k: {r: m for r, m in metas.items() if r not in was.get(k, ())}
-                     for k, metas in now.items()}
-            leaves = {k: {r: m for r, m in metas.items() if r not in now.get(k, ())}
-                      for k, metas in was.items()}
-            joins = {k: m for k, m in joins.items() if m}
-            leaves = {k: m for k, m in leaves.items() if m}
+            joins, leaves = entries_not_in(now, was), entries_not_in(was, now)
             if joins or leaves:
                 diff = self.to_clients.setdefault(topic, Diff())
                 merge_into(diff.joins, joins)
