@@ -59,7 +59,7 @@ class Router:
         # reported unroutable, which would make edges error channels whose worker is alive.
         # What is still parked when the warm-up ends is reported unroutable then.
         self._warm_until = time.monotonic() + min(peer_timeout, 3.0)
-        self.parked: dict[bytes, list[tuple[bytes, bytes, int]]] = {}   # dest -> (sender, data, offset)
+        self.parked: dict[bytes, list[tuple[bytes, bytes, bytes, int]]] = {}   # dest -> (sender, kind, data, offset)
         self.parked_count = 0
         self.dropped_while_warming = 0
         self.dropped_full = 0
@@ -80,12 +80,7 @@ class Router:
             except zmq.Again:
                 pass
             else:
-                for _ in range(BATCH):
-                    try:
-                        frames = recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    handle(frames)
+                self._handle_waiting()
             now = time.monotonic()
             if now >= self._next_heartbeat:
                 self._next_heartbeat = now + HEARTBEAT_INTERVAL
@@ -154,29 +149,28 @@ class Router:
             known = dest in self.workers or dest in self.edges
             self.remove(dest, "unreachable")
             if not known and time.monotonic() < self._warm_until:
-                self._park(sender, dest, data, offset)
+                self._park(sender, kind, dest, data, offset)
                 return
             self._unroutable(sender, dest, data, offset)
 
-    def _park(self, sender: bytes, dest: bytes, data: bytes, offset: int) -> None:
+    def _park(self, sender: bytes, kind: bytes, dest: bytes, data: bytes, offset: int) -> None:
         if self.parked_count >= PARK_LIMIT:
             self.dropped_while_warming += 1
             return
-        self.parked.setdefault(dest, []).append((sender, data, offset))
+        self.parked.setdefault(dest, []).append((sender, kind, data, offset))
         self.parked_count += 1
 
     def _unpark(self, peer_id: bytes) -> None:
         """``peer_id`` is connected now: route what waited for it, in order."""
         held = self.parked.pop(peer_id)
         self.parked_count -= len(held)
-        for sender, data, offset in held:
-            kind, dest, _ = wire.split_route(data)
-            self.route(sender, kind, dest, data, offset)
+        for sender, kind, data, offset in held:
+            self.route(sender, kind, peer_id, data, offset)
 
     def _end_warm_up(self) -> None:
         parked, self.parked, self.parked_count = self.parked, {}, 0
         for dest, held in parked.items():
-            for sender, data, offset in held:
+            for sender, _kind, data, offset in held:
                 self._unroutable(sender, dest, data, offset)
 
     def _unroutable(self, sender: bytes, dest: bytes, data: bytes, offset: int) -> None:
@@ -285,9 +279,11 @@ class Router:
                 self.remove(peer_id, "unreachable")
 
     def _handle_waiting(self) -> None:
+        """Handle what has arrived, without blocking (at most BATCH messages)."""
+        recv, handle = self.sock.recv_multipart, self.handle
         for _ in range(BATCH):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.handle(frames)
+            handle(frames)

@@ -50,7 +50,7 @@ class FastLane:
         early, ch.early = ch.early, None
         if early:
             for frames in early:
-                self._fan({ch.conn: ch}, *frames)
+                self._fan({ch.conn: ch}, frames)
         subs = self.index.get(ch.key)
         if subs is None:
             subs = self.index[ch.key] = {}
@@ -96,7 +96,7 @@ class FastLane:
             self._hold_for(joining, frames)
         subs = self.index.get(key)
         if subs:
-            self._fan(subs, key, _kind, event_b, origin, payload, fmt)
+            self._fan(subs, frames)
 
     def _hold_for(self, joining: dict, frames: list[bytes]) -> None:
         for ch in joining.values():
@@ -109,8 +109,8 @@ class FastLane:
                                 "dropped the next (%d so far)", ch.topic, MAX_HELD_WHILE_JOINING,
                                 self.held_overflow)
 
-    def _fan(self, subs: dict, key: bytes, _kind: bytes, event_b: bytes, origin: bytes,
-             payload: bytes, fmt: bytes) -> None:
+    def _fan(self, subs: dict, frames: list[bytes]) -> None:
+        key, _kind, event_b, origin, payload, fmt = frames
         try:
             event = event_b.decode()
             topic = key[:-1].decode()

@@ -183,11 +183,16 @@ def test_an_owner_the_broker_saw_die_leaves_at_once():
     assert w1.expire() == []
 
 
-def test_no_owner_is_dropped_while_the_bus_itself_is_silent():
+def bob_tracked_on_w2() -> tuple[Bus, Tracker, Tracker]:
     bus = Bus()
     w1, w2 = bus.tracker(b"w1"), bus.tracker(b"w2")
     w2.track(Proc("room:1"), "bob", {})
     bus.fire()
+    return bus, w1, w2
+
+
+def test_no_owner_is_dropped_while_the_bus_itself_is_silent():
+    bus, w1, w2 = bob_tracked_on_w2()
     w1.announce()
     w2.announce()
     replicate(bus, w1, w2)
@@ -209,10 +214,7 @@ def test_no_owner_is_dropped_while_the_bus_itself_is_silent():
 
 
 def test_an_owner_heard_just_before_our_own_last_echo_is_not_dropped_when_the_bus_goes_down():
-    bus = Bus()
-    w1, w2 = bus.tracker(b"w1"), bus.tracker(b"w2")
-    w2.track(Proc("room:1"), "bob", {})
-    bus.fire()
+    bus, w1, w2 = bob_tracked_on_w2()
     w2.announce()
     replicate(bus, w1)   # w2's last state before the broker went, at 0.0
     bus.now = 0.6
@@ -419,9 +421,6 @@ def test_entries_of_a_dead_edges_connections_leave(cluster_factory, js_client):
 
 
 def test_a_list_first_reads_the_replication_already_waiting():
-    bus = Bus()
-    w1, w2 = bus.tracker(b"w1"), bus.tracker(b"w2")
-    w2.track(Proc("room:1"), "bob", {})
-    bus.fire()
+    bus, w1, w2 = bob_tracked_on_w2()
     w1.catch_up = lambda: replicate(bus, w1)   # the worker drains its SUB socket here
     assert set(w1.list("room:1")) == {"bob"}

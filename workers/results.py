@@ -10,14 +10,18 @@ if TYPE_CHECKING:
     from workers.api import Channel
 
 
+def _json_object(what: str, reply: dict | None) -> dict:
+    if reply is not None and not isinstance(reply, dict):
+        raise TypeError(f"{what}() takes a dict (JSON object) reply, got {type(reply).__name__}")
+    return {} if reply is None else reply
+
+
 class Ok:
     """``join`` accepted; ``reply`` (a dict) goes to the client as the join response."""
     __slots__ = ("reply",)
 
     def __init__(self, reply: dict | None = None):
-        if reply is not None and not isinstance(reply, dict):
-            raise TypeError(f"ok() takes a dict (JSON object) reply, got {type(reply).__name__}")
-        self.reply = {} if reply is None else reply
+        self.reply = _json_object("ok", reply)
 
     def __repr__(self) -> str:
         return f"ok({self.reply!r})"
@@ -28,11 +32,7 @@ class Error:
     __slots__ = ("reply",)
 
     def __init__(self, reply: dict | str | None = None):
-        if isinstance(reply, str):
-            reply = {"reason": reply}
-        if reply is not None and not isinstance(reply, dict):
-            raise TypeError(f"error() takes a dict (JSON object) reply, got {type(reply).__name__}")
-        self.reply = {} if reply is None else reply
+        self.reply = _json_object("error", {"reason": reply} if isinstance(reply, str) else reply)
 
     def __repr__(self) -> str:
         return f"error({self.reply!r})"
