@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 
 import zmq
@@ -66,6 +67,9 @@ class Router:
         self.worker_deaths = 0      # removed other than by BYE (counted for /metrics)
         self.edge_losses = 0
         self.evicted: dict[bytes, float] = {}
+        # Sent in every heartbeat: a peer that sees it change knows the broker restarted and
+        # that messages in flight then may be lost (workers/runner.py: sync_edges).
+        self.instance = os.urandom(4).hex().encode()
 
     # --- the loop ---------------------------------------------------------
     def run(self, should_stop) -> None:
@@ -217,7 +221,7 @@ class Router:
             log.info("%s up: %s (%d %ss live)", "worker" if role == wire.ROLE_WORKER else "edge",
                      sender.decode(errors="replace"), len(registry),
                      "worker" if role == wire.ROLE_WORKER else "edge")
-            self._send(sender, [wire.HEARTBEAT, b""])
+            self._send(sender, [wire.HEARTBEAT, self.instance])
         peer.last_seen = now
         peer.load = int(load) if load.isdigit() else 0
         peer.placed = 0
@@ -260,7 +264,7 @@ class Router:
         if self.parked and now >= self._warm_until:
             self._end_warm_up()
         unreachable = []
-        probe = wire.pack([wire.HEARTBEAT, b""])
+        probe = wire.pack([wire.HEARTBEAT, self.instance])
         for registry in (self.workers, self.edges):
             for peer in list(registry.values()):
                 if now - peer.last_seen > self.peer_timeout:

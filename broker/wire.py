@@ -39,7 +39,7 @@ import struct
 
 # --- kinds --------------------------------------------------------------
 # control, peer <-> broker
-HEARTBEAT = b"h"        # peer->broker [HEARTBEAT, role, load]; broker->peer [HEARTBEAT, b""]
+HEARTBEAT = b"h"        # peer->broker [HEARTBEAT, role, load]; broker->peer [HEARTBEAT, broker_instance]
 BYE = b"q"              # peer->broker [BYE, role]: leaving cleanly
 WORKER_DOWN = b"w"      # broker->edge, broker->worker [WORKER_DOWN, worker_id]
 EDGE_DOWN = b"e"        # broker->worker [EDGE_DOWN, edge_id]
@@ -61,6 +61,9 @@ REPLY = b"r"            # [REPLY, dest, conn_id, topic, join_ref, ref, status, r
 PUSH = b"p"             # [PUSH, dest, conn_id, topic, join_ref, event, payload, fmt]
 CHANNEL_CLOSE = b"x"    # [CHANNEL_CLOSE, dest, conn_id, topic, join_ref]  -> phx_close
 CHANNEL_ERROR = b"!"    # [CHANNEL_ERROR, dest, conn_id, topic, join_ref]  -> phx_error
+# After a broker restart (a new broker_instance): the worker's channels on that edge,
+# (conn_id, topic, join_ref) triples packed into one frame, to settle messages the restart lost.
+SYNC = b"Y"             # [SYNC, dest, channels]
 
 # edge -> edge: a LongPoll request that reached an edge other than the one holding its
 # session (non-sticky load balancing), relayed to the holder, and the holder's answer
@@ -82,11 +85,11 @@ ROLE_WORKER = b"W"
 FRAME_COUNTS = {
     CONNECT: 4, JOIN: 8, IN: 9, LEAVE: 6, TERMINATE: 6,
     CONNECT_REPLY: 5, JOIN_REPLY: 9, REPLY: 9, PUSH: 8,
-    CHANNEL_CLOSE: 5, CHANNEL_ERROR: 5,
+    CHANNEL_CLOSE: 5, CHANNEL_ERROR: 5, SYNC: 3,
     LP_REQUEST: 8, LP_RESPONSE: 5,
 }
 EDGE_TO_WORKER = frozenset((CONNECT, JOIN, IN, LEAVE, TERMINATE))
-WORKER_TO_EDGE = frozenset((CONNECT_REPLY, JOIN_REPLY, REPLY, PUSH, CHANNEL_CLOSE, CHANNEL_ERROR))
+WORKER_TO_EDGE = frozenset((CONNECT_REPLY, JOIN_REPLY, REPLY, PUSH, CHANNEL_CLOSE, CHANNEL_ERROR, SYNC))
 EDGE_TO_EDGE = frozenset((LP_REQUEST, LP_RESPONSE))
 BROADCAST_FRAMES = 6
 
@@ -222,6 +225,36 @@ def readdress(data: bytes, peer: bytes, offset: int) -> bytes:
 def unpack(data: bytes) -> list[bytes]:
     kind, peer, offset = split_route(data)
     return [kind, peer, *unpack_fields(data, offset)]
+
+
+_FIELD_LENGTH = struct.Struct("<I")
+
+
+def pack_channel_list(channels: list[tuple[bytes, bytes, bytes]]) -> bytes:
+    """SYNC's payload, one frame however many channels: (conn_id, topic, join_ref) triples,
+    each field a 4-byte length and its bytes."""
+    out = bytearray()
+    for channel in channels:
+        for field in channel:
+            out += _FIELD_LENGTH.pack(len(field))
+            out += field
+    return bytes(out)
+
+
+def unpack_channel_list(data: bytes) -> set[tuple[bytes, bytes, bytes]]:
+    fields, pos, size = [], 0, len(data)
+    while pos < size:
+        if pos + 4 > size:
+            raise BusFrameError("SYNC payload truncated in a field length")
+        (length,) = _FIELD_LENGTH.unpack_from(data, pos)
+        pos += 4
+        if pos + length > size:
+            raise BusFrameError("SYNC payload truncated in a field")
+        fields.append(data[pos:pos + length])
+        pos += length
+    if len(fields) % 3:
+        raise BusFrameError(f"SYNC payload has {len(fields)} fields, not (conn_id, topic, join_ref) triples")
+    return {(fields[i], fields[i + 1], fields[i + 2]) for i in range(0, len(fields), 3)}
 
 
 def pack_broadcast(frames: list[bytes]) -> bytes:

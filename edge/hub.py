@@ -77,6 +77,7 @@ class EdgeHub:
             wire.PUSH: self._on_push,
             wire.CHANNEL_CLOSE: self._on_channel_close,
             wire.CHANNEL_ERROR: self._on_channel_error,
+            wire.SYNC: self._on_sync,
             wire.LP_REQUEST: self._on_lp_request,
             wire.LP_RESPONSE: self._on_lp_response,
         }
@@ -277,6 +278,28 @@ class EdgeHub:
             # The worker holding a channel is gone: same as the broker's notice.
             self.worker_down(dest)
 
+    def _on_sync(self, frames):
+        """A worker lists the channels of ours it holds, after a broker restart that may have
+        lost messages: end there those we no longer have (our TERMINATE was lost), error here
+        those it no longer has (its close was lost; phoenix.js rejoins)."""
+        _, worker, data = frames
+        listed = wire.unpack_channel_list(data)
+        orphans = 0
+        for conn_id, topic_b, join_ref in listed:
+            conn = self.connections.get(conn_id)
+            ch = conn.channels.get(topic_b.decode()) if conn is not None else None
+            if ch is None or ref_bytes(ch.join_ref) != join_ref:
+                orphans += 1
+                self.bus_send([wire.TERMINATE, worker, conn_id, topic_b, join_ref, b"closed"])
+        lost = [ch for ch in self.worker_channels.get(worker, ())
+                if (ch.conn.conn_id, ch.topic.encode(), ref_bytes(ch.join_ref)) not in listed]
+        for ch in lost:
+            self.forget_worker_channel(ch)
+        if orphans or lost:
+            log.warning("worker %s after the broker restart: ending %d channel(s) it still held, "
+                        "phx_error for %d it had lost", worker.decode(errors="replace"), orphans, len(lost))
+        self._error_channels(lost)
+
     def worker_down(self, worker: bytes) -> None:
         self.worker_downs.setdefault(worker, time.time())
         chans = self.worker_channels.pop(worker, None)
@@ -284,6 +307,10 @@ class EdgeHub:
             return
         log.warning("worker %s gone: sending phx_error to %d channel(s)",
                     worker.decode(errors="replace"), len(chans))
+        self._error_channels(chans)
+
+    def _error_channels(self, chans) -> None:
+        """Forget these channels (their worker no longer has them) and send each phx_error."""
         for ch in chans:
             conn = ch.conn
             if conn.channels.get(ch.topic) is ch:

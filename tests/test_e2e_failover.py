@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
 
 import pytest
@@ -96,3 +97,52 @@ def test_peer_declared_dead_while_frozen_resets_and_clients_recover(cluster_fact
     wait_until(lambda: client.push("c", "ping", {"n": 2}, timeout_ms=1000)["status"] == "ok",
                timeout=15, interval=0.2)
     assert "declared dead" in cluster.stderr()
+
+
+def restart_broker_losing_what_it_had_not_read(cluster, while_frozen) -> None:
+    """Freeze the broker, let ``while_frozen`` send bus messages into its unread socket
+    buffers, then kill it (those messages are gone) and start a new one on the same bus."""
+    os.kill(cluster.broker.pid, signal.SIGSTOP)
+    while_frozen()
+    cluster.broker.popen.send_signal(signal.SIGKILL)
+    cluster.broker.popen.wait(5)
+    restarted = Proc("broker", "--bus", cluster.bus, name="broker2")
+    cluster.procs.append(restarted)
+    assert restarted.wait_ready(1, 10)[0]["bus"] == cluster.bus
+
+
+@pytest.mark.timeout(60)
+def test_a_channel_end_lost_in_a_broker_restart_still_reaches_the_worker(cluster_factory, js_client):
+    cluster = cluster_factory(edges=1, workers=1)
+    topic = f"terminate:{uid()}"
+    watcher = js_client("watcher")
+    assert watcher.connect(cluster.ws_urls[0], {"user": "w"})["status"] == "open"
+    assert watcher.join("t", "terminations:" + topic)["status"] == "ok"
+    watcher.on("t", "terminated")
+    victim = js_client("victim")
+    assert victim.connect(cluster.ws_urls[0], {"user": "v"})["status"] == "open"
+    assert victim.join("c", topic)["status"] == "ok"
+
+    def disconnect_and_let_the_terminate_sink():
+        victim.disconnect()
+        time.sleep(0.5)
+    restart_broker_losing_what_it_had_not_read(cluster, disconnect_and_let_the_terminate_sink)
+    # The worker sees the new broker, lists its channels to the edge, which ends this one.
+    event = watcher.wait_event({"type": "message", "chan": "t", "event": "terminated"}, timeout=15)
+    assert "closed" in event["payload"]["reason"]
+    assert "ending 1 channel(s) it still held" in cluster.stderr()
+
+
+@pytest.mark.timeout(60)
+def test_a_channel_close_lost_in_a_broker_restart_reaches_the_client_as_phx_error(cluster_factory, js_client):
+    cluster = cluster_factory(edges=1, workers=1)
+    client = js_client("c")
+    assert client.connect(cluster.ws_urls[0], {"user": "c"})["status"] == "open"
+    assert client.join("c", f"echo:{uid()}")["status"] == "ok"
+    joins_before = len(client.find({"type": "joined", "chan": "c"}))
+    assert client.push("c", "stop_after", {"ms": 300})["status"] == "ok"
+    # The channel stops while the broker is frozen: its phx_close is lost with the broker.
+    restart_broker_losing_what_it_had_not_read(cluster, lambda: time.sleep(1.5))
+    client.wait_event({"type": "chan_error", "chan": "c"}, timeout=15)
+    wait_until(lambda: len(client.find({"type": "joined", "chan": "c"})) > joins_before, timeout=15)
+    assert not client.find({"type": "chan_close", "chan": "c"})

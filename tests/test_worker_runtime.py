@@ -42,6 +42,7 @@ class FakeBroker:
             cwd=ROOT, stdout=subprocess.PIPE, stderr=open(self.stderr_path, "wb"))
         self.worker_id: bytes | None = None
         self.loads: list[int] = []
+        self.instance = b""   # the broker instance our heartbeat replies name
 
     def _bind(self):
         for _ in range(50):
@@ -68,7 +69,7 @@ class FakeBroker:
         frames = wire.unpack(packed)
         if frames[0] == wire.HEARTBEAT:
             self.loads.append(int(frames[2]))
-            self.router.send_multipart([wid, wire.pack([wire.HEARTBEAT, b""])])
+            self.router.send_multipart([wid, wire.pack([wire.HEARTBEAT, self.instance])])
         return frames
 
     def recv(self, timeout: float = TIMEOUT) -> list[bytes]:
@@ -488,6 +489,25 @@ def test_edge_down_terminates_that_edges_channels_only(bus):
     bus.push(b"ed1", "terminate:ed1", "ping", ref=b"2", edge=other)   # gone
     bus.push(b"ed2", "terminate:ed2", "ping", ref=b"3")               # still there
     bus.expect_reply(b"ed2", "terminate:ed2", b"3", b"ok", {})
+
+
+def test_a_new_broker_instance_makes_the_worker_list_its_channels_to_each_edge(bus):
+    bus.join_ok(b"sy1", "echo:sy1", join_ref=b"4")
+    bus.instance = b"first-broker"
+    bus.next_load()
+    bus.next_load()   # the worker has seen our reply naming it
+    bus.instance = b"second-broker"
+    bus.next_load()
+    syncs: dict[bytes, set] = {}
+    while EDGE not in syncs:   # one per edge that joined a channel here (earlier tests' too)
+        frames = bus.recv(timeout=3)
+        assert frames[0] == wire.SYNC, frames
+        syncs[frames[1]] = wire.unpack_channel_list(frames[2])
+    assert (b"sy1", b"echo:sy1", b"4") in syncs[EDGE]
+    time.sleep(0.2)   # the SYNCs to the other edges left in the same turn
+    assert all(f[0] == wire.SYNC for f in bus.nothing_pending())
+    bus.send(wire.TERMINATE, b"sy1", b"echo:sy1", b"4", b"closed")   # as the edge would answer
+    bus.instance = b""
 
 
 # --- mailbox ----------------------------------------------------------------------------

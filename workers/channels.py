@@ -114,9 +114,23 @@ class ChannelHost:
 
     def __init__(self) -> None:
         self.channels: dict[tuple[bytes, bytes, bytes], ChannelProc] = {}
+        self.edges: set[bytes] = set()     # every edge that joined a channel here (until EDGE_DOWN)
         self.intercepts: dict[bytes, set[ChannelProc]] = {}   # topic key -> intercepting channels
         self.tasks: set[asyncio.Task] = set()
         self._intercept_cache: dict[type, tuple[frozenset, bytes]] = {}
+
+    def sync_edges(self) -> None:
+        """The broker restarted, and messages in flight then may be lost (an edge's TERMINATE,
+        our CHANNEL_CLOSE).  Tell each edge which of its channels we hold (perhaps none); it
+        terminates those it no longer has and errors those it holds here that we no longer
+        list."""
+        by_edge: dict[bytes, list[tuple[bytes, bytes, bytes]]] = {edge: [] for edge in self.edges}
+        for proc in self.channels.values():
+            by_edge.setdefault(proc.edge, []).append((proc.conn, proc.topic_b, proc.join_ref))
+        for edge, channels in by_edge.items():
+            self.dealer.send([wire.SYNC, edge, wire.pack_channel_list(channels)])
+        log.info("worker %s: the broker restarted; told %d edge(s) which of their channels are here",
+                 self.slot, len(by_edge))
 
     # --- channel lifecycle (the bus frames are decoded in workers.runner) -------------
 

@@ -281,7 +281,9 @@ class Tracker:
         if now - self.self_heard > 2 * HEARTBEAT:
             for owner in self.heard:
                 self.heard[owner] = now
-            self._resend_since(self.confirmed)
+            # A heartbeat later, when the edges have resubscribed too.
+            confirmed = self.confirmed
+            self.call_later(HEARTBEAT, lambda: self._resend_since(confirmed))
         self.self_heard = now
         self.confirmed = echoed
 

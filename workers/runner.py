@@ -40,6 +40,7 @@ BROKER_SILENT_WARNING = 3.0  # seconds without any frame from the broker before 
 SHUTDOWN_GRACE = 2.0         # seconds for terminate() callbacks when the worker stops
 CLOSE_LINGER_MS = 500        # lets BYE and last broadcasts leave on a graceful stop
 HWM = 100_000
+RESYNC_DELAY = 1.0           # seconds after seeing a new broker before settling channels with edges
 
 log = logging.getLogger("zchannels.worker")
 
@@ -67,6 +68,7 @@ class Worker(ChannelHost):
         self.bad_frames = 0
         self.last_broker = time.monotonic()
         self.broker_silent = False
+        self.broker_instance = b""
         self.ppid = os.getppid()
         self.handlers = {
             wire.CONNECT: self.on_connect, wire.JOIN: self.on_join, wire.IN: self.on_in,
@@ -117,6 +119,12 @@ class Worker(ChannelHost):
             log.warning("worker %s: dropped a bad %s (%d so far): %s", self.slot, what, self.bad_frames, exc)
 
     def on_heartbeat(self, frames: list[bytes]) -> None:
+        instance = frames[1]
+        if self.broker_instance and instance and instance != self.broker_instance:
+            # After the peers have reconnected and resubscribed: what the sync sets off
+            # (terminate callbacks, presence leaves) may broadcast.
+            self.loop.call_later(RESYNC_DELAY, self.sync_edges)
+        self.broker_instance = instance or self.broker_instance
         if self.broker_silent:
             self.broker_silent = False
             log.info("worker %s: broker answering again", self.slot)
@@ -131,6 +139,7 @@ class Worker(ChannelHost):
 
     def on_edge_down(self, frames: list[bytes]) -> None:
         edge = frames[1]
+        self.edges.discard(edge)
         procs = [p for p in self.channels.values() if p.edge == edge]
         log.info("worker %s: edge %r down, terminating its %d channel(s)", self.slot, edge, len(procs))
         for proc in procs:
@@ -201,6 +210,7 @@ class Worker(ChannelHost):
 
     def on_join(self, frames: list[bytes]) -> None:
         _, edge, conn, topic_b, join_ref, ref, socket_json, payload_b = frames
+        self.edges.add(edge)
         topic = topic_b.decode()
         route = system_route(topic) if topic.startswith(SYSTEM_PREFIX) else self.app.route(topic)
         if route is None:

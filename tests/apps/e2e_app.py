@@ -17,7 +17,8 @@ Topics:
   (phx_error) | ``push`` -> push "pushed" payload, no reply | ``bcast`` -> broadcast "bcast"
   payload, reply ok {} | ``bcast_from`` -> broadcast_from "bcast" payload, reply ok {} |
   ``binary`` -> reply ok with the payload bytes reversed (binary frame), reply error for JSON |
-  ``push_after`` -> after 50 ms push "push_after" payload, no reply | ``pid`` -> reply ok
+  ``push_after`` -> after 50 ms push "push_after" payload, no reply | ``stop_after`` -> reply
+  ok, then stop("normal") after payload["ms"] | ``pid`` -> reply ok
   {"pid": worker pid} | ``assigns`` -> reply ok {"assigns": ..., "id": socket id} |
   ``kick`` -> broadcast payload.get("event", "disconnect") {} to payload["topic"] (a socket
   id), reply ok {} |
@@ -81,6 +82,9 @@ class EchoChannel(Channel):
         if event == "push_after":
             self.send_after(50, ("push_after", payload))
             return noreply()
+        if event == "stop_after":
+            self.send_after(payload["ms"], ("stop", None))
+            return reply("ok")
         if event == "pid":
             return reply("ok", {"pid": os.getpid()})
         if event == "assigns":
@@ -99,6 +103,8 @@ class EchoChannel(Channel):
         kind, payload = msg
         if kind == "push_after":
             self.push("push_after", payload)
+        if kind == "stop":
+            return stop("normal")
         return noreply()
 
 
