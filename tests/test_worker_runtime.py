@@ -430,6 +430,20 @@ def test_intercepted_broadcasts_run_handle_out_per_channel(bus):
     assert bus.subscription() == b"\x00" + key
 
 
+def test_default_handle_out_pushes_unchanged_and_default_handle_info_only_logs(bus):
+    c, t = b"df", "defaults:df"
+    bus.join_ok(c, t)
+    assert bus.subscription() == b"\x01" + wire.topic_key(t)
+    bus.publish(*wire.broadcast_frames(t, "filtered", b'{"x":1}'))
+    bus.expect(wire.PUSH, EDGE, c, t.encode(), b"1", b"filtered", b'{"x":1}', wire.JSON)
+    bus.push(c, t, "info", "hello", ref=b"7")
+    bus.expect_reply(c, t, b"7", b"ok", {})
+    bus.push(c, t, "ping", ref=b"8")   # the channel lives on after the default handle_info
+    bus.expect_reply(c, t, b"8", b"ok", {})
+    assert "got a message but defines no handle_info: 'hello'" in bus.stderr()
+    bus.send(wire.TERMINATE, c, t.encode(), b"1", b"closed")
+
+
 # --- leave, terminate, edge down ----------------------------------------------------------
 
 def test_leave_runs_terminate_then_replies_then_closes(bus):

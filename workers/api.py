@@ -279,13 +279,13 @@ class Channel(PresenceMixin):
     def handle_out(self, event: str, payload: Any, socket: SocketState) -> NoReply | Stop:
         """An intercepted broadcast on this topic; by default it is pushed unchanged."""
         self.push(event, payload)
-        return _NOREPLY
+        return noreply()
 
     def handle_info(self, msg: Any, socket: SocketState) -> NoReply | Stop:
         """A message from ``self.send(msg)`` or ``self.send_after(ms, msg)``."""
         log.warning("%s for %s got a message but defines no handle_info: %r",
                     type(self).__name__, self.topic, msg)
-        return _NOREPLY
+        return noreply()
 
     def terminate(self, reason: Any, socket: SocketState) -> Any:
         """The channel is ending (see the module docs for the reasons); the return value is ignored."""

@@ -33,6 +33,8 @@ Topics:
 - ``terminate:*``: like echo; terminate broadcasts on "terminations:" + topic the event
   "terminated" {"reason": str(reason)}, e.g. "('shutdown', 'left')".
 - ``terminations:*``: like echo (join it to watch terminate:* channels).
+- ``defaults:*``: intercepts "filtered" with Channel's default handle_out and handle_info;
+  ``filtered`` broadcasts payload, ``info`` sends itself payload; both reply ok {}.
 """
 import asyncio
 import os
@@ -134,6 +136,21 @@ class InterceptChannel(EchoChannel):
         return noreply()
 
 
+class DefaultsChannel(Channel):
+    """Only join and handle_in: handle_out and handle_info are the defaults of Channel."""
+    intercept = ["filtered"]
+
+    def join(self, topic, payload, socket):
+        return ok()
+
+    def handle_in(self, event, payload, socket):
+        if event == "info":
+            self.send(payload)
+        elif event == "filtered":
+            self.broadcast("filtered", payload)
+        return reply("ok")
+
+
 class SlowChannel(EchoChannel):
     async def handle_in(self, event, payload, socket):
         if event == "sleep":
@@ -153,6 +170,7 @@ socket.channel("private:*", PrivateChannel)
 socket.channel("crashjoin:*", CrashJoinChannel)
 socket.channel("intercept:*", InterceptChannel)
 socket.channel("slow:*", SlowChannel)
+socket.channel("defaults:*", DefaultsChannel)
 socket.channel("terminate:*", TerminateChannel)
 socket.channel("terminations:*", EchoChannel)
 
