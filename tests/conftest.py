@@ -220,6 +220,27 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
+    def restart_broker(self, *, while_down: Callable[[], None] | None = None, down_s: float = 0.0,
+                       frozen: bool = False, timeout: float = 10.0) -> None:
+        """Kill the broker (``frozen``: stop it first, so what ``while_down`` makes the peers send
+        lands in its unread buffers and dies with it), wait ``down_s``, start a new one on the
+        same bus."""
+        old = self.broker
+        if frozen:
+            os.kill(old.pid, signal.SIGSTOP)
+        else:
+            old.popen.send_signal(signal.SIGKILL)
+            old.popen.wait(5)
+        if while_down is not None:
+            while_down()
+        time.sleep(down_s)
+        if frozen:
+            old.popen.send_signal(signal.SIGKILL)
+            old.popen.wait(5)
+        restarts = sum(p.name.startswith("broker") for p in self.procs)
+        self.broker = self._add(Proc("broker", "--bus", self.bus, name=f"broker{restarts + 1}"))
+        assert self.broker.wait_ready(1, timeout)[0]["bus"] == self.bus
+
     @property
     def worker_pids(self) -> list[int]:
         """Pids of the workers announced so far that are still running."""

@@ -8,16 +8,29 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
 
 import pytest
 
-from tests.conftest import Proc, wait_until
+from tests.conftest import wait_until
 
 
 def uid() -> str:
     return uuid.uuid4().hex[:10]
+
+
+def terminations_watcher_and_victim(js_client, watcher_url: str, victim_url: str):
+    """A victim joined to a ``terminate:*`` topic (its channel broadcasts "terminated" when it
+    ends) and a watcher listening for that on ``terminations:<topic>``."""
+    topic = f"terminate:{uid()}"
+    watcher = js_client("watcher")
+    assert watcher.connect(watcher_url, {"user": "w"})["status"] == "open"
+    assert watcher.join("t", "terminations:" + topic)["status"] == "ok"
+    watcher.on("t", "terminated")
+    victim = js_client("victim")
+    assert victim.connect(victim_url, {"user": "v"})["status"] == "open"
+    assert victim.join("c", topic)["status"] == "ok"
+    return watcher, victim
 
 
 @pytest.mark.timeout(90)
@@ -31,11 +44,7 @@ def test_broker_restart_keeps_clients_and_channels(cluster_factory, js_client):
     assert b.join("c", topic)["status"] == "ok"
     b.on("c", "bcast")
 
-    cluster.broker.popen.send_signal(signal.SIGKILL)
-    cluster.broker.popen.wait(5)
-    restarted = Proc("broker", "--bus", cluster.bus, name="broker2")
-    cluster.procs.append(restarted)
-    assert restarted.wait_ready(1, 10)[0]["bus"] == cluster.bus
+    cluster.restart_broker()
 
     # Peers re-register with their next heartbeats; messages in the gap may be lost.
     def ping_ok() -> bool:
@@ -59,14 +68,7 @@ def test_broker_restart_keeps_clients_and_channels(cluster_factory, js_client):
 @pytest.mark.timeout(60)
 def test_dead_edge_channels_are_terminated_in_workers(cluster_factory, js_client):
     cluster = cluster_factory(edges=2, workers=2)
-    topic = f"terminate:{uid()}"
-    watcher = js_client("watcher")
-    assert watcher.connect(cluster.ws_urls[1], {"user": "w"})["status"] == "open"
-    assert watcher.join("t", "terminations:" + topic)["status"] == "ok"
-    watcher.on("t", "terminated")
-    victim = js_client("victim")
-    assert victim.connect(cluster.ws_urls[0], {"user": "v"})["status"] == "open"
-    assert victim.join("c", topic)["status"] == "ok"
+    watcher, _victim = terminations_watcher_and_victim(js_client, cluster.ws_urls[1], cluster.ws_urls[0])
 
     cluster.edge_procs[0].popen.send_signal(signal.SIGKILL)
     event = watcher.wait_event({"type": "message", "chan": "t", "event": "terminated"}, timeout=10)
@@ -99,34 +101,12 @@ def test_peer_declared_dead_while_frozen_resets_and_clients_recover(cluster_fact
     assert "declared dead" in cluster.stderr()
 
 
-def restart_broker_losing_what_it_had_not_read(cluster, while_frozen) -> None:
-    """Freeze the broker, let ``while_frozen`` send bus messages into its unread socket
-    buffers, then kill it (those messages are gone) and start a new one on the same bus."""
-    os.kill(cluster.broker.pid, signal.SIGSTOP)
-    while_frozen()
-    cluster.broker.popen.send_signal(signal.SIGKILL)
-    cluster.broker.popen.wait(5)
-    restarted = Proc("broker", "--bus", cluster.bus, name="broker2")
-    cluster.procs.append(restarted)
-    assert restarted.wait_ready(1, 10)[0]["bus"] == cluster.bus
-
-
 @pytest.mark.timeout(60)
 def test_a_channel_end_lost_in_a_broker_restart_still_reaches_the_worker(cluster_factory, js_client):
     cluster = cluster_factory(edges=1, workers=1)
-    topic = f"terminate:{uid()}"
-    watcher = js_client("watcher")
-    assert watcher.connect(cluster.ws_urls[0], {"user": "w"})["status"] == "open"
-    assert watcher.join("t", "terminations:" + topic)["status"] == "ok"
-    watcher.on("t", "terminated")
-    victim = js_client("victim")
-    assert victim.connect(cluster.ws_urls[0], {"user": "v"})["status"] == "open"
-    assert victim.join("c", topic)["status"] == "ok"
-
-    def disconnect_and_let_the_terminate_sink():
-        victim.disconnect()
-        time.sleep(0.5)
-    restart_broker_losing_what_it_had_not_read(cluster, disconnect_and_let_the_terminate_sink)
+    watcher, victim = terminations_watcher_and_victim(js_client, cluster.ws_urls[0], cluster.ws_urls[0])
+    # The TERMINATE of the victim's channel lands in the frozen broker and dies with it.
+    cluster.restart_broker(frozen=True, while_down=victim.disconnect, down_s=0.5)
     # The worker sees the new broker, lists its channels to the edge, which ends this one.
     event = watcher.wait_event({"type": "message", "chan": "t", "event": "terminated"}, timeout=15)
     assert "closed" in event["payload"]["reason"]
@@ -142,7 +122,7 @@ def test_a_channel_close_lost_in_a_broker_restart_reaches_the_client_as_phx_erro
     joins_before = len(client.find({"type": "joined", "chan": "c"}))
     assert client.push("c", "stop_after", {"ms": 300})["status"] == "ok"
     # The channel stops while the broker is frozen: its phx_close is lost with the broker.
-    restart_broker_losing_what_it_had_not_read(cluster, lambda: time.sleep(1.5))
+    cluster.restart_broker(frozen=True, down_s=1.5)
     client.wait_event({"type": "chan_error", "chan": "c"}, timeout=15)
     wait_until(lambda: len(client.find({"type": "joined", "chan": "c"})) > joins_before, timeout=15)
     assert not client.find({"type": "chan_close", "chan": "c"})

@@ -10,7 +10,7 @@ import uuid
 import orjson
 import pytest
 
-from tests.conftest import Proc as ClusterProc, wait_until
+from tests.conftest import wait_until
 from workers import presence
 from workers.presence import Tracker, new_ref
 
@@ -352,16 +352,6 @@ def test_kill_9_of_a_worker_drops_its_entries_for_the_others_and_rejoin_resyncs(
     synced(watcher, "p", lambda l: len(l.get(name, ())) == 1, timeout=8, since=mark_w)
 
 
-def restart_broker(cluster, down_s: float, while_down=lambda: None) -> None:
-    cluster.broker.popen.send_signal(signal.SIGKILL)
-    cluster.broker.popen.wait(5)
-    while_down()
-    time.sleep(down_s)
-    restarted = ClusterProc("broker", "--bus", cluster.bus, name="broker2")
-    cluster.procs.append(restarted)
-    assert restarted.wait_ready(1, 10)[0]["bus"] == cluster.bus
-
-
 @pytest.mark.timeout(120)
 def test_broker_restart_shows_no_spurious_leaves_or_joins_and_state_converges(cluster_factory, js_client):
     cluster = cluster_factory(edges=2, workers=2)
@@ -383,7 +373,7 @@ def test_broker_restart_shows_no_spurious_leaves_or_joins_and_state_converges(cl
     # Down for longer than the owner timeout: no worker may take the silence for a death.
     # A client that disconnects meanwhile leaves once the broker is back.
     gone = clients.pop()
-    restart_broker(cluster, down_s=presence.OWNER_TIMEOUT + 1.0, while_down=gone.disconnect)
+    cluster.restart_broker(down_s=presence.OWNER_TIMEOUT + 1.0, while_down=gone.disconnect)
     names.discard(gone.name)
     wait_until(lambda: clients[0].push("p", "ping", {}, timeout_ms=1000)["status"] == "ok",
                timeout=20, interval=0.2)
