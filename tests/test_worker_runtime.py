@@ -442,6 +442,7 @@ def test_default_handle_out_pushes_unchanged_and_default_handle_info_only_logs(b
     bus.expect_reply(c, t, b"8", b"ok", {})
     assert "got a message but defines no handle_info: 'hello'" in bus.stderr()
     bus.send(wire.TERMINATE, c, t.encode(), b"1", b"closed")
+    assert bus.subscription() == b"\x00" + wire.topic_key(t)
 
 
 # --- leave, terminate, edge down ----------------------------------------------------------
