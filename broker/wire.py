@@ -37,6 +37,8 @@ from __future__ import annotations
 import os
 import struct
 
+import orjson
+
 # --- kinds --------------------------------------------------------------
 # control, peer <-> broker
 HEARTBEAT = b"h"        # peer->broker [HEARTBEAT, role, load]; broker->peer [HEARTBEAT, broker_instance]
@@ -122,6 +124,34 @@ def new_peer_id(role: bytes, label: str = "") -> bytes:
     """A routing id unique across restarts: role, optional label, random suffix."""
     suffix = os.urandom(4).hex()
     return role + (label.encode() + b"-" if label else b"-") + suffix.encode()
+
+
+# A client's ref or join_ref on the bus.  Phoenix echoes refs verbatim whatever their JSON
+# type (phxsocket sends integers), so a non-string ref travels as its JSON text behind a
+# marker byte; a plain string travels as its UTF-8 (the common case: phoenix.js), and null
+# as the empty frame, a value phoenix.js never uses.
+_JSON_REF = b"\x01"
+
+
+def encode_ref(value) -> bytes:
+    """A ref as decoded from a client frame (str, number, null, any JSON) -> bus bytes."""
+    if value is None:
+        return b""
+    if type(value) is str and value and value[:1] != "\x01":
+        return value.encode()
+    return _JSON_REF + orjson.dumps(value)
+
+
+def decode_ref(data: bytes):
+    """Bus bytes -> the ref exactly as the client sent it (inverse of encode_ref)."""
+    if data == b"":
+        return None
+    if data[:1] == _JSON_REF:
+        try:
+            return orjson.loads(data[1:])
+        except orjson.JSONDecodeError:
+            raise BusFrameError(f"ref marked JSON is not JSON: {data[:40]!r}") from None
+    return data.decode()
 
 
 def origin_of(edge_id: bytes, conn_id: bytes) -> bytes:

@@ -251,10 +251,5 @@ def socket_id_key(socket_json: bytes) -> bytes | None:
     return wire.topic_key(sid)
 
 
-def ref_bytes(value: str | None) -> bytes:
-    """Refs travel as bytes; null becomes the one value phoenix.js never uses: empty."""
-    return b"" if value is None else value.encode()
-
-
-def ref_of(value: bytes) -> str | None:
-    return None if value == b"" else value.decode()
+ref_bytes = wire.encode_ref   # refs travel as bytes on the bus, any JSON type kept
+ref_of = wire.decode_ref

@@ -39,9 +39,10 @@ class EncodeError(ValueError):
 
 
 class Message(NamedTuple):
-    """One decoded client frame."""
-    join_ref: str | None
-    ref: str | None
+    """One decoded client frame.  Refs keep the JSON type the client gave them (phoenix.js
+    sends strings, some clients integers): Phoenix echoes them verbatim."""
+    join_ref: object
+    ref: object
     topic: str
     event: str
     payload: object      # decoded JSON value, or `bytes` when `binary` is True
@@ -62,14 +63,6 @@ def _type_name(value: object) -> str:
             type(None): "null"}.get(type(value), "number")
 
 
-def _ref(field: str, value: object) -> str | None:
-    # phoenix.js always sends refs as strings; accepting numbers would make us echo a
-    # different JSON type back than the client stores, so they are refused outright.
-    if value is None or isinstance(value, str):
-        return value
-    raise DecodeError(f"{field} must be a string or null, got {_type_name(value)} {value!r}")
-
-
 def _text(field: str, value: object) -> str:
     if isinstance(value, str):
         return value
@@ -86,8 +79,13 @@ def _check_fmt(fmt: bytes) -> None:
         raise EncodeError(f"payload format must be b'j' or b'b', got {fmt!r}")
 
 
-def _bstr(field: str, value: str | None) -> bytes:
-    raw = b"" if value is None else value.encode()
+def _bstr(field: str, value) -> bytes:
+    if value is None:
+        raw = b""
+    elif type(value) is str:
+        raw = value.encode()
+    else:   # a ref the client sent as a number: its JSON text, the nearest a binary frame has
+        raw = _dumps(value)
     if len(raw) > _MAX_STR:
         raise EncodeError(f"{field} is {len(raw)} bytes in UTF-8; binary frames allow at most {_MAX_STR}")
     return raw
@@ -113,12 +111,14 @@ class V1JSON:
         missing = [k for k in ("topic", "event", "payload", "ref") if k not in obj]
         if missing:
             raise DecodeError(f"message is missing required key(s): {', '.join(missing)}")
-        return Message(_ref("join_ref", obj.get("join_ref")), _ref("ref", obj["ref"]),
+        return Message(obj.get("join_ref"), obj["ref"],
                        _text("topic", obj["topic"]), _text("event", obj["event"]),
                        obj["payload"], False)
 
     def decode_binary(self, data: bytes) -> Message:
-        raise DecodeError("binary frames are not supported by the V1 serializer (vsn 1.0.x)")
+        # Phoenix's V1 serializer parses a binary frame's bytes as JSON too (phx-events sends
+        # its JSON that way); V1 has no binary payloads, so this is the same message.
+        return self.decode_text(bytes(data))
 
     def _obj(self, topic: str, event: str, payload: bytes, ref: str | None) -> bytes:
         return (b'{"topic":' + _dumps(topic) + b',"event":' + _dumps(event)
@@ -166,8 +166,7 @@ class V2JSON:
                               f"got {_type_name(arr)}")
         if len(arr) < 5:  # Phoenix ignores extra trailing elements, so only a minimum is checked
             raise DecodeError(f"expected a JSON array of 5 elements, got {len(arr)}")
-        return Message(_ref("join_ref", arr[0]), _ref("ref", arr[1]),
-                       _text("topic", arr[2]), _text("event", arr[3]), arr[4], False)
+        return Message(arr[0], arr[1], _text("topic", arr[2]), _text("event", arr[3]), arr[4], False)
 
     def decode_binary(self, data: bytes) -> Message:
         data = bytes(data)

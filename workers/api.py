@@ -108,6 +108,7 @@ class SocketState:
     ``assigns=``), so changes inside a channel stay in that channel.  ``id`` is the
     socket id from ``@socket.id``; ``topic`` and ``join_ref`` identify the channel
     (``None`` in ``connect``); ``ref`` is the client's message ref while ``handle_in`` runs.
+    Refs are as the client sent them: strings from phoenix.js, numbers from some clients.
     """
     __slots__ = ("assigns", "id", "topic", "join_ref", "ref")
 

@@ -164,7 +164,7 @@ class ChannelHost:
         if proc.state == CLOSED:
             return
         socket = proc.channel.socket
-        socket.ref = ref.decode() or None
+        socket.ref = wire.decode_ref(ref)
         try:
             result = await self.call(proc, "handle_in", event, payload)
         finally:

@@ -226,7 +226,7 @@ class Worker(ChannelHost):
         assigns = info.get("assigns") or {}
         if route.assigns:
             assigns.update(copy.deepcopy(route.assigns))   # changes stay in this channel
-        socket = SocketState(assigns, info.get("id"), topic, join_ref.decode() or None)
+        socket = SocketState(assigns, info.get("id"), topic, wire.decode_ref(join_ref))
         cls = route.channel
         try:
             channel = cls.__new__(cls)
