@@ -54,8 +54,8 @@ APP = "bench/chaosapp.py"
 # The issue's schedule, and a short one (--quick, also what tests/test_chaos.py runs).
 FULL = dict(clients=200, node_procs=2, topics=20, rate=50.0, duration=60.0, kill_every=2.0,
             broker_kill_at=20.0, broker_down=1.0, edge_term_at=40.0, edge_restart_at=45.0, tail=5.0)
-QUICK = dict(clients=40, node_procs=1, topics=8, rate=20.0, duration=20.0, kill_every=2.0,
-             broker_kill_at=7.0, broker_down=1.0, edge_term_at=13.0, edge_restart_at=16.0, tail=4.0)
+QUICK = dict(clients=40, node_procs=1, topics=8, rate=20.0, duration=30.0, kill_every=2.0,
+             broker_kill_at=11.0, broker_down=1.0, edge_term_at=21.0, edge_restart_at=24.0, tail=4.0)
 
 
 def log(msg: str) -> None:
@@ -319,7 +319,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="the short schedule (40 clients, 20 s, broker at 7 s, edge at 13/16 s); "
+                   help="the short schedule (40 clients, 30 s, broker at 11 s, edge at 21/24 s); "
                         "options given as well still win")
     g = p.add_argument_group("load")
     g.add_argument("--clients", type=int, help="phoenix.js clients (200; quick 40)")
@@ -331,12 +331,12 @@ def parse_args(argv=None):
     g.add_argument("--reconnect", choices=["failover", "same"], default="failover",
                    help="a reconnecting client dials the next edge (failover, default) or its own (same)")
     g = p.add_argument_group("schedule (seconds from the start; a negative time leaves that fault out)")
-    g.add_argument("--duration", type=float, help="worker kills from kill-every up to this time (60; quick 20)")
+    g.add_argument("--duration", type=float, help="worker kills from kill-every up to this time (60; quick 30)")
     g.add_argument("--kill-every", type=float, help="seconds between worker kills, 0 = none (2)")
-    g.add_argument("--broker-kill-at", type=float, help="kill -9 of the broker (20; quick 7)")
+    g.add_argument("--broker-kill-at", type=float, help="kill -9 of the broker (20; quick 11)")
     g.add_argument("--broker-down", type=float, help="seconds until the new broker starts (1)")
-    g.add_argument("--edge-term-at", type=float, help="SIGTERM to the victim edge (40; quick 13)")
-    g.add_argument("--edge-restart-at", type=float, help="the victim edge started again (45; quick 16)")
+    g.add_argument("--edge-term-at", type=float, help="SIGTERM to the victim edge (40; quick 21)")
+    g.add_argument("--edge-restart-at", type=float, help="the victim edge started again (45; quick 24)")
     g.add_argument("--edge-victim", type=int, default=1, help="index of the edge to SIGTERM (1 = the second)")
     g.add_argument("--edge-exit-wait", type=float, default=30.0,
                    help="how long a SIGTERMed edge may take to exit before SIGKILL (30)")
@@ -358,15 +358,16 @@ def parse_args(argv=None):
     g.add_argument("--guard", type=float, default=0.5,
                    help="a broadcast is owed to a client in its channel from guard s before to guard s "
                         "after it was published; fault windows start guard s early (0.5)")
-    g.add_argument("--window-tail", type=float, default=3.0,
-                   help="fault windows end this long after the restarted process is READY (3)")
+    g.add_argument("--window-tail", type=float, default=2.0,
+                   help="fault windows end this long after the restarted process is READY (2)")
     g.add_argument("--bound-out", type=float, default=3.0, help="issue bound: s out of channel (3)")
     g.add_argument("--bound-edge", type=float, default=2.0,
                    help="issue bound: s from a reachable reconnect attempt to joined (2)")
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="FILE", help="write the summary as JSON")
     g.add_argument("--raw", metavar="FILE", help="write the whole record of the run as JSON")
-    g.add_argument("--analyse", metavar="FILE", help="judge a record written by --raw; no run")
+    g.add_argument("--analyse", metavar="FILE",
+                   help="judge a record written by --raw again, with this command line's judging options; no run")
     g.add_argument("--keep-logs", action="store_true", help="keep the processes' log directory")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -386,6 +387,7 @@ def main(argv=None) -> int:
         signal.signal(sig, _stop)
     if args.analyse:
         record = json.loads(Path(args.analyse).read_text())
+        record["config"].update({k: getattr(args, k) for k in ("guard", "window_tail", "bound_out", "bound_edge")})
     else:
         try:
             record = run(args)

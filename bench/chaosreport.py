@@ -124,13 +124,16 @@ def joined_intervals(c: dict, end: float) -> list[tuple[float, float]]:
 def edge_rejoin_ms(run: dict, c: dict) -> float | None:
     """For a client of the SIGTERMed edge: ms from its first connection attempt after the
     SIGTERM that found an edge up until its channel was joined again (inf: never); None when
-    it had no episode after the SIGTERM."""
+    its connection was not closed after the SIGTERM. The episode may have begun before the
+    SIGTERM (a client already out of its channel when its edge went away)."""
     e = run["edge"]
     guard = run["config"]["guard"] * 1000
-    eps = [ep for ep in c["episodes"] if ep[0] >= e["term"] - guard]
-    if not eps:
+    closed = next((cl[0] for cl in c["closes"] if cl[0] >= e["term"] - guard), None)
+    if closed is None:
         return None
-    ep = eps[0]
+    ep = next((ep for ep in c["episodes"] if ep[0] <= closed and (ep[1] is None or ep[1] >= closed)), None)
+    if ep is None:
+        return None
     if ep[1] is None:
         return math.inf
 
