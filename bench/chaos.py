@@ -146,7 +146,13 @@ class Chaos:
             out += [(a.broker_kill_at, "kill_broker"), (a.broker_kill_at + a.broker_down, "start_broker")]
         if a.edge_term_at >= 0:
             out += [(a.edge_term_at, "term_edge"), (a.edge_restart_at, "start_edge")]
-        return sorted(out)
+        return sorted(out, key=self.order)
+
+    # At the same time: a fault before its repair.
+    ORDER = ("kill_worker", "kill_broker", "start_broker", "term_edge", "start_edge")
+
+    def order(self, action: tuple[float, str]) -> tuple[float, int]:
+        return action[0], self.ORDER.index(action[1])
 
     def run(self, t0_mono: float, t0: float) -> None:
         pending = self.actions()
@@ -159,7 +165,7 @@ class Chaos:
                 continue
             pending.pop(0)
             if getattr(self, "do_" + name)(t0) is False:   # not possible yet: try again shortly
-                pending.insert(0, (at + 0.05, name))
+                pending = sorted(pending + [(at + 0.05, name)], key=self.order)
         self.watch()
 
     def do_kill_worker(self, t0: float) -> None:

@@ -206,7 +206,8 @@ def analyse(run: dict) -> dict:
         d = row["durations"]
         summary_rows[name] = {
             "episodes": len(d), "never_rejoined": row["open"],
-            "out_p50_s": _s(percentile(d, 50)), "out_p99_s": _s(percentile(d, 99)), "out_max_s": _s(max(d, default=None)),
+            "out_p50_s": _s(percentile(d, 50)), "out_p99_s": _s(percentile(d, 99)),
+            "out_max_s": _s(max(d, default=None)),
             "pings": dict(zip(("none", "ok", "error", "timeout", "threw"), row["pings"])),
             "broadcasts_owed": row["owed"], "broadcasts_lost": row["lost"], "broadcasts_duplicated": row["dups"],
             "tracebacks": row["tracebacks"],
@@ -345,7 +346,8 @@ def markdown(summary: dict) -> str:
         p = r["pings"]
         if name == "edge restart":
             value = r.get("rejoin_after_reachable_max_s")
-            bound = f"{_mark(_le(value, cfg['bound_edge']))} (max {_fmt(value)} s after a reachable attempt, <= {cfg['bound_edge']:g})"
+            bound = (f"{_mark(_le(value, cfg['bound_edge']))} (max {_fmt(value)} s after a reachable "
+                     f"attempt, <= {cfg['bound_edge']:g})")
         elif name == "overall":
             bound = "-"
         else:
@@ -366,8 +368,8 @@ def markdown(summary: dict) -> str:
         "",
         "| bound | value | limit | result |",
         "|---|---|---|---|",
-        *(f"| {b['name']}{'' if b['strict'] else ' (holds today)'} | {_fmt(b['value'])} | {b['limit']} | {_mark(b['pass'])} |"
-          for b in summary["bounds"]),
+        *(f"| {b['name']}{'' if b['strict'] else ' (holds today)'} | {_fmt(b['value'])} | {b['limit']} "
+          f"| {_mark(b['pass'])} |" for b in summary["bounds"]),
         "",
         f"- clients: {summary['clients']} ({summary['edge_clients']} on the SIGTERMed edge), joined at the end: "
         f"{summary['joined_at_end']}",
