@@ -17,10 +17,12 @@ log = logging.getLogger("broker")
 HWM = 200_000   # messages queued per peer before libzmq refuses more (at-most-once)
 
 
-def bind_bus(ctx: zmq.Context, base: str, keys: curve.ServerKeys | None = None
+def bind_bus(ctx: zmq.Context, base: str, keys: curve.ServerKeys | None = None,
+             max_message: int = wire.DEFAULT_MAX_BUS_MESSAGE
              ) -> tuple[str, zmq.Socket, zmq.Socket, zmq.Socket]:
     """Bind ROUTER, XSUB, XPUB on PORT, PORT+1, PORT+2; port 0 picks three free ones.
-    With ``keys`` every one of them is a CURVE server."""
+    With ``keys`` every one of them is a CURVE server.  A peer that sends a message over
+    ``max_message`` bytes has its connection closed by libzmq before the body is read."""
     host = base.rpartition(":")[0]
     wire.bus_endpoints(base if not base.endswith(":0") else host + ":1")  # validates the form
     wanted = int(base.rpartition(":")[2])
@@ -35,6 +37,7 @@ def bind_bus(ctx: zmq.Context, base: str, keys: curve.ServerKeys | None = None
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, HWM)
                 sock.setsockopt(zmq.RCVHWM, HWM)
+                sock.setsockopt(zmq.MAXMSGSIZE, max_message)
                 curve.secure_server(sock, keys)
                 sock.bind(f"{host}:{port + offset}")
         except zmq.ZMQError as exc:
@@ -54,11 +57,12 @@ def _is_loopback(bus: str) -> bool:
 def main(args) -> int:
     setup_logging(args.log_level, "broker", getattr(args, "log_format", "text"))
     keys: curve.ServerKeys | None = getattr(args, "curve", None)
+    max_message = getattr(args, "max_bus_message", None) or wire.DEFAULT_MAX_BUS_MESSAGE
     ctx = zmq.Context()
     # The ZAP handler must exist before the first connection is accepted.
     gate = curve.Gatekeeper(ctx, keys) if keys is not None else None
     try:
-        bus, router_sock, xsub, xpub = bind_bus(ctx, args.bus, keys)
+        bus, router_sock, xsub, xpub = bind_bus(ctx, args.bus, keys, max_message)
     except ValueError as exc:
         log.error("%s", exc)
         return 2

@@ -21,8 +21,18 @@ from tests.conftest import ROOT as REPO_ROOT, Cluster, wait_until
 from workers import Channel, Socket
 
 STATUS = "zchannels:status"
+TOKEN = "status-test-token"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Broker + 2 edges + 2 workers whose edges serve the status page with TOKEN."""
+    c = Cluster(env={"ZCHANNELS_STATUS_TOKEN": TOKEN})
+    yield c
+    c.stop()
+    c.cleanup()
 
 
 def snapshots(client, kind: str, since: int = 0) -> dict[str, dict]:
@@ -33,7 +43,7 @@ def snapshots(client, kind: str, since: int = 0) -> dict[str, dict]:
 def test_status_topic_carries_snapshots_of_every_edge_and_worker(cluster, js_client):
     c = js_client("status")
     c.connect(cluster.ws_urls[0])
-    joined = c.join("status", STATUS, on=["edge", "worker"])
+    joined = c.join("status", STATUS, {"status_token": TOKEN}, on=["edge", "worker"])
     assert joined["status"] == "ok", joined
     edge_ids = set(cluster.edge_ids)
     worker_ids = {r["id"] for r in cluster.worker_ready}
@@ -71,7 +81,7 @@ def test_apps_cannot_declare_routes_under_the_system_prefix():
 
 def test_status_page_is_served_by_every_edge(cluster):
     for url in cluster.http_urls:
-        with urllib.request.urlopen(f"{url}/status", timeout=5) as resp:
+        with urllib.request.urlopen(f"{url}/status?status_token={TOKEN}", timeout=5) as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/html")
             body = resp.read().decode()
@@ -108,11 +118,11 @@ class LineReader:
 @pytest.mark.timeout(120)
 def test_status_page_shows_the_cluster_and_a_worker_restart_live():
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(edges=2, workers=2)
+    cluster = Cluster(edges=2, workers=2, env={"ZCHANNELS_STATUS_TOKEN": TOKEN})
     browser = None
     try:
         browser = subprocess.Popen(
-            ["node", "tests/js/browser_status.js", cluster.http_urls[1], str(ARTIFACTS), "2", "2"],
+            ["node", "tests/js/browser_status.js", cluster.http_urls[1], str(ARTIFACTS), "2", "2", TOKEN],
             cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out = LineReader(browser)
         try:
