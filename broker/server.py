@@ -8,6 +8,7 @@ import signal
 import zmq
 
 from broker import curve, wire
+from broker.busmonitor import BusMonitor
 from broker.fanout import Fanout
 from broker.logsetup import announce_ready, setup_logging
 from broker.router import Router
@@ -66,8 +67,13 @@ def main(args) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    # Before the fan-out thread takes the sockets: libzmq sockets are not thread-safe.
+    monitor = BusMonitor(ctx, {"routing": router_sock, "publish-in": xsub, "subscribe-out": xpub},
+                         max_message)
     if gate is not None:
-        gate.watch({"routing": router_sock, "publish-in": xsub, "subscribe-out": xpub})
+        gate.watch(monitor)
+    monitor.start()
+    if gate is not None:
         log.info("bus secured with CURVE: %d client key(s) admitted from %s (%s)", len(keys.clients),
                  keys.clients_dir, ", ".join(sorted(keys.clients.values())))
     elif not _is_loopback(bus):
@@ -88,19 +94,21 @@ def main(args) -> int:
             from broker import metrics
             host = metrics.metrics_host(bus)
             try:
-                metrics_server = metrics.serve(router, host, args.metrics_port)
+                metrics_server = metrics.serve(router, host, args.metrics_port, monitor)
             except OSError as exc:
                 log.error("cannot serve metrics on %s port %d: %s", host, args.metrics_port, exc)
                 return 2
             ready["metrics"] = f"http://{host}:{metrics_server.server_port}/metrics"
             log.info("metrics at %s", ready["metrics"])
-        log.info("broker up: routing %s, publish-in %s, subscribe-out %s", *wire.bus_endpoints(bus))
+        log.info("broker up: routing %s, publish-in %s, subscribe-out %s; bus messages up to %d bytes",
+                 *wire.bus_endpoints(bus), max_message)
         announce_ready(**ready)
         router.run(lambda: bool(stopping))
     finally:
         log.info("broker stopping: %d frames routed, %d unroutable, %d malformed",
                  router.routed, router.unroutable, router.malformed)
         fanout.stop()
+        monitor.stop()
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()

@@ -144,7 +144,7 @@ def vm_kb(pid: int, field: str) -> int:
 def metric(url: str, name: str) -> float:
     with urllib.request.urlopen(url, timeout=5) as resp:
         text = resp.read().decode()
-    found = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+    found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
 
 
@@ -166,6 +166,9 @@ def test_an_oversized_bus_message_costs_the_broker_no_memory_and_only_the_sender
         pub.connect(wire.bus_endpoints(guarded.bus)[1])
         assert monitor.poll(5000), "the publisher did not connect"
         monitor.recv_multipart()
+        broker_metrics = guarded.broker.ready[0]["metrics"]
+        closed = 'zchannels_broker_bus_disconnects_total{endpoint="publish-in"}'
+        closed_before = metric(broker_metrics, closed)
         peak_before = vm_kb(guarded.broker.pid, "VmHWM")
         huge = bytearray(300 * MB)             # zero pages: costs this process little
         huge[:len(b"echo:oversized\x00")] = b"echo:oversized\x00"
@@ -175,6 +178,8 @@ def test_an_oversized_bus_message_costs_the_broker_no_memory_and_only_the_sender
         del huge
         grown_mb = (vm_kb(guarded.broker.pid, "VmHWM") - peak_before) / 1024
         assert grown_mb < 48, f"the broker's peak RSS grew by {grown_mb:.0f} MB"
+        wait_until(lambda: metric(broker_metrics, closed) >= closed_before + 1, timeout=5)
+        assert "bus connection closed on publish-in" in guarded.broker.stderr_text()
         # The same publisher reconnects by itself, and everything still flows.
         ok = wire.pack_broadcast(wire.broadcast_frames("echo:oversized", "after", b'{"n":1}'))
 

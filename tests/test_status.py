@@ -8,16 +8,19 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT as REPO_ROOT, Cluster, wait_until
+from tests.conftest import ROOT as REPO_ROOT, Cluster, Proc, wait_until
+from tests.rawws import RawWS
 from workers import Channel, Socket
 
 STATUS = "zchannels:status"
@@ -87,6 +90,72 @@ def test_status_page_is_served_by_every_edge(cluster):
             body = resp.read().decode()
         assert '<script src="/js/phoenix.js"></script>' in body and STATUS in body
         assert "http://" not in body and "https://" not in body   # no external assets
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def raw_join_status(url: str, payload: dict) -> dict:
+    ws = RawWS.connect(url)
+    try:
+        ws.send_json(["1", "1", STATUS, "phx_join", payload])
+        return ws.recv_json(5)[4]
+    finally:
+        ws.close()
+
+
+def test_status_page_needs_the_token(cluster):
+    url = cluster.http_urls[0]
+    assert http_status(f"{url}/status") == 403
+    assert http_status(f"{url}/status?status_token=wrong") == 403
+    assert http_status(f"{url}/status?status_token={TOKEN}") == 200
+
+
+def test_joining_the_status_topic_without_the_token_is_unauthorized(cluster):
+    url = cluster.raw_url(0)
+    for payload in ({}, {"status_token": "wrong"}, {"status_token": 12}, {"status_token": TOKEN[:-1]}):
+        assert raw_join_status(url, payload) == {"status": "error", "response": {"reason": "unauthorized"}}
+    assert raw_join_status(url, {"status_token": TOKEN})["status"] == "ok"
+    with urllib.request.urlopen(f"{cluster.http_urls[0]}/metrics", timeout=5) as resp:
+        assert "zchannels_edge_status_refused_total 4.0" in resp.read().decode()
+    assert "join zchannels:status refused: wrong or missing status token" in cluster.edge_procs[0].stderr_text()
+
+
+def test_without_a_token_the_status_page_and_topic_are_off(module_cluster_factory):
+    off = module_cluster_factory(edges=1, workers=1)
+    assert http_status(f"{off.http_urls[0]}/status") == 404
+    assert http_status(f"{off.http_urls[0]}/status?status_token=") == 404
+    assert raw_join_status(off.raw_url(0), {"status_token": ""}) == \
+        {"status": "error", "response": {"reason": "unauthorized"}}
+    assert "status page: off" in off.edge_procs[0].stderr_text()
+
+
+def test_dev_serves_the_status_page_with_a_generated_token_it_prints():
+    proc = Proc("zchannels", "dev", "--bus", "tcp://127.0.0.1:0", "--port", "0", "-n", "1",
+                "--log-level", "info", "tests/apps/e2e_app.py", name="dev",
+                env={"ZCHANNELS_STATUS_TOKEN": ""})
+    try:
+        proc.wait_for(lambda: "status page: http" in proc.stderr_text(), 20, "the status page's URL")
+        page = re.search(r"status page: (http://\S+/status\?status_token=(\S+))", proc.stderr_text())
+        url, token = page.group(1), page.group(2)
+        assert len(token) >= 16
+        assert http_status(url) == 200
+        assert http_status(url.replace(token, "x" + token[1:])) == 403
+        line = proc.wait_for(lambda: next((l for l in proc.lines if l.startswith("[edge] READY")), None),
+                             20, "the edge's READY line")
+        http = dict(kv.split("=", 1) for kv in line.split()[2:])["http"]
+        ws_url = http.replace("http://", "ws://") + "/socket/websocket?vsn=2.0.0"
+        proc.wait_for(lambda: any(l.startswith("[workers] READY") for l in proc.lines), 20, "a worker")
+        assert raw_join_status(ws_url, {"status_token": token})["status"] == "ok"
+        assert raw_join_status(ws_url, {})["response"] == {"reason": "unauthorized"}
+    finally:
+        assert proc.stop(15) == 0
+        proc.cleanup()
 
 
 class LineReader:
