@@ -3,14 +3,15 @@ no memory and only the sender's connection; the broker takes each kind only from
 may send it; an edge takes frames about a channel only from the worker that holds it."""
 from __future__ import annotations
 
+import asyncio
 import re
-import time
 import urllib.request
 
 import pytest
 import zmq
 
-from broker import router as router_mod, wire
+from broker import wire
+from broker.loopsock import LoopSocket
 from broker.router import Router
 from tests.conftest import Cluster, wait_until
 from tests.rawws import RawWS
@@ -121,6 +122,29 @@ def test_an_unknown_sender_passes_only_during_the_warm_up(bus):
     early.send(wire.pack(JOIN))
     pump(router, sock, 1)
     assert router.refused == 1 and received(worker) == []
+
+
+def test_a_peer_does_not_send_a_message_over_the_bus_limit(caplog):
+    """The broker would cut the sender's connection (and a worker's channels with it):
+    the sending side refuses such a message, counted and logged, and goes on."""
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect("inproc://nowhere-yet")
+
+    async def sends():
+        sock = LoopSocket(dealer, None, name="test dealer")
+        big = sock.send([wire.PUSH, b"E-x", b"1", b"t", b"1", b"ev", bytes(64 * 1024), wire.JSON])
+        small = sock.send([wire.PUSH, b"E-x", b"1", b"t", b"1", b"ev", b"{}", wire.JSON])
+        return big, small, sock.oversized
+
+    try:
+        assert asyncio.run(sends()) == (False, True, 1)
+        assert "over the bus limit of 65536 bytes" in caplog.text
+    finally:
+        dealer.close(0)
+        ctx.term()
 
 
 def test_an_edge_whose_frame_limit_does_not_fit_the_bus_limit_does_not_start(capsys):
