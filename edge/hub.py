@@ -111,7 +111,8 @@ class EdgeHub:
     # --- connect RPC --------------------------------------------------------------
     async def connect(self, params: dict, connect_info: dict) -> bytes:
         """Run the user's connect in a worker; return the socket JSON or raise ConnectRefused."""
-        request_id = b"rpc" + self.next_conn_id()
+        # Unguessable, so only the worker the broker placed the connect on can answer it.
+        request_id = b"rpc" + self.next_conn_id() + b"-" + os.urandom(8).hex().encode()
         fut = asyncio.get_running_loop().create_future()
         self._rpc[request_id] = fut
         try:
