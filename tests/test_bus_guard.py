@@ -215,6 +215,8 @@ def test_an_oversized_bus_message_costs_the_broker_no_memory_and_only_the_sender
                 return None
         msg = wait_until(arrived, timeout=10)
         assert msg[4] == {"n": 1}
+        ws.send_json(["1", "7", "echo:oversized", "ping", {"routed": True}])   # through the ROUTER
+        assert ws.recv_until(lambda m: m[1] == "7", timeout=5)[4] == {"status": "ok", "response": {"routed": True}}
         assert not any('"echo:oversized"' in m and "after" not in m and "phx_reply" not in m
                        for m in ws.received if isinstance(m, str))
     finally:
