@@ -70,6 +70,7 @@ class EdgeHub:
         self.stats = {"slow_consumer_closes": 0, "close_aborts": 0, "heartbeat_timeouts": 0,
                       "bad_frames": 0, "rate_limited": 0, "rate_limit_closes": 0, "disconnects": 0,
                       "foreign_frames": 0, "status_refused": 0}
+        self.status_access.stats = self.stats   # page and join refusals, counted together
         # For the status page (edge/status.py): client frames in and out (fast-lane deliveries
         # are counted by the fast lane), and workers reported gone: id -> time.time().
         self.frames_in = 0
@@ -162,7 +163,6 @@ class EdgeHub:
         token = payload.get(TOKEN_PARAM) if isinstance(payload, dict) else None
         if self.status_access.allows(token):
             return True
-        self.stats["status_refused"] += 1
         self.status_access.refuse(f"conn {conn.label}", f"join {STATUS_TOPIC}")
         conn.reply(join_ref, ref, STATUS_TOPIC, "error", UNAUTHORIZED)
         return False

@@ -43,7 +43,8 @@ STATS = {
     "foreign_frames": ("zchannels_edge_foreign_frames",
                        "Bus frames about a channel from a peer that does not hold it, dropped"),
     "status_refused": ("zchannels_edge_status_refused",
-                       "Joins of zchannels:status refused for a wrong or missing status token"),
+                       "Status page requests and zchannels:status joins refused (wrong, missing "
+                       "or no status token)"),
 }
 
 

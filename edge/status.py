@@ -51,7 +51,7 @@ class StatusAccess:
 
     def __init__(self, token: str | None) -> None:
         self._token = token.encode() if token else None
-        self.refused = 0
+        self.stats = {"status_refused": 0}   # the hub puts its own here (edge/metrics.py reads it)
 
     @classmethod
     def from_options(cls, flag: str | None) -> "StatusAccess":
@@ -68,8 +68,8 @@ class StatusAccess:
 
     def refuse(self, who: str, what: str) -> None:
         """Count a refusal and log it, rate-limited (a refused client may retry forever)."""
-        self.refused += 1
-        n = self.refused
+        self.stats["status_refused"] += 1
+        n = self.stats["status_refused"]
         if n <= 20 or n % 1000 == 0:
             log.info("%s: %s refused: %s (%d refused so far)", who, what,
                      "wrong or missing status token" if self.enabled else "the status page is off "
