@@ -20,14 +20,12 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import threading
 from dataclasses import dataclass
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
-from zmq.utils.monitor import recv_monitor_message
 
 log = logging.getLogger("broker.curve")
 
@@ -237,7 +235,8 @@ class Gatekeeper:
     """The broker's CURVE side: ZAP authentication and a log of failed handshakes.
 
     Start it before binding (a connection accepted before the ZAP handler exists would not
-    be checked), then ``watch`` the bound sockets before any other thread uses them.
+    be checked), then ``watch`` the bus sockets' monitor (broker/busmonitor.py) before it
+    starts.
     """
 
     _FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -250,31 +249,11 @@ class Gatekeeper:
         self.auth = _Authenticator(ctx, keys)
         self.auth.start()
         self.auth.configure_curve_callback(domain="*", credentials_provider=self.auth)
-        self.monitors: dict[zmq.Socket, str] = {}
         self.failures: dict[tuple[str, str], int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="curve-monitor", daemon=True)
 
-    def watch(self, sockets: dict[str, zmq.Socket]) -> None:
-        for name, sock in sockets.items():
-            mon = sock.get_monitor_socket(self._FAILED, addr=f"inproc://curve-monitor-{name}-{id(self)}")
-            self.monitors[mon] = name
-        self._thread.start()
-
-    def _run(self) -> None:
-        poller = zmq.Poller()
-        for mon in self.monitors:
-            poller.register(mon, zmq.POLLIN)
-        try:
-            while not self._stop.is_set():
-                for mon, _ in poller.poll(200):
-                    self._failed(self.monitors[mon], recv_monitor_message(mon, zmq.NOBLOCK))
-        except zmq.ZMQError as exc:
-            if not self._stop.is_set():
-                log.error("CURVE handshake monitor stopped: %s", exc)
-        finally:
-            for mon in self.monitors:
-                mon.close(linger=0)
+    def watch(self, monitor) -> None:
+        """Log the failed handshakes ``monitor`` (a busmonitor.BusMonitor) sees."""
+        monitor.add(self._FAILED, self._failed)
 
     def _failed(self, endpoint: str, event: dict) -> None:
         kind, value = event.get("event", 0), event.get("value", 0)
@@ -289,7 +268,4 @@ class Gatekeeper:
             log.warning("refused a bus connection on %s: %s (%d so far)", endpoint, why, n)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(2)
         self.auth.stop()

@@ -24,6 +24,22 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 512  # messages handled before yielding to other loop callbacks
 NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's enum flags cost a conversion per call
 
+# ZeroMQ MAXMSGSIZE of every bus socket this process connects; the CLI sets it once per
+# process (`--max-bus-message`) before any socket exists, as curve.install does for keys.
+_max_message = wire.DEFAULT_MAX_BUS_MESSAGE
+
+
+def set_max_message(size: int) -> None:
+    """The largest bus message this process sends or accepts (bytes, > 0)."""
+    global _max_message
+    if size <= 0:
+        raise ValueError(f"--max-bus-message must be a positive number of bytes, got {size}")
+    _max_message = size
+
+
+def max_message() -> int:
+    return _max_message
+
 
 class LoopSocket:
     def __init__(self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None] | None,
@@ -36,6 +52,9 @@ class LoopSocket:
         self._closed = False
         self.dropped = 0  # sends refused by a full high-water mark
         self.malformed = 0
+        self.oversized = 0  # sends refused for being over the socket's MAXMSGSIZE
+        limit = sock.getsockopt(zmq.MAXMSGSIZE)
+        self._max_size = limit if limit > 0 else None
         kind = sock.type
         self._encode = wire.pack_broadcast if kind in (zmq.PUB, zmq.XPUB) else wire.pack
         self._decode = wire.unpack_broadcast if kind in (zmq.SUB, zmq.XSUB) else wire.unpack
@@ -84,9 +103,14 @@ class LoopSocket:
         self._schedule()
 
     def send(self, frames: list[bytes]) -> bool:
-        """Send without blocking; False (and a counted drop) when the HWM is reached."""
+        """Send without blocking; False (and a counted drop) when the HWM is reached, or when
+        the message is over the bus limit (the broker would close this connection for it)."""
+        data = self._encode(frames)
+        if self._max_size is not None and len(data) > self._max_size:
+            self._refuse_oversized(frames, len(data))
+            return False
         try:
-            self.sock.send(self._encode(frames), NOBLOCK)
+            self.sock.send(data, NOBLOCK)
         except zmq.Again:
             self.dropped += 1
             if self.dropped in (1, 10, 100, 1000) or self.dropped % 10000 == 0:
@@ -100,6 +124,13 @@ class LoopSocket:
             # however many messages this turn sends.
             self._schedule()
         return True
+
+    def _refuse_oversized(self, frames: list[bytes], size: int) -> None:
+        self.oversized += 1
+        if self.oversized <= 20 or self.oversized % 1000 == 0:
+            log.warning("%s: %r message of %d bytes not sent: over the bus limit of %d bytes "
+                        "(--max-bus-message); %d refused so far", self.name, frames[0][:40], size,
+                        self._max_size, self.oversized)
 
     def close(self) -> None:
         if self._closed:
@@ -125,8 +156,9 @@ def run_loop(main_coro) -> object:
 def connect_peer(ctx: zmq.Context, bus: str, routing_id: bytes, hwm: int,
                  pub_nodrop: bool = False) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket]:
     """An edge's or worker's three bus sockets, connected: DEALER (routing), PUB (publish-in),
-    SUB (subscribe-out), with the process's CURVE keys if it has any.  ``pub_nodrop`` makes a
-    full PUB queue a failed, counted send instead of a silent drop."""
+    SUB (subscribe-out), with the process's CURVE keys if it has any and the bus message limit
+    (``set_max_message``).  ``pub_nodrop`` makes a full PUB queue a failed, counted send
+    instead of a silent drop."""
     router_ep, publish_ep, subscribe_ep = wire.bus_endpoints(bus)
     dealer, pub, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
     dealer.setsockopt(zmq.ROUTING_ID, routing_id)
@@ -134,6 +166,7 @@ def connect_peer(ctx: zmq.Context, bus: str, routing_id: bytes, hwm: int,
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, _max_message)
         curve.secure_client(sock)
     if pub_nodrop:
         pub.setsockopt(zmq.XPUB_NODROP, 1)

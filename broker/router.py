@@ -2,10 +2,12 @@
 
 It keeps the registry of live peers (built from their heartbeats, so a
 restarted broker rebuilds it within one heartbeat interval), places CONNECT
-and JOIN requests on the least-loaded worker, and tells every edge at once
-when a worker is gone (and every worker when an edge is gone).
+and JOIN requests on the least-loaded worker heard from recently, and tells
+every edge at once when a worker is gone (and every worker when an edge is gone).
 
-Frames are never parsed beyond the kind and the destination id.
+Each kind is accepted only from the role that may send it (``wire.SENDER_ROLE``):
+an edge cannot answer for a worker, a worker cannot speak for an edge.  Frames are
+never parsed beyond the kind and the destination id.
 """
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ PEER_LIVENESS = 10.0
 EVICTED_MEMORY = 10_000     # ids of evicted peers remembered, to tell them if they come back
 BATCH = 1000                # messages routed before housekeeping gets a turn
 PARK_LIMIT = 100_000        # messages held during warm-up for peers not yet reconnected
+# A worker not heard from for this long gets no new connect or join while one that was
+# heard from exists: workers heartbeat every 0.5 s from their event loop, so a longer
+# silence means a handler is blocking it (time.sleep, a CPU-bound call).
+PLACE_FRESH = 1.5
 
 
 class Peer:
@@ -53,6 +59,11 @@ class Router:
         self.routed = 0
         self.unroutable = 0
         self.malformed = 0
+        self.refused = 0            # messages of a kind their sender's role may not send
+        self.placed_stale = 0       # placements with no worker heard from in PLACE_FRESH
+        # kind -> the registry its senders must be in (wire.SENDER_ROLE), one lookup a message
+        self._senders = {kind: self.workers if role == wire.ROLE_WORKER else self.edges
+                         for kind, role in wire.SENDER_ROLE.items()}
         self._next_heartbeat = 0.0
         # Right after a (re)start the registry is empty until peers heartbeat again, and peers
         # reconnect in any order: a message for a peer not connected yet (an edge's queued
@@ -102,8 +113,13 @@ class Router:
         except wire.BusFrameError as exc:
             self._malformed(frames, str(exc))
             return
-        if kind in wire.FRAME_COUNTS:
-            self._touch(sender)
+        senders = self._senders.get(kind)
+        if senders is not None:
+            peer = senders.get(sender)
+            if peer is not None:
+                peer.last_seen = time.monotonic()
+            elif not self._admit_unknown(sender, kind):
+                return
             self.route(sender, kind, dest, data, offset)
             return
         try:
@@ -117,6 +133,27 @@ class Router:
             self.remove(sender, "left")
         else:
             self._malformed(frames, f"unknown kind {kind[:8]!r}")
+
+    def _admit_unknown(self, sender: bytes, kind: bytes) -> bool:
+        """A message from a peer not registered in the role its kind needs.  Right after a
+        (re)start peers are unknown until their first heartbeat, and their messages come
+        first: during the warm-up one whose routing id names the right role passes."""
+        role = wire.SENDER_ROLE[kind]
+        if sender[:1] == role:
+            if time.monotonic() < self._warm_until:
+                return True
+            why = "not registered (no heartbeat)"
+        else:
+            why = "an edge" if role == wire.ROLE_WORKER else "a worker"
+            why = f"from {why}" if sender[:1] in (wire.ROLE_EDGE, wire.ROLE_WORKER) else "from an unknown role"
+        self._refuse(sender, kind, why)
+        return False
+
+    def _refuse(self, sender: bytes, kind: bytes, why: str) -> None:
+        self.refused += 1
+        if self.refused <= 20 or self.refused % 1000 == 0:
+            log.warning("refused bus message %r from %r: %s (%d refused so far)",
+                        kind, sender[:40], why, self.refused)
 
     def _malformed(self, frames: list[bytes], why: str) -> None:
         self.malformed += 1
@@ -187,25 +224,37 @@ class Router:
             pass
 
     def place(self, count_join: bool) -> Peer | None:
+        """The least-loaded worker among those heard from in the last PLACE_FRESH seconds;
+        if none was, the one heard from last (it may only be slow; refusing would not help)."""
         if not self.workers:
             return None
         start = next(self._rr) % len(self.workers)
         peers = list(self.workers.values())
         peers = peers[start:] + peers[:start]
-        best = min(peers, key=lambda p: p.load + p.placed)
+        recent = time.monotonic() - PLACE_FRESH
+        fresh = [p for p in peers if p.last_seen >= recent]
+        if fresh:
+            best = min(fresh, key=lambda p: p.load + p.placed)
+        else:
+            best = max(peers, key=lambda p: p.last_seen)
+            self.placed_stale += 1
+            if self.placed_stale in (1, 10, 100, 1000) or self.placed_stale % 10000 == 0:
+                log.warning("no worker heard from in %.1fs; placing on %s, silent for %.1fs "
+                            "(%d such placement(s) so far)", PLACE_FRESH, best.id.decode(errors="replace"),
+                            time.monotonic() - best.last_seen, self.placed_stale)
         if count_join:
             best.placed += 1
         return best
 
     # --- registry -----------------------------------------------------------
-    def _touch(self, sender: bytes) -> None:
-        peer = self.workers.get(sender) or self.edges.get(sender)
-        if peer is not None:
-            peer.last_seen = time.monotonic()
-
     def heartbeat(self, sender: bytes, role: bytes, fields: list[bytes]) -> None:
         if len(fields) != 1 or role not in (wire.ROLE_EDGE, wire.ROLE_WORKER):
             self._malformed([sender], "bad heartbeat")
+            return
+        if sender[:1] != role:
+            # Routing ids begin with their role (wire.new_peer_id); the role check of every
+            # message relies on it, so a peer may not register under another one.
+            self._refuse(sender, wire.HEARTBEAT, f"claims role {role!r} with a routing id of another")
             return
         load = fields[0]
         registry = self.workers if role == wire.ROLE_WORKER else self.edges

@@ -8,6 +8,7 @@ import signal
 import zmq
 
 from broker import curve, wire
+from broker.busmonitor import BusMonitor
 from broker.fanout import Fanout
 from broker.logsetup import announce_ready, setup_logging
 from broker.router import Router
@@ -17,10 +18,12 @@ log = logging.getLogger("broker")
 HWM = 200_000   # messages queued per peer before libzmq refuses more (at-most-once)
 
 
-def bind_bus(ctx: zmq.Context, base: str, keys: curve.ServerKeys | None = None
+def bind_bus(ctx: zmq.Context, base: str, keys: curve.ServerKeys | None = None,
+             max_message: int = wire.DEFAULT_MAX_BUS_MESSAGE
              ) -> tuple[str, zmq.Socket, zmq.Socket, zmq.Socket]:
     """Bind ROUTER, XSUB, XPUB on PORT, PORT+1, PORT+2; port 0 picks three free ones.
-    With ``keys`` every one of them is a CURVE server."""
+    With ``keys`` every one of them is a CURVE server.  A peer that sends a message over
+    ``max_message`` bytes has its connection closed by libzmq before the body is read."""
     host = base.rpartition(":")[0]
     wire.bus_endpoints(base if not base.endswith(":0") else host + ":1")  # validates the form
     wanted = int(base.rpartition(":")[2])
@@ -35,6 +38,7 @@ def bind_bus(ctx: zmq.Context, base: str, keys: curve.ServerKeys | None = None
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, HWM)
                 sock.setsockopt(zmq.RCVHWM, HWM)
+                sock.setsockopt(zmq.MAXMSGSIZE, max_message)
                 curve.secure_server(sock, keys)
                 sock.bind(f"{host}:{port + offset}")
         except zmq.ZMQError as exc:
@@ -54,16 +58,22 @@ def _is_loopback(bus: str) -> bool:
 def main(args) -> int:
     setup_logging(args.log_level, "broker", getattr(args, "log_format", "text"))
     keys: curve.ServerKeys | None = getattr(args, "curve", None)
+    max_message = getattr(args, "max_bus_message", None) or wire.DEFAULT_MAX_BUS_MESSAGE
     ctx = zmq.Context()
     # The ZAP handler must exist before the first connection is accepted.
     gate = curve.Gatekeeper(ctx, keys) if keys is not None else None
     try:
-        bus, router_sock, xsub, xpub = bind_bus(ctx, args.bus, keys)
+        bus, router_sock, xsub, xpub = bind_bus(ctx, args.bus, keys, max_message)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    # Before the fan-out thread takes the sockets: libzmq sockets are not thread-safe.
+    monitor = BusMonitor(ctx, {"routing": router_sock, "publish-in": xsub, "subscribe-out": xpub},
+                         max_message)
     if gate is not None:
-        gate.watch({"routing": router_sock, "publish-in": xsub, "subscribe-out": xpub})
+        gate.watch(monitor)
+    monitor.start()
+    if gate is not None:
         log.info("bus secured with CURVE: %d client key(s) admitted from %s (%s)", len(keys.clients),
                  keys.clients_dir, ", ".join(sorted(keys.clients.values())))
     elif not _is_loopback(bus):
@@ -84,19 +94,21 @@ def main(args) -> int:
             from broker import metrics
             host = metrics.metrics_host(bus)
             try:
-                metrics_server = metrics.serve(router, host, args.metrics_port)
+                metrics_server = metrics.serve(router, host, args.metrics_port, monitor)
             except OSError as exc:
                 log.error("cannot serve metrics on %s port %d: %s", host, args.metrics_port, exc)
                 return 2
             ready["metrics"] = f"http://{host}:{metrics_server.server_port}/metrics"
             log.info("metrics at %s", ready["metrics"])
-        log.info("broker up: routing %s, publish-in %s, subscribe-out %s", *wire.bus_endpoints(bus))
+        log.info("broker up: routing %s, publish-in %s, subscribe-out %s; bus messages up to %d bytes",
+                 *wire.bus_endpoints(bus), max_message)
         announce_ready(**ready)
         router.run(lambda: bool(stopping))
     finally:
         log.info("broker stopping: %d frames routed, %d unroutable, %d malformed",
                  router.routed, router.unroutable, router.malformed)
         fanout.stop()
+        monitor.stop()
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()

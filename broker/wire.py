@@ -93,7 +93,25 @@ FRAME_COUNTS = {
 EDGE_TO_WORKER = frozenset((CONNECT, JOIN, IN, LEAVE, TERMINATE))
 WORKER_TO_EDGE = frozenset((CONNECT_REPLY, JOIN_REPLY, REPLY, PUSH, CHANNEL_CLOSE, CHANNEL_ERROR, SYNC))
 EDGE_TO_EDGE = frozenset((LP_REQUEST, LP_RESPONSE))
+# The role that may send each point-to-point kind: the broker drops the others, and an
+# edge takes worker kinds only from a worker (routing ids begin with the role, new_peer_id).
+SENDER_ROLE = {**{kind: ROLE_EDGE for kind in EDGE_TO_WORKER | EDGE_TO_EDGE},
+               **{kind: ROLE_WORKER for kind in WORKER_TO_EDGE}}
 BROADCAST_FRAMES = 6
+
+# The largest message any bus socket accepts (ZeroMQ MAXMSGSIZE, `--max-bus-message`).
+# libzmq reads a message's size before its body and closes the connection of a peer that
+# announces a larger one, so one bus message never costs more memory than this.  Edges
+# re-encode a client frame into an IN message (orjson may write a number up to ~4x longer:
+# 1e15 -> 1000000000000000.0), hence the factor in edge_bus_message_need.
+DEFAULT_MAX_BUS_MESSAGE = 16 * 1024 * 1024
+ENVELOPE_OVERHEAD = 64 * 1024   # routing fields around a payload: ids, topic (<= 255 B), refs, event
+
+
+def edge_bus_message_need(max_frame_size: int) -> int:
+    """The bus message limit an edge with this client frame limit needs."""
+    return 4 * max_frame_size + ENVELOPE_OVERHEAD
+
 
 TOPIC_TERMINATOR = b"\x00"
 # Topics of zchannels itself (zchannels:status); publishers from outside the workers

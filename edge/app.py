@@ -20,7 +20,7 @@ from edge.longpoll import LongPollHandler
 from edge.metrics import MetricsHandler, make_registry
 from edge.origin import OriginCheck
 from edge.publish_api import PATH as PUBLISH_PATH, BroadcastHandler
-from edge.status import StatusPage
+from edge.status import StatusAccess, StatusPage
 from edge.websocket import WebSocketUpgrade
 
 log = logging.getLogger("edge")
@@ -56,7 +56,7 @@ def make_app(hub: EdgeHub, static_dir: str | None = None, websocket: bool = True
         routes.append((r"/js/(phoenix(?:\.min)?\.js)", PhoenixJS, {"path": str(js)}))
     else:
         log.warning("phoenix.js not found (run `npm ci` in the project); /js/phoenix.js is off")
-    routes.append((r"/status", StatusPage))   # live cluster view (edge/status.py)
+    routes.append((r"/status", StatusPage, {"access": hub.status_access}))   # edge/status.py
     routes.append((r"/metrics", MetricsHandler, {"registry": make_registry(hub)}))   # Prometheus
     # Always routed, so a disabled endpoint is a 404 even with --static's catch-all below.
     routes.append((PUBLISH_PATH, BroadcastHandler, {"hub": hub, "api_key": api_key}))
@@ -72,7 +72,8 @@ async def serve(args, origin_check: OriginCheck) -> int:
                     max_rate=args.max_rate, max_burst=args.max_burst,
                     longpoll_window=window,
                     longpoll_inactivity=args.longpoll_inactivity or 1.5 * window)
-    hub = EdgeHub(args.bus, limits, origin_check=origin_check)
+    hub = EdgeHub(args.bus, limits, origin_check=origin_check,
+                  status_access=StatusAccess.from_options(getattr(args, "status_token", None)))
     hub.start()
     api_key = getattr(args, "api_key", None) or os.environ.get("ZCHANNELS_API_KEY") or None
     app = make_app(hub, args.static, websocket=not args.no_websocket, longpoll=not args.no_longpoll,
@@ -93,10 +94,11 @@ async def serve(args, origin_check: OriginCheck) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("edge %s up on http://%s:%d, bus %s; origins allowed: %s; rate limit: %s",
-             hub.edge_id.decode(), args.host, port, args.bus, origin_check.describe(),
-             f"{limits.max_rate:g}/s, burst {limits.max_burst}"
-             if limits.max_rate > 0 and limits.max_burst > 0 else "off")
+    log.info("edge %s up on http://%s:%d, bus %s; origins allowed: %s; rate limit: %s; "
+             "status page: %s", hub.edge_id.decode(), args.host, port, args.bus,
+             origin_check.describe(), f"{limits.max_rate:g}/s, burst {limits.max_burst}"
+             if limits.max_rate > 0 and limits.max_burst > 0 else "off",
+             "on (/status?status_token=...)" if hub.status_access.enabled else "off")
     announce_ready(http=f"http://{args.host}:{port}", edge=hub.edge_id.decode())
     await stop.wait()
     log.info("edge stopping: closing %d connection(s) with 1012", len(hub.connections))

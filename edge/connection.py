@@ -120,6 +120,8 @@ class Connection:
             self.reply(None, msg.ref, topic, "error", INVALID_TOPIC)
             log.info("conn %s: join refused, invalid topic %.60r", self.label, topic)
             return
+        if topic == wire.STATUS_TOPIC and not self.hub.may_join_status(self, msg.join_ref, msg.ref, msg.payload):
+            return
         payload = EMPTY if msg.binary else orjson.dumps(msg.payload)
         old = self.channels.pop(topic, None)
         if old is None and len(self.channels) >= self.hub.limits.max_channels:

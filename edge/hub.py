@@ -1,5 +1,10 @@
 """Everything one edge knows: its connections, which worker holds which channel,
-and the dispatch of frames coming back from workers and the broker."""
+and the dispatch of frames coming back from workers and the broker.
+
+A frame about a channel is taken only from the worker that holds it (the sender id the
+broker stamps into every message, checked against ``ChannelRef.worker``); any other is
+dropped and counted (``stats["foreign_frames"]``), so a peer on the bus cannot write into
+channels it does not hold."""
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +23,7 @@ from edge.fastlane import FastLane
 from edge.lphub import LongPollHub
 from edge.lpsession import FRAME_KIND as LONGPOLL
 from edge.origin import OriginCheck
-from edge.status import EdgeStatus
+from edge.status import STATUS_TOPIC, TOKEN_PARAM, UNAUTHORIZED, EdgeStatus, StatusAccess
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +54,11 @@ class ConnectRefused(Exception):
 
 class EdgeHub:
     def __init__(self, bus: str, limits: Limits, edge_id: bytes | None = None,
-                 origin_check: OriginCheck | None = None):
+                 origin_check: OriginCheck | None = None, status_access: StatusAccess | None = None):
         self.bus_addr = bus
         self.limits = limits
         self.origin_check = origin_check or OriginCheck()
+        self.status_access = status_access or StatusAccess(None)
         self.edge_id = edge_id or wire.new_peer_id(wire.ROLE_EDGE, f"{os.getpid()}")
         self.connections: dict[bytes, Connection] = {}
         self.worker_channels: dict[bytes, set[ChannelRef]] = {}
@@ -62,7 +68,9 @@ class EdgeHub:
         self.bus: EdgeBus | None = None
         self.longpoll: LongPollHub | None = None
         self.stats = {"slow_consumer_closes": 0, "close_aborts": 0, "heartbeat_timeouts": 0,
-                      "bad_frames": 0, "rate_limited": 0, "rate_limit_closes": 0, "disconnects": 0}
+                      "bad_frames": 0, "rate_limited": 0, "rate_limit_closes": 0, "disconnects": 0,
+                      "foreign_frames": 0, "status_refused": 0}
+        self.status_access.stats = self.stats   # page and join refusals, counted together
         # For the status page (edge/status.py): client frames in and out (fast-lane deliveries
         # are counted by the fast lane), and workers reported gone: id -> time.time().
         self.frames_in = 0
@@ -104,7 +112,8 @@ class EdgeHub:
     # --- connect RPC --------------------------------------------------------------
     async def connect(self, params: dict, connect_info: dict) -> bytes:
         """Run the user's connect in a worker; return the socket JSON or raise ConnectRefused."""
-        request_id = b"rpc" + self.next_conn_id()
+        # Unguessable, so only the worker the broker placed the connect on can answer it.
+        request_id = b"rpc" + self.next_conn_id() + b"-" + os.urandom(8).hex().encode()
         fut = asyncio.get_running_loop().create_future()
         self._rpc[request_id] = fut
         try:
@@ -148,6 +157,16 @@ class EdgeHub:
         for conn in conns:
             conn.shut_down(CLOSE_GOING_AWAY, "disconnected", b"disconnected")
 
+    def may_join_status(self, conn: Connection, join_ref, ref, payload) -> bool:
+        """A join of ``zchannels:status`` needs the status token in its payload; else the
+        error reply {"reason":"unauthorized"} (topic names and pids are for the operator)."""
+        token = payload.get(TOKEN_PARAM) if isinstance(payload, dict) else None
+        if self.status_access.allows(token):
+            return True
+        self.status_access.refuse(f"conn {conn.label}", f"join {STATUS_TOPIC}")
+        conn.reply(join_ref, ref, STATUS_TOPIC, "error", UNAUTHORIZED)
+        return False
+
     # --- channel bookkeeping --------------------------------------------------------
     def subscribe(self, ch: ChannelRef) -> None:
         # Subscribe when the join starts, so the subscription has propagated to the
@@ -189,6 +208,9 @@ class EdgeHub:
             if len(frames) != wire.FRAME_COUNTS[kind]:
                 self._bad_frame(frames, "wrong frame count")
                 return
+            if frames[1][:1] != wire.SENDER_ROLE[kind]:   # the broker checks it too
+                self._foreign(frames, "its sender's role may not send this kind")
+                return
             try:
                 handler(frames)
             except (UnicodeDecodeError, ValueError) as exc:
@@ -207,6 +229,33 @@ class EdgeHub:
         n = self.stats["bad_frames"]
         if n <= 20 or n % 1000 == 0:
             log.warning("dropped bad bus frame %r...: %s (%d so far)", frames[:2], why, n)
+
+    def _foreign(self, frames: list[bytes], why: str) -> None:
+        """A frame about a channel from a peer that does not hold it: dropped, counted."""
+        self.stats["foreign_frames"] += 1
+        n = self.stats["foreign_frames"]
+        if n <= 20 or n % 1000 == 0:
+            log.warning("dropped %r from %r for conn %r: %s (%d so far)", frames[0], frames[1][:40],
+                        frames[2][:40] if len(frames) > 2 else b"", why, n)
+
+    def _from_holder(self, frames: list[bytes], conn: Connection, topic: str, join_ref: str | None) -> bool:
+        """Whether a worker's frame about (conn, topic, join_ref) may pass.  The channel the
+        edge holds takes frames only from its worker.  One it holds no more (a leave or a
+        duplicate join crossed the frame) passes a reply or a close, which the client matches
+        by join_ref (the worker's answer to a leave comes that way), but not a push."""
+        ch = conn.channels.get(topic)
+        if ch is not None:
+            if ch.join_ref == join_ref:
+                if ch.worker == frames[1]:
+                    return True
+                self._foreign(frames, f"channel {topic[:60]!r} is held by {ch.worker!r}" if ch.worker
+                              else f"channel {topic[:60]!r} is still joining")
+                return False
+            if join_ref is None:
+                # A client takes a frame without join_ref for the current channel of the topic.
+                self._foreign(frames, f"no join_ref while {topic[:60]!r} is joined")
+                return False
+        return frames[0] != wire.PUSH
 
     def _on_connect_reply(self, frames):
         _, _worker, request_id, status, body = frames
@@ -228,26 +277,34 @@ class EdgeHub:
         conn.joined(ch, worker, ref_of(ref_b), status.decode(), response, intercept)
 
     def _on_reply(self, frames):
-        _, _worker, conn_id, topic, join_ref, ref, status, response, fmt = frames
+        _, _worker, conn_id, topic_b, join_ref, ref, status, response, fmt = frames
         conn = self.connections.get(conn_id)
         if conn is not None:
-            conn.reply(ref_of(join_ref), ref_of(ref), topic.decode(), status.decode(), response, fmt)
+            topic = topic_b.decode()
+            if self._from_holder(frames, conn, topic, ref_of(join_ref)):
+                conn.reply(ref_of(join_ref), ref_of(ref), topic, status.decode(), response, fmt)
 
     def _on_push(self, frames):
-        _, _worker, conn_id, topic, join_ref, event, payload, fmt = frames
+        _, _worker, conn_id, topic_b, join_ref, event, payload, fmt = frames
         conn = self.connections.get(conn_id)
         if conn is not None:
+            topic = topic_b.decode()
+            ch = conn.channels.get(topic)
+            if ch is None or ch.worker != frames[1] or ch.join_ref != ref_of(join_ref):
+                self._from_holder(frames, conn, topic, ref_of(join_ref))   # counts a foreign one
+                return
             try:
-                conn.send(conn.serializer.encode_push(ref_of(join_ref), topic.decode(),
-                                                      event.decode(), payload, fmt))
+                conn.send(conn.serializer.encode_push(ch.join_ref, topic, event.decode(), payload, fmt))
             except ValueError as exc:
                 log.info("conn %s: push %s not sent: %s", conn.label, event[:60], exc)
 
     def _on_channel_close(self, frames, error=False):
-        _, _worker, conn_id, topic, join_ref = frames
+        _, _worker, conn_id, topic_b, join_ref = frames
         conn = self.connections.get(conn_id)
         if conn is not None:
-            conn.channel_gone(topic.decode(), ref_of(join_ref), error)
+            topic = topic_b.decode()
+            if self._from_holder(frames, conn, topic, ref_of(join_ref)):
+                conn.channel_gone(topic, ref_of(join_ref), error)
 
     def _on_channel_error(self, frames):
         self._on_channel_close(frames, error=True)

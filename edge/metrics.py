@@ -40,6 +40,11 @@ STATS = {
                      "Connections cut off because they did not read their close frame"),
     "disconnects": ("zchannels_edge_socket_id_disconnects",
                     "Connections closed by a \"disconnect\" broadcast to their socket id"),
+    "foreign_frames": ("zchannels_edge_foreign_frames",
+                       "Bus frames about a channel from a peer that does not hold it, dropped"),
+    "status_refused": ("zchannels_edge_status_refused",
+                       "Status page requests and zchannels:status joins refused (wrong, missing "
+                       "or no status token)"),
 }
 
 

@@ -8,21 +8,34 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT as REPO_ROOT, Cluster, wait_until
+from tests.conftest import ROOT as REPO_ROOT, Cluster, Proc, wait_until
+from tests.rawws import RawWS
 from workers import Channel, Socket
 
 STATUS = "zchannels:status"
+TOKEN = "status-test-token"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Broker + 2 edges + 2 workers whose edges serve the status page with TOKEN."""
+    c = Cluster(env={"ZCHANNELS_STATUS_TOKEN": TOKEN})
+    yield c
+    c.stop()
+    c.cleanup()
 
 
 def snapshots(client, kind: str, since: int = 0) -> dict[str, dict]:
@@ -33,7 +46,7 @@ def snapshots(client, kind: str, since: int = 0) -> dict[str, dict]:
 def test_status_topic_carries_snapshots_of_every_edge_and_worker(cluster, js_client):
     c = js_client("status")
     c.connect(cluster.ws_urls[0])
-    joined = c.join("status", STATUS, on=["edge", "worker"])
+    joined = c.join("status", STATUS, {"status_token": TOKEN}, on=["edge", "worker"])
     assert joined["status"] == "ok", joined
     edge_ids = set(cluster.edge_ids)
     worker_ids = {r["id"] for r in cluster.worker_ready}
@@ -71,12 +84,87 @@ def test_apps_cannot_declare_routes_under_the_system_prefix():
 
 def test_status_page_is_served_by_every_edge(cluster):
     for url in cluster.http_urls:
-        with urllib.request.urlopen(f"{url}/status", timeout=5) as resp:
+        with urllib.request.urlopen(f"{url}/status?status_token={TOKEN}", timeout=5) as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/html")
             body = resp.read().decode()
         assert '<script src="/js/phoenix.js"></script>' in body and STATUS in body
         assert "http://" not in body and "https://" not in body   # no external assets
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def raw_join_status(url: str, payload: dict) -> dict:
+    ws = RawWS.connect(url)
+    try:
+        ws.send_json(["1", "1", STATUS, "phx_join", payload])
+        return ws.recv_json(5)[4]
+    finally:
+        ws.close()
+
+
+def test_status_page_needs_the_token(cluster):
+    url = cluster.http_urls[0]
+    before = refusals(url)
+    assert http_status(f"{url}/status") == 403
+    assert http_status(f"{url}/status?status_token=wrong") == 403
+    assert http_status(f"{url}/status?status_token={TOKEN}") == 200
+    assert refusals(url) == before + 2
+    assert "GET /status refused: wrong or missing status token" in cluster.edge_procs[0].stderr_text()
+
+
+def refusals(edge_url: str) -> float:
+    with urllib.request.urlopen(f"{edge_url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return float(re.search(r"^zchannels_edge_status_refused_total (\S+)$", text, re.M).group(1))
+
+
+def test_joining_the_status_topic_without_the_token_is_unauthorized(cluster):
+    url = cluster.raw_url(0)
+    before = refusals(cluster.http_urls[0])
+    for payload in ({}, {"status_token": "wrong"}, {"status_token": 12}, {"status_token": TOKEN[:-1]}):
+        assert raw_join_status(url, payload) == {"status": "error", "response": {"reason": "unauthorized"}}
+    assert raw_join_status(url, {"status_token": TOKEN})["status"] == "ok"
+    assert refusals(cluster.http_urls[0]) == before + 4
+    assert "join zchannels:status refused: wrong or missing status token" in cluster.edge_procs[0].stderr_text()
+
+
+def test_without_a_token_the_status_page_and_topic_are_off(module_cluster_factory):
+    off = module_cluster_factory(edges=1, workers=1)
+    assert http_status(f"{off.http_urls[0]}/status") == 404
+    assert http_status(f"{off.http_urls[0]}/status?status_token=") == 404
+    assert raw_join_status(off.raw_url(0), {"status_token": ""}) == \
+        {"status": "error", "response": {"reason": "unauthorized"}}
+    assert "status page: off" in off.edge_procs[0].stderr_text()
+
+
+def test_dev_serves_the_status_page_with_a_generated_token_it_prints():
+    proc = Proc("zchannels", "dev", "--bus", "tcp://127.0.0.1:0", "--port", "0", "-n", "1",
+                "--log-level", "info", "tests/apps/e2e_app.py", name="dev",
+                env={"ZCHANNELS_STATUS_TOKEN": ""})
+    try:
+        proc.wait_for(lambda: "status page: http" in proc.stderr_text(), 20, "the status page's URL")
+        page = re.search(r"status page: (http://\S+/status\?status_token=(\S+))", proc.stderr_text())
+        url, token = page.group(1), page.group(2)
+        assert len(token) >= 16
+        assert http_status(url) == 200
+        assert http_status(url.replace(token, "x" + token[1:])) == 403
+        line = proc.wait_for(lambda: next((l for l in proc.lines if l.startswith("[edge] READY")), None),
+                             20, "the edge's READY line")
+        http = dict(kv.split("=", 1) for kv in line.split()[2:])["http"]
+        ws_url = http.replace("http://", "ws://") + "/socket/websocket?vsn=2.0.0"
+        proc.wait_for(lambda: any(l.startswith("[workers] READY") for l in proc.lines), 20, "a worker")
+        assert raw_join_status(ws_url, {"status_token": token})["status"] == "ok"
+        assert raw_join_status(ws_url, {})["response"] == {"reason": "unauthorized"}
+    finally:
+        assert proc.stop(15) == 0
+        proc.cleanup()
 
 
 class LineReader:
@@ -108,11 +196,11 @@ class LineReader:
 @pytest.mark.timeout(120)
 def test_status_page_shows_the_cluster_and_a_worker_restart_live():
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(edges=2, workers=2)
+    cluster = Cluster(edges=2, workers=2, env={"ZCHANNELS_STATUS_TOKEN": TOKEN})
     browser = None
     try:
         browser = subprocess.Popen(
-            ["node", "tests/js/browser_status.js", cluster.http_urls[1], str(ARTIFACTS), "2", "2"],
+            ["node", "tests/js/browser_status.js", cluster.http_urls[1], str(ARTIFACTS), "2", "2", TOKEN],
             cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out = LineReader(browser)
         try:

@@ -10,7 +10,9 @@ reserved prefix ``zchannels:`` here before the app's routes are consulted, and
 ``Socket.channel`` refuses patterns under that prefix.  Only the exact topic
 ``zchannels:status`` exists; any other ``zchannels:`` topic is unmatched.  The user's
 ``connect`` still runs for the page's connection (it passes its own query string as
-params), so an app that requires a token protects the status topic too.
+params), so an app that requires a token protects the status topic too.  A join reaches a
+worker only with the edge's status token in its payload: the edge answers any other with
+``{"reason":"unauthorized"}`` (edge/status.py), so here every join of the exact topic is ok.
 """
 from __future__ import annotations
 

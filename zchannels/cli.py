@@ -49,6 +49,46 @@ def _load_curve(args: argparse.Namespace):
     return keys
 
 
+def _add_bus_limit(p: argparse.ArgumentParser) -> None:
+    from broker.wire import DEFAULT_MAX_BUS_MESSAGE
+    p.add_argument("--max-bus-message", type=int, default=DEFAULT_MAX_BUS_MESSAGE, metavar="BYTES",
+                   help="largest message on the bus (ZeroMQ MAXMSGSIZE of every bus socket): the "
+                        "broker closes the connection of a peer that sends a larger one, and edges "
+                        "and workers refuse to send one (counted, logged). Give every process the "
+                        "same value; an edge needs at least 4 x --max-frame-size + 64 KiB "
+                        "(default: %(default)s)")
+
+
+def _check_bus_limit(args: argparse.Namespace) -> str | None:
+    """Install the bus message limit of this process; an error text if it cannot work."""
+    from broker import loopsock, wire
+    limit = getattr(args, "max_bus_message", None)
+    if limit is None:
+        return None
+    if limit <= 0:
+        return f"--max-bus-message must be a positive number of bytes, got {limit}"
+    frame = getattr(args, "max_frame_size", None)
+    if frame is not None and wire.edge_bus_message_need(frame) > limit:
+        return (f"--max-frame-size {frame} needs --max-bus-message of at least "
+                f"{wire.edge_bus_message_need(frame)} (4 x the frame size + 64 KiB, on every "
+                f"process), got {limit}")
+    loopsock.set_max_message(limit)
+    return None
+
+
+def _add_status(p: argparse.ArgumentParser, dev: bool = False) -> None:
+    if dev:
+        text = ("the token of the status page and the zchannels:status topic (default: env "
+                "ZCHANNELS_STATUS_TOKEN, else a random one, printed with the page's URL); "
+                "'off' turns them off")
+    else:
+        text = ("serve the status page /status?status_token=TOKEN and let clients that give "
+                "the token join the zchannels:status topic (default: env ZCHANNELS_STATUS_TOKEN; "
+                "unset = /status answers 404 and joins get {\"reason\":\"unauthorized\"}). The "
+                "environment variable keeps the token out of process listings")
+    p.add_argument("--status-token", default=None, metavar="TOKEN", help=text)
+
+
 def _add_log(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: %(default)s)")
@@ -117,6 +157,7 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
                    help="enable POST /api/broadcast for callers sending 'Authorization: Bearer KEY' "
                         "(default: env ZCHANNELS_API_KEY; unset = the endpoint answers 404). The "
                         "environment variable keeps the key out of process listings")
+    _add_bus_limit(p)
 
 
 def _add_edge_process_options(p: argparse.ArgumentParser) -> None:
@@ -147,11 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="declare a still-connected edge or worker dead after this long without "
                         "a heartbeat (a closed connection is noticed at once; default: %(default)s)")
     _add_metrics(p, "the broker (on the --bus host)")
+    _add_bus_limit(p)
     _add_log(p)
 
     p = sub.add_parser("edge", help="run an edge: WebSocket and LongPoll endpoints for Phoenix clients")
     _add_bus(p)
     _add_edge_options(p)
+    _add_status(p)
     _add_edge_process_options(p)
     _add_log(p)
 
@@ -159,11 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bus(p)
     _add_worker_options(p)
     _add_metrics(p, "the supervisor and all its workers (on 127.0.0.1)")
+    _add_bus_limit(p)
     _add_log(p)
 
     p = sub.add_parser("dev", help="broker + one edge + workers on this machine")
     _add_bus(p, curve="dev")
     _add_edge_options(p)
+    _add_status(p, dev=True)
     _add_worker_options(p)
     _add_log(p)
 
@@ -194,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         args.curve = _load_curve(args)
     except CurveError as exc:
         print(f"zchannels {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    problem = _check_bus_limit(args)
+    if problem is not None:
+        print(f"zchannels {args.command}: error: {problem}", file=sys.stderr)
         return 2
     if args.command == "broker":
         from broker.server import main as run

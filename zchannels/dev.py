@@ -2,10 +2,18 @@
 
 Each runs as its own process, exactly as in production; this command only
 starts them in order, forwards their output, and stops them together.
+
+The status page is on here (it is off by default on a production edge): with a
+token from ``--status-token`` or env ZCHANNELS_STATUS_TOKEN, else a random one, which
+is printed with the page's URL and handed to the edge through its environment (not
+its command line, which other users of the machine can read).  ``--status-token off``
+turns the page off.
 """
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,10 +26,20 @@ from edge.origin import OriginCheck
 log = logging.getLogger("dev")
 
 
+def status_token_of(args) -> str | None:
+    """The status page's token: --status-token, env ZCHANNELS_STATUS_TOKEN, else a fresh one;
+    None for 'off'."""
+    token = getattr(args, "status_token", None) or os.environ.get("ZCHANNELS_STATUS_TOKEN")
+    if token == "off":
+        return None
+    return token or secrets.token_urlsafe(16)
+
+
 class Child:
-    def __init__(self, name: str, argv: list[str]):
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None):
         self.name = name
-        self.proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, text=True,
+                                     env=None if env is None else {**os.environ, **env})
         self.ready = threading.Event()
         self.fields: dict[str, str] = {}
         threading.Thread(target=self._pump, daemon=True).start()
@@ -54,6 +72,8 @@ def main(args) -> int:
         log.error("%s", exc)
         return 2
     level = ["--log-level", args.log_level, "--log-format", log_format]
+    bus_limit = ["--max-bus-message", str(args.max_bus_message)]
+    status_token = status_token_of(args)
     static = args.static
     app_path = Path(args.app.split(":")[0])
     if static is None and app_path.suffix == ".py" and (app_path.parent / "static").is_dir():
@@ -66,14 +86,15 @@ def main(args) -> int:
     broker_curve, client_curve = getattr(args, "curve", None) or ([], [])
     children: list[Child] = []
     try:
-        broker = Child("broker", ["broker", "--bus", args.bus, *broker_curve, *level])
+        broker = Child("broker", ["broker", "--bus", args.bus, *bus_limit, *broker_curve, *level])
         children.append(broker)
         if not broker.ready.wait(10):
             log.error("broker did not start; is %s already in use?", args.bus)
             return 1
         bus = broker.fields["bus"]
         children.append(Child("workers", ["workers", "--bus", bus, "-n", str(args.workers),
-                                          "--stuck-timeout", str(args.stuck_timeout), *client_curve, *level,
+                                          "--stuck-timeout", str(args.stuck_timeout), *bus_limit,
+                                          *client_curve, *level,
                                           args.app]))
         edge_args = ["edge", "--bus", bus, "--host", args.host, "--port", str(args.port),
                      "--heartbeat-timeout", str(args.heartbeat_timeout),
@@ -82,7 +103,7 @@ def main(args) -> int:
                      "--max-outbound", str(args.max_outbound),
                      "--max-rate", str(args.max_rate), "--max-burst", str(args.max_burst),
                      "--check-origin", args.check_origin,
-                     "--longpoll-window", str(args.longpoll_window), *client_curve, *level]
+                     "--longpoll-window", str(args.longpoll_window), *bus_limit, *client_curve, *level]
         if args.allowed_origins:
             edge_args += ["--allowed-origins", args.allowed_origins]
         if getattr(args, "api_key", None):
@@ -94,10 +115,13 @@ def main(args) -> int:
                 edge_args.append("--" + flag.replace("_", "-"))
         if static:
             edge_args += ["--static", static]
-        edge = Child("edge", edge_args)
+        edge = Child("edge", edge_args, env={"ZCHANNELS_STATUS_TOKEN": status_token or ""})
         children.append(edge)
         if edge.ready.wait(10):
-            log.info("zchannels dev running: open %s", edge.fields.get("http"))
+            http = edge.fields.get("http")
+            log.info("zchannels dev running: open %s", http)
+            if status_token:
+                log.info("status page: %s/status?status_token=%s", http, status_token)
         while not stopping.is_set():
             for child in children:
                 code = child.proc.poll()

@@ -4,12 +4,12 @@
 //   -> {"shown": {edges, workers, topics, cards}}           once the page lists everything
 //   <- {"killed": PID}                                        after the test sent SIGKILL
 //   -> {"after": {...}}                                       once the page has caught up
-// Usage: node browser_status.js http://127.0.0.1:PORT ARTIFACT_DIR N_EDGES N_WORKERS
+// Usage: node browser_status.js http://127.0.0.1:PORT ARTIFACT_DIR N_EDGES N_WORKERS STATUS_TOKEN
 const path = require("path")
 const readline = require("readline")
 const { chromium } = require(path.join(__dirname, "..", "..", "node_modules", "playwright-core"))
 
-const [base, artifacts, nEdges, nWorkers] = process.argv.slice(2)
+const [base, artifacts, nEdges, nWorkers, token] = process.argv.slice(2)
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium"
 const ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -35,7 +35,7 @@ function shown() {   // runs in the page: what the tables show
   try {
     const page = await (await browser.newContext({ viewport: { width: 1280, height: 900 } })).newPage()
     page.on("pageerror", err => console.error("page error:", err.message))
-    await page.goto(`${base}/status`)
+    await page.goto(`${base}/status?status_token=${encodeURIComponent(token)}`)
     await page.waitForFunction(([e, w]) =>
       document.querySelectorAll("#edges tr[data-edge-id]").length === e &&
       document.querySelectorAll("#workers tr[data-worker-id]").length === w,
