@@ -1,8 +1,10 @@
 """Who may hold an unfinished HTTP connection on this edge, and for how many descriptors.
 
 A connection is *pending* while the edge waits for a client's request: from accept until its
-request headers and body have been read (a WebSocket upgrade is then handed over and leaves
-the count for good), and again while a keep-alive connection waits for its next request.
+request headers and body have been read, and again while a keep-alive connection waits for
+its next request.  A WebSocket upgrade stays pending until it is answered or handed over
+(its ``connect`` runs in a worker first), then leaves the count for good.  A LongPoll poll
+the edge holds open is not pending: the client has done its part.
 Pending connections are what slowloris attacks pile up, so they are capped:
 
 - ``--max-pending-per-peer`` (64) per socket peer address: one address cannot hold more.
@@ -83,7 +85,8 @@ class Refusals:
 class Slot:
     """One accepted HTTP connection, from accept to close."""
 
-    __slots__ = ("ip", "label", "trusted", "pending", "in_reserve", "requests", "body_reserved")
+    __slots__ = ("ip", "label", "trusted", "pending", "in_reserve", "requests", "body_reserved",
+                 "request")
 
     def __init__(self, ip: str, port: int, trusted: bool):
         self.ip = ip
@@ -93,6 +96,7 @@ class Slot:
         self.in_reserve = False      # admitted from the descriptor reserve
         self.requests = 0            # requests whose headers were read on this connection
         self.body_reserved = 0       # request-body bytes counted against --max-body-inflight
+        self.request = None          # the RequestGate of the request being read (httplimits)
 
 
 class Admission:

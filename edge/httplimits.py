@@ -120,12 +120,17 @@ class EdgeHTTPServer(HTTPServer):
         if slot is None:
             return delegate
         self.admission.request_started(slot)
-        return RequestGate(self, slot, request_conn, delegate)
+        slot.request = RequestGate(self, slot, request_conn, delegate)
+        return slot.request
 
     def on_close(self, server_conn) -> None:
         super().on_close(server_conn)
         slot = self.slots.pop(server_conn.stream, None)
         if slot is not None:
+            if slot.request is not None:
+                # Its timer would keep the request, stream and all, alive until it fired.
+                slot.request.timer.cancel()
+                slot.request = None
             self.admission.closed(slot)
 
 
@@ -142,6 +147,7 @@ class RequestGate(httputil.HTTPMessageDelegate):
         self.length: int | None = None
         self.started = False             # the inner delegate has seen the headers
         self.refused = False
+        self.upgrade = False
         self.timer = server.loop.call_later(server.limits.header_timeout, self._header_timeout)
 
     # --- tornado's delegate interface ------------------------------------------------------------
@@ -154,6 +160,8 @@ class RequestGate(httputil.HTTPMessageDelegate):
             context.remote_ip, context.protocol = server.trusted.client(slot.ip, "http", headers)
         else:
             context.remote_ip, context.protocol = slot.ip, "http"
+        # An upgrade stays pending until it is handed over or answered: its connect runs first.
+        self.upgrade = "Upgrade" in headers
         self.limit = server.limits.body_limit(start_line.path.partition("?")[0])
         has_body = "Transfer-Encoding" in headers
         length = headers.get("Content-Length")
@@ -193,7 +201,8 @@ class RequestGate(httputil.HTTPMessageDelegate):
 
     def finish(self) -> None:
         self.timer.cancel()
-        self.server.admission.request_read(self.slot)
+        if not self.upgrade:
+            self.server.admission.request_read(self.slot)
         if not self.refused:
             self.inner.finish()
 
