@@ -161,7 +161,7 @@ class RequestGate(httputil.HTTPMessageDelegate):
         else:
             context.remote_ip, context.protocol = slot.ip, "http"
         # An upgrade stays pending until it is handed over or answered: its connect runs first.
-        self.upgrade = "Upgrade" in headers
+        self.upgrade = headers.get("Upgrade", "").lower() == "websocket"
         self.limit = server.limits.body_limit(start_line.path.partition("?")[0])
         has_body = "Transfer-Encoding" in headers
         length = headers.get("Content-Length")
