@@ -3,12 +3,18 @@ LongPoll body limit, and the admission counts (pending per peer and per edge, th
 reserve, request-body bytes in flight)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from tornado.httputil import HTTPHeaders
 
 from edge.admission import Admission, Refusals
 from edge.forwarded import TrustedProxies, parse_networks
 from edge.httplimits import LONGPOLL_BODY_CEILING, HttpLimits, longpoll_body_limit
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def headers(**values: str) -> HTTPHeaders:
@@ -114,3 +120,17 @@ def test_request_body_bytes_in_flight_are_capped_and_released():
     assert adm.body_inflight == 20 and adm.reserve_body(b, 80) and adm.body_inflight == 100
     adm.closed(b)
     assert adm.body_inflight == 0
+
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_limit():
+    script = ("import resource, logging; logging.basicConfig(level=logging.INFO)\n"
+              "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+              "from edge.admission import raise_nofile_limit\n"
+              "print(raise_nofile_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    limit, soft, hard = map(int, run.stdout.split())
+    assert limit == soft == hard
+    if hard > 256:
+        assert f"open files limit raised from 256 to {hard}" in run.stderr
