@@ -30,7 +30,7 @@ def parse_networks(text: str | None) -> list[Network]:
         try:
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
-            raise ValueError(f"--trusted-proxies: {item!r} is not an address or a CIDR network "
+            raise ValueError(f"{item!r} is not an address or a CIDR network "
                              f"(e.g. 10.0.0.0/8, 127.0.0.1/32, ::1)") from None
     return networks
 

@@ -129,27 +129,37 @@ def _trusted_proxies(text: str) -> str:
     return text
 
 
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__   # argparse names the type in its "invalid value" message
+    return parse
+
+
 def _add_edge_http_limits(p: argparse.ArgumentParser) -> None:
     """Bounds on what an HTTP client may make the edge wait for or hold (docs/security.md)."""
     g = p.add_argument_group("HTTP limits (before the WebSocket upgrade; see docs/security.md)")
-    g.add_argument("--header-timeout", type=float, default=15.0, metavar="SECONDS",
+    g.add_argument("--header-timeout", type=_positive(float), default=15.0, metavar="SECONDS",
                    help="a request's whole header block must arrive within this time, however "
                         "it trickles in; else 408 and close (default: %(default)s)")
-    g.add_argument("--body-timeout", type=float, default=15.0, metavar="SECONDS",
+    g.add_argument("--body-timeout", type=_positive(float), default=15.0, metavar="SECONDS",
                    help="a request's whole body must arrive within this time of its headers; "
                         "else 408 and close (default: %(default)s)")
-    g.add_argument("--max-api-body", type=int, default=4 * 1_048_576, metavar="BYTES",
+    g.add_argument("--max-api-body", type=_positive(int), default=4 * 1_048_576, metavar="BYTES",
                    help="largest POST /api/broadcast body; larger ones get 413 before they are "
                         "read (default: %(default)s). LongPoll POSTs may carry 100 frames of "
                         "--max-frame-size, at most 8 MiB; other requests 64 KiB")
-    g.add_argument("--max-body-inflight", type=int, default=64 * 1_048_576, metavar="BYTES",
+    g.add_argument("--max-body-inflight", type=_positive(int), default=64 * 1_048_576, metavar="BYTES",
                    help="request-body bytes the edge holds at once, all requests together; a body "
                         "that would go over gets 503 (default: %(default)s)")
-    g.add_argument("--max-pending-per-peer", type=int, default=64, metavar="N",
+    g.add_argument("--max-pending-per-peer", type=_positive(int), default=64, metavar="N",
                    help="connections one client address may hold before its request is read "
                         "(unfinished upgrades, slow headers or bodies, idle keep-alives); more are "
                         "refused at accept with 503; trusted proxies are exempt (default: %(default)s)")
-    g.add_argument("--max-pending", type=int, default=2000, metavar="N",
+    g.add_argument("--max-pending", type=_positive(int), default=2000, metavar="N",
                    help="such connections on the whole edge (default: %(default)s)")
     g.add_argument("--trusted-proxies", type=_trusted_proxies, default="", metavar="CIDR,...",
                    help="believe X-Forwarded-For / X-Real-Ip / X-Forwarded-Proto / X-Scheme only "
