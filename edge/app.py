@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 from tornado import web
@@ -50,6 +51,31 @@ class PhoenixJS(web.StaticFileHandler):
         return "application/javascript; charset=utf-8"
 
 
+class AccessLog:
+    """Tornado's access log, with error answers rate-limited: a client collecting 4xx answers
+    must not be able to write a log line each.  At debug level every request is logged."""
+
+    def __init__(self) -> None:
+        self.log = logging.getLogger("tornado.access")
+        self.counts: dict[int, int] = {}
+        self._last: dict[int, float] = {}
+
+    def __call__(self, handler: web.RequestHandler) -> None:
+        status = handler.get_status()
+        summary = handler._request_summary()   # "METHOD /path (ip)", as Tornado logs it
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("%d %s %.2fms", status, summary, 1000 * handler.request.request_time())
+            return
+        if status < 400:
+            return
+        self.counts[status] = n = self.counts.get(status, 0) + 1
+        now = time.monotonic()
+        if now - self._last.get(status, -1.0) >= 1.0:
+            self._last[status] = now
+            self.log.log(logging.WARNING if status < 500 else logging.ERROR,
+                         "%d %s (%d answers %d so far)", status, summary, n, status)
+
+
 def make_app(hub: EdgeHub, static_dir: str | None = None, websocket: bool = True,
              longpoll: bool = True, api_key: str | None = None,
              refusals: Refusals | None = None) -> web.Application:
@@ -71,7 +97,7 @@ def make_app(hub: EdgeHub, static_dir: str | None = None, websocket: bool = True
                                                     "refused": refusals}))
     if static_dir:
         routes.append((r"/(.*)", web.StaticFileHandler, {"path": static_dir, "default_filename": "index.html"}))
-    return web.Application(routes)
+    return web.Application(routes, log_function=AccessLog())
 
 
 def http_limits_from(args) -> HttpLimits:
