@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass
 
 from tornado import httputil
@@ -51,6 +52,7 @@ LONGPOLL_BODY_CEILING = 8 * 1024 * 1024   # Plug's default body limit, which Pho
 LONGPOLL_PATH = "/socket/longpoll"
 API_PATH = "/api/broadcast"
 
+LINGER = 2.0      # seconds a refused connection is drained before it is closed
 REFUSAL_KINDS = ("header_timeouts", "body_timeouts", "body_too_large", "body_inflight_refusals")
 
 
@@ -173,6 +175,7 @@ class RequestGate(httputil.HTTPMessageDelegate):
             else:
                 has_body = self.length > 0
                 if self.length > self.limit:
+                    self.conn.set_max_body_size(self.length)   # no 400 of Tornado's behind ours
                     self._refuse(413, "Payload Too Large", "body_too_large",
                                  f"request body of {self.length} bytes; at most {self.limit} "
                                  f"accepted on {start_line.path.partition('?')[0]}")
@@ -251,6 +254,21 @@ class RequestGate(httputil.HTTPMessageDelegate):
         except Exception:         # StreamClosedError: the peer went first
             stream.close()
             return
-        done.add_done_callback(lambda _: stream.close())
-        if not done.done():      # a peer that does not read its answer does not keep the socket
-            self.server.loop.call_later(5.0, stream.close)
+        loop = self.server.loop
+
+        def linger(_) -> None:
+            # Closing with unread input would send a reset, which can destroy the answer before
+            # the client reads it; so send the answer and a FIN, drop what still comes in, and
+            # close when the client does or after LINGER seconds (nginx's lingering close).
+            try:
+                stream.socket.shutdown(socket.SHUT_WR)
+            except (AttributeError, OSError):     # already closed
+                stream.close()
+                return
+            loop.call_later(LINGER, stream.close)
+
+        if done.done():
+            linger(done)
+        else:
+            done.add_done_callback(linger)
+            loop.call_later(LINGER + 3.0, stream.close)   # nor a client that does not read
