@@ -27,6 +27,11 @@ hoarding connections does not.  The number is a lower bound only: when descripto
 out of order the edge may notice the shortage late, and the acceptor's pause on ``EMFILE``
 (``edge/accept.py``) is the backstop.
 
+**Request bodies in flight.**  ``reserve_body`` / ``release_body`` count the request-body
+bytes the edge holds for all requests together against ``--max-body-inflight``; the gate in
+``edge/httplimits.py`` reserves a body when it starts to arrive and the bytes are released
+when its answer has been sent (the next request on the connection starts) or it closes.
+
 Nothing here touches the hot path of an established connection: the counts change at accept,
 at the end of each request read, and at close.
 """
