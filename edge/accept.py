@@ -4,6 +4,10 @@ Tornado's accept handler raises on EMFILE and the event loop calls it again at o
 the connection waits in the backlog: a full core and a traceback per try.  Here the edge
 logs once, stops accepting for a moment (as Phoenix's acceptor does) and tries again; the
 waiting clients are served as soon as descriptors are free.
+
+Each accepted connection is first admitted by ``edge/admission.py`` (pending-connection caps
+per peer address and per edge, the descriptor reserve).  A refused one gets a bare ``503``
+and is closed at once, before Tornado allocates anything for it.
 """
 from __future__ import annotations
 
@@ -12,20 +16,40 @@ import errno
 import logging
 import socket
 
-from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
+
+from edge.admission import Admission
+from edge.httplimits import EdgeHTTPServer, raw_response
 
 log = logging.getLogger(__name__)
 
 ACCEPTS_PER_WAKEUP = 128
 PAUSE_WHEN_FULL = 0.1   # seconds
 OUT_OF_FILES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+REFUSED = raw_response(503, "Service Unavailable", "too many unfinished connections; retry later",
+                       "Retry-After: 1\r\n")
+
+
+def refuse(conn: socket.socket) -> None:
+    """Answer 503 and close, without blocking: read what the client already sent (so the close
+    is a FIN, not a reset that could discard the answer), write the answer, close."""
+    try:
+        conn.setblocking(False)
+        conn.recv(65536)
+    except OSError:
+        pass
+    try:
+        conn.send(REFUSED)
+    except OSError:
+        pass
+    conn.close()
 
 
 class Acceptor:
-    def __init__(self, server: HTTPServer, sock: socket.socket):
+    def __init__(self, server: EdgeHTTPServer, sock: socket.socket, admission: Admission):
         self.server = server
         self.sock = sock
+        self.admission = admission
         self.loop = asyncio.get_running_loop()
         self.refused = 0
         sock.setblocking(False)
@@ -54,7 +78,11 @@ class Acceptor:
                 self.loop.remove_reader(self.sock.fileno())
                 self.loop.call_later(PAUSE_WHEN_FULL, self.start)
                 return
+            slot = self.admission.admit(address[0], address[1], conn.fileno())
+            if slot is None:
+                refuse(conn)
+                continue
             conn.setblocking(False)
             stream = IOStream(conn, max_buffer_size=self.server.max_buffer_size,
                               read_chunk_size=self.server.read_chunk_size)
-            self.server.handle_stream(stream, address)
+            self.server.handle_stream(stream, address, slot)

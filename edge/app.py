@@ -6,15 +6,18 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 from tornado import web
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from broker.logsetup import announce_ready, setup_logging
 from broker.loopsock import run_loop
 from edge.accept import Acceptor
+from edge.admission import Admission, Refusals, raise_nofile_limit
+from edge.forwarded import TrustedProxies
+from edge.httplimits import REFUSAL_KINDS, EdgeHTTPServer, HttpLimits, longpoll_body_limit
 from edge.hub import EdgeHub, Limits
 from edge.longpoll import LongPollHandler
 from edge.metrics import MetricsHandler, make_registry
@@ -24,6 +27,10 @@ from edge.status import StatusAccess, StatusPage
 from edge.websocket import WebSocketUpgrade
 
 log = logging.getLogger("edge")
+
+# Refusals made by handlers from the headers, before reading a body (edge/httplimits.py has
+# the gate's own, edge/admission.py those at accept).
+HANDLER_REFUSAL_KINDS = ("longpoll_posts_refused", "api_key_refusals")
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOENIX_JS_CANDIDATES = (
@@ -44,13 +51,40 @@ class PhoenixJS(web.StaticFileHandler):
         return "application/javascript; charset=utf-8"
 
 
+class AccessLog:
+    """Tornado's access log, with error answers rate-limited: a client collecting 4xx answers
+    must not be able to write a log line each.  At debug level every request is logged."""
+
+    def __init__(self) -> None:
+        self.log = logging.getLogger("tornado.access")
+        self.counts: dict[int, int] = {}
+        self._last: dict[int, float] = {}
+
+    def __call__(self, handler: web.RequestHandler) -> None:
+        status = handler.get_status()
+        summary = handler._request_summary()   # "METHOD /path (ip)", as Tornado logs it
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("%d %s %.2fms", status, summary, 1000 * handler.request.request_time())
+            return
+        if status < 400:
+            return
+        self.counts[status] = n = self.counts.get(status, 0) + 1
+        now = time.monotonic()
+        if now - self._last.get(status, -1.0) >= 1.0:
+            self._last[status] = now
+            self.log.log(logging.WARNING if status < 500 else logging.ERROR,
+                         "%d %s (%d answers %d so far)", status, summary, n, status)
+
+
 def make_app(hub: EdgeHub, static_dir: str | None = None, websocket: bool = True,
-             longpoll: bool = True, api_key: str | None = None) -> web.Application:
+             longpoll: bool = True, api_key: str | None = None,
+             refusals: Refusals | None = None) -> web.Application:
+    refusals = refusals or Refusals(hub.stats, HANDLER_REFUSAL_KINDS)
     routes: list = []
     if websocket:
         routes.append((r"/socket/websocket", WebSocketUpgrade, {"hub": hub}))
     if longpoll:
-        routes.append((r"/socket/longpoll", LongPollHandler, {"hub": hub}))
+        routes.append((r"/socket/longpoll", LongPollHandler, {"hub": hub, "refused": refusals}))
     js = phoenix_js_dir()
     if js is not None:
         routes.append((r"/js/(phoenix(?:\.min)?\.js)", PhoenixJS, {"path": str(js)}))
@@ -59,10 +93,24 @@ def make_app(hub: EdgeHub, static_dir: str | None = None, websocket: bool = True
     routes.append((r"/status", StatusPage, {"access": hub.status_access}))   # edge/status.py
     routes.append((r"/metrics", MetricsHandler, {"registry": make_registry(hub)}))   # Prometheus
     # Always routed, so a disabled endpoint is a 404 even with --static's catch-all below.
-    routes.append((PUBLISH_PATH, BroadcastHandler, {"hub": hub, "api_key": api_key}))
+    routes.append((PUBLISH_PATH, BroadcastHandler, {"hub": hub, "api_key": api_key,
+                                                    "refused": refusals}))
     if static_dir:
         routes.append((r"/(.*)", web.StaticFileHandler, {"path": static_dir, "default_filename": "index.html"}))
-    return web.Application(routes)
+    return web.Application(routes, log_function=AccessLog())
+
+
+def http_limits_from(args) -> HttpLimits:
+    """The edge's HTTP limits from its command line (defaults for options it lacks)."""
+    d = HttpLimits()
+    return HttpLimits(
+        header_timeout=getattr(args, "header_timeout", d.header_timeout),
+        body_timeout=getattr(args, "body_timeout", d.body_timeout),
+        longpoll_body=longpoll_body_limit(args.max_frame_size),
+        api_body=getattr(args, "max_api_body", d.api_body),
+        max_body_inflight=getattr(args, "max_body_inflight", d.max_body_inflight),
+        max_pending=getattr(args, "max_pending", d.max_pending),
+        max_pending_per_peer=getattr(args, "max_pending_per_peer", d.max_pending_per_peer))
 
 
 async def serve(args, origin_check: OriginCheck) -> int:
@@ -75,17 +123,22 @@ async def serve(args, origin_check: OriginCheck) -> int:
     hub = EdgeHub(args.bus, limits, origin_check=origin_check,
                   status_access=StatusAccess.from_options(getattr(args, "status_token", None)))
     hub.start()
+    refusals = Refusals(hub.stats, REFUSAL_KINDS + Admission.KINDS + HANDLER_REFUSAL_KINDS)
     api_key = getattr(args, "api_key", None) or os.environ.get("ZCHANNELS_API_KEY") or None
     app = make_app(hub, args.static, websocket=not args.no_websocket, longpoll=not args.no_longpoll,
-                   api_key=api_key)
+                   api_key=api_key, refusals=refusals)
     if api_key:
         log.info("HTTP publishing on: POST /api/broadcast (API key from %s)",
                  "--api-key" if getattr(args, "api_key", None) else "ZCHANNELS_API_KEY")
-    # LongPoll POSTs carry up to 100 frames; Plug's default body limit is 8 MB.
-    server = HTTPServer(app, xheaders=True, max_body_size=max(args.max_frame_size, 8_000_000))
+    http_limits = http_limits_from(args)
+    trusted = TrustedProxies.parse(getattr(args, "trusted_proxies", None))
+    admission = Admission(http_limits.max_pending, http_limits.max_pending_per_peer,
+                          http_limits.max_body_inflight, trusted, refusals)
+    server = EdgeHTTPServer(app, limits=http_limits, admission=admission, trusted=trusted,
+                            refusals=refusals)
     sockets = bind_sockets(args.port, args.host, family=socket.AF_INET if ":" not in args.host else socket.AF_UNSPEC,
                            reuse_port=args.reuse_port)
-    acceptors = [Acceptor(server, sock) for sock in sockets]
+    acceptors = [Acceptor(server, sock, admission) for sock in sockets]
     for acceptor in acceptors:
         acceptor.start()
     port = sockets[0].getsockname()[1]
@@ -99,6 +152,8 @@ async def serve(args, origin_check: OriginCheck) -> int:
              origin_check.describe(), f"{limits.max_rate:g}/s, burst {limits.max_burst}"
              if limits.max_rate > 0 and limits.max_burst > 0 else "off",
              "on (/status?status_token=...)" if hub.status_access.enabled else "off")
+    log.info("HTTP limits: %s; forwarding headers trusted from: %s; descriptor reserve %d",
+             http_limits.describe(), trusted.describe(), admission.reserve_size)
     announce_ready(http=f"http://{args.host}:{port}", edge=hub.edge_id.decode())
     await stop.wait()
     log.info("edge stopping: closing %d connection(s) with 1012", len(hub.connections))
@@ -121,6 +176,7 @@ def main(args) -> int:
     if args.log_level != "debug":
         # One line per WebSocket upgrade is noise at 10k clients; errors still show.
         logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    raise_nofile_limit()   # before any child starts: they inherit it
     if args.processes > 1:
         from edge.multiproc import run_many
         return run_many(args)

@@ -7,6 +7,11 @@ body, because that is what phoenix.js reads: a GET without a session runs the us
 token; a GET with one waits for frames; a POST carries the client's frames.  The
 session itself (buffer, poll, POST decoding) is ``edge/lpsession.py``; requests whose
 session lives on another edge are relayed by ``edge/lphub.py``.
+
+The body streams in (``@stream_request_body``): ``prepare`` answers a POST without a
+well-formed session token, or with one naming a session this edge does not hold, from the
+headers alone (``{"status":410}``, the connection closed), so no body is read for it.
+``edge/httplimits.py`` bounds the body's size, its time and the edge's bytes in flight.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from urllib.parse import parse_qsl
 from tornado import web
 
 from edge import serializer as serializers
+from edge.admission import Refusals
 from edge.handshake import connect_info, origin_allowed
 from edge.hub import ConnectRefused, EdgeHub
 from edge.lpsession import GONE, parse_token
@@ -30,13 +36,17 @@ TOKEN_HEADER = "X-Phoenix-Longpoll-Token"      # phoenix.js 1.9; 1.8 sends the `
 AUTH_HEADER = "X-Phoenix-AuthToken"
 
 
+@web.stream_request_body
 class LongPollHandler(web.RequestHandler):
     # Phoenix answers other methods with an empty 400 rather than 405.
     SUPPORTED_METHODS = ("GET", "POST", "OPTIONS", "HEAD", "PUT", "PATCH", "DELETE")
 
-    def initialize(self, hub: EdgeHub) -> None:
+    def initialize(self, hub: EdgeHub, refused: Refusals) -> None:
         self.hub = hub
+        self.refused = refused
         self._pending: asyncio.Future | None = None
+        self._token = None
+        self._chunks: list[bytes] = []
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -53,6 +63,27 @@ class LongPollHandler(web.RequestHandler):
             self.finish()
         elif not origin_allowed(self.hub.origin_check, self.request):
             self.finish(FORBIDDEN)
+        elif self.request.method == "POST":
+            self._token = parse_token(self.session_token())
+            if not self._may_hold(self._token):
+                self.refused("longpoll_posts_refused", "refused %s: LongPoll POST %s; 410 before "
+                             "its body", self.request.remote_ip,
+                             "without a session token" if self._token is None
+                             else f"for session {self._token.sid}, not held here")
+                self.finish(GONE)
+
+    def _may_hold(self, token) -> bool:
+        """Could this token's session take a POST?  Only this edge's own sessions are known
+        here; another edge's token is relayed and answered by its holder."""
+        if token is None:
+            return False
+        if token.edge != self.hub.edge_id:
+            return True
+        session = self.hub.longpoll.sessions.get(token.sid)
+        return session is not None and session.owns(token)
+
+    def data_received(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)   # bounded by the route's limit in edge/httplimits.py
 
     def options(self) -> None:
         self.clear_header("Content-Type")
@@ -70,11 +101,9 @@ class LongPollHandler(web.RequestHandler):
         await self.answer(token, b"GET", b"")
 
     async def post(self) -> None:
-        token = parse_token(self.session_token())
-        if token is None:
-            self.finish(GONE)
-            return
-        await self.answer(token, b"POST", self.request.body)
+        body = b"".join(self._chunks)
+        self._chunks = []
+        await self.answer(self._token, b"POST", body)
 
     def session_token(self) -> str | None:
         """The header first (phoenix.js 1.9), else the LAST `token` param: an app's own
@@ -101,6 +130,8 @@ class LongPollHandler(web.RequestHandler):
         self.finish(answer)
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()   # a body still streaming in is abandoned
+        self._chunks = []
         if self._pending is not None:
             self._pending.cancel()
 

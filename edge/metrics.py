@@ -45,6 +45,25 @@ STATS = {
     "status_refused": ("zchannels_edge_status_refused",
                        "Status page requests and zchannels:status joins refused (wrong, missing "
                        "or no status token)"),
+    # HTTP before the upgrade (edge/httplimits.py, edge/admission.py, docs/security.md)
+    "header_timeouts": ("zchannels_edge_http_header_timeouts",
+                        "Requests answered 408 for headers not complete within --header-timeout"),
+    "body_timeouts": ("zchannels_edge_http_body_timeouts",
+                      "Requests answered 408 for a body not complete within --body-timeout"),
+    "body_too_large": ("zchannels_edge_http_body_too_large",
+                       "Requests answered 413 for a body over their route's limit"),
+    "body_inflight_refusals": ("zchannels_edge_http_body_inflight_refusals",
+                               "Requests answered 503 for going over --max-body-inflight"),
+    "pending_peer_refusals": ("zchannels_edge_pending_peer_refusals",
+                              "Connections refused at accept: --max-pending-per-peer"),
+    "pending_total_refusals": ("zchannels_edge_pending_total_refusals",
+                               "Connections refused at accept: --max-pending"),
+    "descriptor_reserve_refusals": ("zchannels_edge_descriptor_reserve_refusals",
+                                    "Connections refused at accept to keep the descriptor reserve"),
+    "longpoll_posts_refused": ("zchannels_edge_longpoll_posts_refused",
+                               "LongPoll POSTs answered 410 from their headers, body unread"),
+    "api_key_refusals": ("zchannels_edge_api_key_refusals",
+                         "POST /api/broadcast answered 401 from its headers, body unread"),
 }
 
 

@@ -10,6 +10,9 @@ API key is configured (``--api-key`` or ``ZCHANNELS_API_KEY``): then the route a
                                                                               of up to 1000)
     -> 202 {"accepted": n} | 400 / 401 / 404 / 503 {"error": "..."}
 
+The API key is checked from the headers before any of the body is read (the body streams
+in, ``@stream_request_body``), so a caller without the key gets its 401 at once and the edge
+holds none of its bytes; ``--max-api-body`` bounds the body (413, ``edge/httplimits.py``).
 A body is checked whole before anything is published (like a LongPoll POST), so a 400 means
 nothing was sent.  503: the broker has been silent for 5 s, or the bus send queue is full
 (then ``accepted`` says how many of a batch went out).  Delivery is at most once, like every
@@ -83,28 +86,43 @@ def _show(value: object) -> str:
     return orjson.dumps(value).decode()[:80]
 
 
+@web.stream_request_body
 class BroadcastHandler(web.RequestHandler):
     """POST /api/broadcast on one edge; ``api_key`` None = the endpoint is off (404)."""
 
-    def initialize(self, hub, api_key: str | None) -> None:
+    def initialize(self, hub, api_key: str | None, refused) -> None:
         self.hub = hub
         self.api_key = api_key.encode() if api_key else None
+        self.refused = refused
+        self._chunks: list[bytes] = []
 
     def prepare(self) -> None:
         if self.api_key is None:
             self._answer(404, {"error": "HTTP publishing is off: start the edge with --api-key or "
                                         "ZCHANNELS_API_KEY to enable POST /api/broadcast"})
-
-    def post(self) -> None:
+            return
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
         # compare_digest: the time taken does not tell how much of a guessed key was right.
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
             self.set_header("WWW-Authenticate", 'Bearer realm="zchannels"')
-            log.debug("POST /api/broadcast from %s refused: missing or wrong API key", self.request.remote_ip)
-            return self._answer(401, {"error": "missing or wrong API key: send the header "
-                                                "'Authorization: Bearer KEY'"})
+            self.refused("api_key_refusals", "refused %s: %s /api/broadcast with a missing or "
+                         "wrong API key; 401 before its body", self.request.remote_ip,
+                         self.request.method)
+            self._answer(401, {"error": "missing or wrong API key: send the header "
+                                        "'Authorization: Bearer KEY'"})
+
+    def data_received(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)   # bounded by --max-api-body in edge/httplimits.py
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()
+        self._chunks = []
+
+    def post(self) -> None:
+        body = b"".join(self._chunks)
+        self._chunks = []
         try:
-            batch = parse_broadcasts(self.request.body)
+            batch = parse_broadcasts(body)
         except BadRequest as exc:
             return self._answer(400, {"error": str(exc)})
         bus = self.hub.bus

@@ -39,10 +39,19 @@ def test_out_of_file_descriptors_pauses_accepting_without_spinning(cluster_facto
     assert first.join("c", f"echo:{uuid.uuid4().hex[:8]}")["status"] == "ok"
 
     flood = []
-    for _ in range(80):   # more than the 64 descriptors the edge may hold
-        s = socket.create_connection((host, port), 2)
+    for i in range(80):   # more than the 64 descriptors the edge may hold
+        # One upgrade at a time, each from its own address: clients hoarding connections near
+        # the limit are refused earlier, by the descriptor reserve (test_e2e_http_limits.py).
+        s = socket.socket()
+        s.settimeout(2)
+        s.bind((f"127.0.0.{2 + i}", 0))
+        s.connect((host, port))
         s.sendall(upgrade_request(host, port))
         flood.append(s)
+        try:
+            s.recv(100)       # 101 Switching Protocols
+        except socket.timeout:
+            break             # left in the backlog: the edge is out of descriptors
     wait_until(lambda: "out of file descriptors" in edge.stderr_text(), timeout=10)
     before, t0 = cpu_seconds(edge.pid), time.monotonic()
     time.sleep(2.0)   # measuring a rate: the edge must stay mostly idle over this window

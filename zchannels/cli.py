@@ -160,6 +160,54 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
     _add_bus_limit(p)
 
 
+def _trusted_proxies(text: str) -> str:
+    """Checked here so a typo fails at once; the edge parses the text again."""
+    from edge.forwarded import parse_networks
+    try:
+        parse_networks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__   # argparse names the type in its "invalid value" message
+    return parse
+
+
+def _add_edge_http_limits(p: argparse.ArgumentParser) -> None:
+    """Bounds on what an HTTP client may make the edge wait for or hold (docs/security.md)."""
+    g = p.add_argument_group("HTTP limits (before the WebSocket upgrade; see docs/security.md)")
+    g.add_argument("--header-timeout", type=_positive(float), default=15.0, metavar="SECONDS",
+                   help="a request's whole header block must arrive within this time, however "
+                        "it trickles in; else 408 and close (default: %(default)s)")
+    g.add_argument("--body-timeout", type=_positive(float), default=15.0, metavar="SECONDS",
+                   help="a request's whole body must arrive within this time of its headers; "
+                        "else 408 and close (default: %(default)s)")
+    g.add_argument("--max-api-body", type=_positive(int), default=4 * 1_048_576, metavar="BYTES",
+                   help="largest POST /api/broadcast body; larger ones get 413 before they are "
+                        "read (default: %(default)s). LongPoll POSTs may carry 100 frames of "
+                        "--max-frame-size, at most 8 MiB; other requests 64 KiB")
+    g.add_argument("--max-body-inflight", type=_positive(int), default=64 * 1_048_576, metavar="BYTES",
+                   help="request-body bytes the edge holds at once, all requests together; a body "
+                        "that would go over gets 503 (default: %(default)s)")
+    g.add_argument("--max-pending-per-peer", type=_positive(int), default=64, metavar="N",
+                   help="connections one client address may hold before its request is read "
+                        "(unfinished upgrades, slow headers or bodies, idle keep-alives); more are "
+                        "refused at accept with 503; trusted proxies are exempt (default: %(default)s)")
+    g.add_argument("--max-pending", type=_positive(int), default=2000, metavar="N",
+                   help="such connections on the whole edge (default: %(default)s)")
+    g.add_argument("--trusted-proxies", type=_trusted_proxies, default="", metavar="CIDR,...",
+                   help="believe X-Forwarded-For / X-Real-Ip / X-Forwarded-Proto / X-Scheme only "
+                        "from these peers, e.g. 127.0.0.1/32,10.0.0.0/8; from others connect_info "
+                        "shows the socket peer (default: none)")
+
+
 def _add_edge_process_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, default=1, metavar="N",
                    help="run N edge processes sharing the port with SO_REUSEPORT, one per core "
@@ -195,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bus(p)
     _add_edge_options(p)
     _add_status(p)
+    _add_edge_http_limits(p)
     _add_edge_process_options(p)
     _add_log(p)
 
