@@ -137,6 +137,16 @@ def _add_worker_options(p: argparse.ArgumentParser) -> None:
                         "attr defaults to `socket`")
 
 
+def _bus_problem(bus: str) -> str:
+    """Why a worker could never use this --bus address; "" when it is well formed."""
+    from broker.wire import bus_endpoints
+    try:
+        bus_endpoints(bus)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zchannels", description="Phoenix Channels for Python.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         from zchannels.keys import main as run
         return run(args)
+    if args.command == "workers":
+        problem = _bus_problem(args.bus)
+        if problem:   # before forking: a worker could never connect, so none is started
+            print(f"zchannels workers: error: {problem}", file=sys.stderr)
+            return 2
     from broker.curve import CurveError
     try:
         args.curve = _load_curve(args)
