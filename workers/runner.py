@@ -367,9 +367,10 @@ def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callab
     faulthandler.enable()   # SIGABRT from the supervisor on a stuck loop prints every thread's stack
     try:
         wire.bus_endpoints(bus)
-        app = load_app(app_spec)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    try:
+        app = load_app(app_spec)
     except AppLoadError as exc:
         if exc.__cause__ is not None:   # the whole traceback for whoever asks for debug logs
             log.debug("loading the app failed", exc_info=exc.__cause__)

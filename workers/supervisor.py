@@ -14,29 +14,26 @@ bumps about once a second through `alive()`; a file older than `stuck_timeout` m
 is stuck, and the child gets SIGABRT (the runner's faulthandler prints every thread's stack to
 the log), then SIGKILL if it is still there `ABORT_GRACE` seconds later.
 
-Restarts follow OTP's intensity/period idea.  A worker is *ready* once its loop has beaten
-(the file's mtime moved past its value at fork).  A ready worker that dies is replaced at once;
-a worker that dies before it was ready is a crash at start, and its slot backs off exponentially
-(so does a slot whose ready workers died more than `INTENSITY` times in `PERIOD` seconds).  The
-backoff never leaves the last slot with a worker to come idle for long: when no other slot has a
-worker or a sooner restart, the delay is at most `LAST_SLOT_MAX`.  A configuration that can never
-work (the handler module cannot be imported, a malformed bus address) stops the supervisor with
-one log line and exit code 2.
+A worker is *ready* once its loop has beaten (the file's mtime moved past its value at fork).
+When to replace a dead worker is workers/restarts.py's call: a ready one at once, one that
+crashed while starting after a backoff.  A configuration that can never work (the handler
+module cannot be imported, a malformed bus address) stops the supervisor with one log line and
+exit code 2.
 """
 from __future__ import annotations
 
 import logging
 import os
-import random
 import select
 import signal
 import sys
 import tempfile
 import time
 import traceback
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable
+
+from workers.restarts import RestartPolicy
 
 # Reserved exit code of a worker whose configuration can never work (its target raised
 # ConfigError, e.g. the handler module cannot be imported).  Restarting cannot fix that, so the
@@ -44,11 +41,6 @@ from typing import Callable
 HANDLER_LOAD_ERROR = 4
 CONFIG_ERROR_EXIT = 2
 
-BACKOFF_MIN = 0.1       # first delay after a crash at start, doubled on each further one
-BACKOFF_MAX = 10.0
-LAST_SLOT_MAX = 1.0     # longest backoff when no other slot has a worker or a sooner restart
-INTENSITY = 10          # deaths of ready workers of one slot within PERIOD s that count as a
-PERIOD = 10.0           # crash loop (backoff) rather than bad luck (restart at once)
 ABORT_GRACE = 2.0       # SIGABRT (stack dump) -> SIGKILL, for a stuck worker
 CONFIG_ERROR_BYTES = 2000
 
@@ -109,9 +101,7 @@ class Supervisor:
         self.stuck_timeout = stuck_timeout
         self.graceful_timeout = graceful_timeout
         self.workers: dict[int, Worker] = {}     # pid -> worker
-        self.backoff: dict[int, float] = {}      # slot -> current backoff delay
-        self.ready_deaths: dict[int, deque] = {}  # slot -> monotonic times ready workers died
-        self.not_before: dict[int, float] = {}   # slot -> earliest monotonic respawn time
+        self.restarts = RestartPolicy()          # workers/restarts.py
         self.restart_queue: list[int] = []       # slots still to restart after SIGHUP
         self.signals: list[int] = []
         self.exit_code: int | None = None
@@ -166,7 +156,7 @@ class Supervisor:
     def next_timeout(self) -> float:
         # Wake early when a slot's backoff or a stuck worker's abort grace ends before the 1 s tick.
         busy = {w.slot for w in self.workers.values()}
-        due = [self.not_before.get(s, 0.0) for s in range(self.n) if s not in busy]
+        due = [self.restarts.due(s) for s in range(self.n) if s not in busy]
         due += [w.aborted_at + ABORT_GRACE for w in self.workers.values()
                 if w.aborted_at is not None and not w.killed]
         return max(0.0, min([1.0] + [t - time.monotonic() for t in due]))
@@ -244,37 +234,16 @@ class Supervisor:
         if not w.expected:
             self.metrics.restarted()
         level = logging.INFO if w.expected else logging.WARNING
-        log.log(level, "worker died slot=%d pid=%d %s after %.1fs; restart in %.2fs%s", w.slot, w.pid,
-                how, lived, delay, "" if ready or w.expected else " (it died before it was ready)")
+        if w.expected or not delay:
+            why = ""
+        else:
+            why = " (it died before it was ready)" if not ready else " (its workers keep dying)"
+        log.log(level, "worker died slot=%d pid=%d %s after %.1fs; restart in %.2fs%s",
+                w.slot, w.pid, how, lived, delay, why)
 
     def schedule_respawn(self, w: Worker, ready: bool) -> float:
-        now = time.monotonic()
-        if w.expected:
-            delay = 0.0
-        elif ready and not self.crash_loop(w.slot, now):
-            delay = self.backoff[w.slot] = 0.0
-        else:
-            base = min(BACKOFF_MAX, max(BACKOFF_MIN, 2 * self.backoff.get(w.slot, 0.0)))
-            self.backoff[w.slot] = base
-            delay = base * random.uniform(1.0, 1.2)   # jitter: crashed slots do not restart in lockstep
-            if delay > LAST_SLOT_MAX and self.last_hope(w.slot, now):
-                delay = LAST_SLOT_MAX
-        self.not_before[w.slot] = now + delay
-        return delay
-
-    def crash_loop(self, slot: int, now: float) -> bool:
-        """Count a ready worker's death; True past INTENSITY deaths in PERIOD seconds."""
-        deaths = self.ready_deaths.setdefault(slot, deque())
-        deaths.append(now)
-        while deaths[0] < now - PERIOD:
-            deaths.popleft()
-        return len(deaths) > INTENSITY
-
-    def last_hope(self, slot: int, now: float) -> bool:
-        """No other slot has a worker, or a restart due sooner than LAST_SLOT_MAX from now."""
-        busy = {w.slot for w in self.workers.values()}
-        return not any(s in busy or self.not_before.get(s, 0.0) <= now + LAST_SLOT_MAX
-                       for s in range(self.n) if s != slot)
+        busy = {other.slot for other in self.workers.values()}
+        return self.restarts.after_death(w.slot, ready, w.expected, busy, self.n, time.monotonic())
 
     # --- liveness -----------------------------------------------------------------
 
@@ -316,7 +285,7 @@ class Supervisor:
         busy = {w.slot for w in self.workers.values()}
         now = time.monotonic()
         for slot in range(self.n):
-            if slot not in busy and now >= self.not_before.get(slot, 0.0):
+            if slot not in busy and now >= self.restarts.due(slot):
                 self.spawn(slot)
         self.roll_restart()
 
@@ -342,7 +311,7 @@ class Supervisor:
         except OSError as exc:
             os.close(fd)
             log.error("cannot fork worker slot=%d: %s; retrying in 1s", slot, exc)
-            self.not_before[slot] = time.monotonic() + 1.0
+            self.restarts.hold(slot, time.monotonic() + 1.0)
             return
         if pid == 0:
             self.child(slot, fd)   # never returns
