@@ -74,7 +74,7 @@ class Router:
         self.waiting: deque[tuple[float, bytes, bytes, int]] = deque()   # (deadline, sender, data, offset)
         self.waited = 0             # joins and connects that had to wait for a worker
         self.no_worker = 0          # ... and were bounced because none came in time
-        self._no_worker_logged = 0.0
+        self._wait_logged = self._no_worker_logged = -10.0
         self.worker_deaths = 0      # removed other than by BYE (counted for /metrics)
         self.edge_losses = 0
         self.evicted: dict[bytes, float] = {}
@@ -194,7 +194,8 @@ class Router:
             self._bounce_no_worker(sender, data, offset)
             return
         now = time.monotonic()
-        if not self.waiting:
+        if not self.waiting and now - self._wait_logged >= 5.0:
+            self._wait_logged = now
             log.info("no live worker: joins and connects wait up to %.1fs for one", WORKER_WAIT)
         self.waiting.append((max(now + WORKER_WAIT, self._warm_until), sender, data, offset))
         self.waited += 1
