@@ -129,11 +129,13 @@ def run_workers(*args: str, env: dict | None = None, timeout: float = 20.0) -> s
 
 
 @pytest.mark.timeout(30)
-def test_a_malformed_bus_stops_the_workers_command_with_one_line_and_exit_code_2():
-    done = run_workers("--bus", "tcp://127.0.0.1", "-n", "2", APP)
+@pytest.mark.parametrize("bus", ["tcp://127.0.0.1", "127.0.0.1:5570", "tcp://:5570", "tcp://*:5570",
+                                 "tcp://bad host:5570"])
+def test_a_malformed_bus_stops_the_workers_command_with_one_line_and_exit_code_2(bus):
+    done = run_workers("--bus", bus, "-n", "2", APP)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1, done.stderr
-    assert "--bus must look like tcp://HOST:PORT" in done.stderr
+    assert done.stderr.startswith("zchannels workers: error: --bus must ") and repr(bus) in done.stderr
     assert "worker started" not in done.stderr   # checked before forking
 
 
@@ -181,3 +183,13 @@ def test_a_stuck_worker_dumps_its_stack_to_the_log_and_is_replaced(cluster_facto
     finally:
         ws.close()
 
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_started_without_the_cli_check_refuses_an_address_libzmq_rejects():
+    """A supervisor that spawns `python -m workers.runner` gets the reserved exit code, not a loop."""
+    from workers.supervisor import HANDLER_LOAD_ERROR
+    done = subprocess.run([sys.executable, "-m", "workers.runner", APP, "--bus", "tcp://bad host:5570"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=20)
+    assert done.returncode == HANDLER_LOAD_ERROR
+    assert done.stderr.count("\n") == 1 and "cannot connect to --bus 'tcp://bad host:5570'" in done.stderr, done.stderr

@@ -379,7 +379,11 @@ def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callab
         log.warning("app %s declares no channels (socket.channel(...)): every join is refused", app_spec)
     peer_id = wire.new_peer_id(wire.ROLE_WORKER, f"w{slot}")
     ctx = zmq.Context()
-    dealer, pub, sub = connect_peer(ctx, bus, peer_id, HWM)
+    try:
+        dealer, pub, sub = connect_peer(ctx, bus, peer_id, HWM)
+    except zmq.ZMQError as exc:   # libzmq refused the address itself: no retry can help
+        ctx.destroy(linger=0)
+        raise ConfigError(f"cannot connect to --bus {bus!r}: {exc}") from None
     log.info("worker %s starting: pid %s app %s bus %s", slot, os.getpid(), app_spec, bus)
     try:
         try:

@@ -138,12 +138,16 @@ def _add_worker_options(p: argparse.ArgumentParser) -> None:
 
 
 def _bus_problem(bus: str) -> str:
-    """Why a worker could never use this --bus address; "" when it is well formed."""
+    """Why a worker could never connect to this --bus address; "" when it is well formed."""
     from broker.wire import bus_endpoints
     try:
         bus_endpoints(bus)
     except ValueError as exc:
         return str(exc)
+    host = bus.partition("://")[2].rpartition(":")[0]
+    if not host or host == "*" or any(c.isspace() for c in host) or \
+            host.startswith("[") != host.endswith("]"):
+        return f"--bus must name the broker's host, as in tcp://HOST:PORT, got {bus!r}"
     return ""
 
 
