@@ -2,8 +2,9 @@
 
 It keeps the registry of live peers (built from their heartbeats, so a
 restarted broker rebuilds it within one heartbeat interval), places CONNECT
-and JOIN requests on the least-loaded worker heard from recently, and tells
-every edge at once when a worker is gone (and every worker when an edge is gone).
+and JOIN requests on the least-loaded worker heard from recently (holding them a
+short while when no worker is live, so a restart gap is bridged), and tells every
+edge at once when a worker is gone (and every worker when an edge is gone).
 
 Each kind is accepted only from the role that may send it (``wire.SENDER_ROLE``):
 an edge cannot answer for a worker, a worker cannot speak for an edge.  Frames are
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import deque
 import os
 import time
 
@@ -34,6 +36,11 @@ PARK_LIMIT = 100_000        # messages held during warm-up for peers not yet rec
 # heard from exists: workers heartbeat every 0.5 s from their event loop, so a longer
 # silence means a handler is blocking it (time.sleep, a CPU-bound call).
 PLACE_FRESH = 1.5
+# With no live worker (a restarted broker before the first worker heartbeat, or a worker
+# restart gap), joins and connects wait this long for one instead of being bounced at once;
+# during the warm-up they wait at least until it ends.
+WORKER_WAIT = 2.0
+WAIT_LIMIT = 10_000         # joins and connects held at once; past it they are bounced
 
 
 class Peer:
@@ -75,6 +82,10 @@ class Router:
         self.parked_count = 0
         self.dropped_while_warming = 0
         self.dropped_full = 0
+        self.waiting: deque[tuple[float, bytes, bytes, int]] = deque()   # (deadline, sender, data, offset)
+        self.waited = 0             # joins and connects that had to wait for a worker
+        self.no_worker = 0          # ... and were bounced because none came in time
+        self._wait_logged = self._no_worker_logged = -10.0
         self.worker_deaths = 0      # removed other than by BYE (counted for /metrics)
         self.edge_losses = 0
         self.evicted: dict[bytes, float] = {}
@@ -169,7 +180,7 @@ class Router:
                 return
             worker = self.place(count_join=kind == wire.JOIN)
             if worker is None:
-                self._unroutable(sender, dest, data, offset)
+                self._wait_for_worker(sender, data, offset)
                 return
             dest = worker.id
         try:
@@ -213,6 +224,39 @@ class Router:
         for dest, held in parked.items():
             for sender, _kind, data, offset in held:
                 self._unroutable(sender, dest, data, offset)
+
+    # --- joins and connects waiting for a worker -----------------------------------
+    def _wait_for_worker(self, sender: bytes, data: bytes, offset: int) -> None:
+        if len(self.waiting) >= WAIT_LIMIT:
+            self._bounce_no_worker(sender, data, offset)
+            return
+        now = time.monotonic()
+        if not self.waiting and now - self._wait_logged >= 5.0:
+            self._wait_logged = now
+            log.info("no live worker: joins and connects wait up to %.1fs for one", WORKER_WAIT)
+        self.waiting.append((max(now + WORKER_WAIT, self._warm_until), sender, data, offset))
+        self.waited += 1
+
+    def _place_waiting(self) -> None:
+        """A worker is live now: place what waited for one, in arrival order."""
+        waiting, self.waiting = self.waiting, deque()
+        for _deadline, sender, data, offset in waiting:
+            self.route(sender, data[:1], b"", data, offset)
+
+    def _expire_waiting(self, now: float) -> None:
+        waiting = self.waiting
+        while waiting and waiting[0][0] <= now:
+            _deadline, sender, data, offset = waiting.popleft()
+            self._bounce_no_worker(sender, data, offset)
+
+    def _bounce_no_worker(self, sender: bytes, data: bytes, offset: int) -> None:
+        self.no_worker += 1
+        now = time.monotonic()
+        if now - self._no_worker_logged >= 5.0:
+            self._no_worker_logged = now
+            log.warning("no worker came within %.1fs: joins and connects answered \"no worker "
+                        "available\" (%d so far)", WORKER_WAIT, self.no_worker)
+        self._unroutable(sender, b"", data, offset)
 
     def _unroutable(self, sender: bytes, dest: bytes, data: bytes, offset: int) -> None:
         """Hand the message back: [UNROUTABLE, dest, kind, *fields]."""
@@ -274,6 +318,8 @@ class Router:
         peer.last_seen = now
         peer.load = int(load) if load.isdigit() else 0
         peer.placed = 0
+        if self.waiting and role == wire.ROLE_WORKER:
+            self._place_waiting()
 
     def remove(self, peer_id: bytes, why: str) -> None:
         if peer_id in self.workers or peer_id in self.edges:
@@ -312,6 +358,8 @@ class Router:
     def housekeeping(self, now: float) -> None:
         if self.parked and now >= self._warm_until:
             self._end_warm_up()
+        if self.waiting:
+            self._expire_waiting(now)
         unreachable = []
         probe = wire.pack([wire.HEARTBEAT, self.instance])
         for registry in (self.workers, self.edges):

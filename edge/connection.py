@@ -215,7 +215,9 @@ class Connection:
         self.send(encode(join_ref, topic))
 
     def join_failed(self, ch: ChannelRef, ref: str | None) -> None:
-        self.joined(ch, b"", ref, "error", NO_WORKER)
+        """The broker could not place the join (no live worker): the client gets the error
+        reply now, and phoenix.js retries on its rejoin schedule."""
+        self.joined(ch, b"", ref, "error", NO_WORKER, b"[]")
 
     # --- end of the connection ------------------------------------------------------
     def shut_down(self, code: int, why: str, terminate_reason: bytes) -> None:

@@ -95,3 +95,51 @@ def test_a_peer_that_said_bye_before_its_connection_closed_counts_as_gone_not_de
     time.sleep(0.2)
     router.housekeeping(time.monotonic())
     assert b"W-1" not in router.workers and router.worker_deaths == 0
+
+
+JOIN = [wire.JOIN, b"", b"conn1", b"room:1", b"1", b"1", b"{}", b"{}"]
+
+
+def test_a_join_with_no_live_worker_waits_and_goes_to_the_first_worker_that_heartbeats(bus):
+    sock, peer = bus
+    router = Router(sock)
+    edge = peer(b"E-1")
+    edge.send(wire.pack(JOIN))
+    edge.send(wire.pack([wire.CONNECT, b"", b"rpc1", b"{}"]))
+    pump(router, sock, 2)
+    assert len(router.waiting) == 2 and router.unroutable == 0
+    assert not edge.poll(100), "bounced instead of waiting"
+    worker = peer(b"W-1")
+    worker.send(wire.pack([wire.HEARTBEAT, wire.ROLE_WORKER, b"0"]))
+    pump(router, sock, 1)
+    got = [recv(worker) for _ in range(3)]
+    assert [f[0] for f in got] == [wire.HEARTBEAT, wire.JOIN, wire.CONNECT]
+    assert got[1][1] == b"E-1" and got[1][2:] == JOIN[2:]
+    assert not router.waiting and router.waited == 2
+
+
+def test_a_join_still_waiting_for_a_worker_after_the_bound_is_bounced_no_worker(bus):
+    sock, peer = bus
+    router = Router(sock)
+    edge = peer(b"E-1")
+    edge.send(wire.pack(JOIN))
+    pump(router, sock, 1)
+    router.housekeeping(time.monotonic() + 0.5)          # still within the wait
+    assert len(router.waiting) == 1 and not edge.poll(100)
+    router.housekeeping(time.monotonic() + max(router_mod.WORKER_WAIT, 3.0) + 0.1)
+    back = recv(edge)
+    assert back[0] == wire.UNROUTABLE and back[1] == b"" and back[2] == wire.JOIN
+    assert back[3:] == JOIN[2:] and router.no_worker == 1 and not router.waiting
+
+
+def test_joins_waiting_for_a_worker_are_bounded(bus, monkeypatch):
+    sock, peer = bus
+    monkeypatch.setattr(router_mod, "WAIT_LIMIT", 2)
+    router = Router(sock)
+    edge = peer(b"E-1")
+    for _ in range(3):
+        edge.send(wire.pack(JOIN))
+    pump(router, sock, 3)
+    assert len(router.waiting) == 2
+    back = recv(edge)                                     # the third is bounced at once
+    assert back[0] == wire.UNROUTABLE and back[2] == wire.JOIN and router.no_worker == 1

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = textwrap.dedent("""
     import os, signal, sys, time
     from broker.logsetup import setup_logging
-    from workers.supervisor import HANDLER_LOAD_ERROR, Supervisor
+    from workers.supervisor import HANDLER_LOAD_ERROR, ConfigError, Supervisor
 
     mode, n, stuck, graceful, state = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), \\
         float(sys.argv[4]), sys.argv[5]
@@ -41,6 +42,16 @@ SCRIPT = textwrap.dedent("""
             return 1
         if mode == "load_error":
             return HANDLER_LOAD_ERROR
+        if mode == "config_error":
+            raise ConfigError("cannot load app 'x.py': no such file x.py")
+        if mode == "hang_ignore_abort":   # the first worker of slot 0 is stuck and survives SIGABRT
+            marker = os.path.join(state, "hung-%d" % slot)
+            if slot == 0 and not os.path.exists(marker):
+                open(marker, "w").close()
+                signal.signal(signal.SIGABRT, signal.SIG_IGN)
+                alive()
+                time.sleep(3600)
+            beat_forever(alive)
         if mode == "hang_once":   # the first worker of slot 0 beats once, then its loop is stuck
             marker = os.path.join(state, "hung-%d" % slot)
             if slot == 0 and not os.path.exists(marker):
@@ -205,13 +216,52 @@ def test_crashing_worker_is_restarted_with_exponential_backoff(start):
 
 
 @pytest.mark.timeout(30)
-def test_handler_load_error_stops_the_supervisor_with_exit_code_4(start):
+def test_handler_load_error_stops_the_supervisor_with_exit_code_2(start):
     sup = start("load_error", n=2)
-    assert sup.proc.wait(15) == HANDLER_LOAD_ERROR == 4
+    assert sup.proc.wait(15) == 2
     sup.reader.join(5)
-    assert "handler module could not be imported" in sup.log()
+    assert f"exited with code {HANDLER_LOAD_ERROR} (its configuration cannot work)" in sup.log()
     assert len(sup.starts()) <= 2, sup.log()     # no restarts at all
     assert not any(pid_alive(p) for _, p in sup.starts())
+
+
+@pytest.mark.timeout(30)
+def test_config_error_stops_the_supervisor_with_one_error_line_and_exit_code_2(start):
+    sup = start("config_error", n=2)
+    assert sup.proc.wait(15) == 2
+    sup.reader.join(5)
+    errors = [line for line in sup.lines if " ERROR " in line]
+    assert len(errors) == 1, sup.log()
+    assert "cannot start: cannot load app 'x.py': no such file x.py; stopping the supervisor" in errors[0]
+    assert "Traceback" not in sup.log()
+    assert len(sup.starts()) <= 2, sup.log()
+
+
+@pytest.mark.timeout(30)
+def test_a_ready_worker_killed_again_and_again_is_replaced_at_once_every_time(start):
+    sup = start("sleep", n=2)
+    wait_until(lambda: len(sup.current()) == 2)
+    for i in range(5):
+        victim = sup.current()[0]
+        wait_until(lambda: sup.wait_log(rf"started slot=0 pid={victim}"))
+        time.sleep(0.1)   # let it beat: that is what makes it ready
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: sup.current()[0] != victim)
+    delays = re.findall(r"worker died slot=0 pid=\d+ killed by SIGKILL.* restart in ([\d.]+)s(.*)", sup.log())
+    assert delays == [("0.00", "")] * 5, sup.log()
+
+
+@pytest.mark.timeout(40)
+def test_crash_loops_in_every_slot_back_off_but_some_slot_always_retries_within_a_second(start):
+    sup = start("crash", n=2)
+    died = re.compile(r"restart in ([\d.]+)s \(it died before it was ready\)")
+    wait_until(lambda: len([l for l in list(sup.lines) if died.search(l)]) >= 12, timeout=30)
+    lines = list(sup.lines)
+    delays = [float(m[1]) for m in map(died.search, lines) if m]
+    assert max(delays) > 1.5, delays        # the slots do back off ...
+    starts = [datetime.strptime(l[:23], "%Y-%m-%d %H:%M:%S,%f") for l in lines if STARTED.search(l)]
+    gaps = [(b - a).total_seconds() for a, b in zip(starts, starts[1:])]
+    assert max(gaps) < 1.0 + 0.4, (gaps, delays)   # ... but never both for longer than LAST_SLOT_MAX
 
 
 @pytest.mark.timeout(30)
@@ -224,13 +274,25 @@ def test_stuck_worker_is_killed_and_restarted_after_stuck_timeout(start):
     assert time.monotonic() - began >= 0.5      # it was given its stuck_timeout
     assert "limit 1.0s" in line
     wait_until(lambda: sup.current()[0] != first[0])
-    assert sup.wait_log(rf"pid={first[0]} killed by SIGKILL \(stuck\)")
+    assert sup.wait_log(rf"pid={first[0]} killed by SIGABRT \(stuck")   # the runner's faulthandler dumps stacks
     assert not pid_alive(first[0])
     # The replacement beats, so it must survive well past stuck_timeout (a window, not a wait),
     # and the healthy slot was never touched.
     time.sleep(1.5)
     assert pid_alive(sup.current()[0]) and sup.current()[1] == first[1]
     assert len(sup.starts()) == 3, sup.log()
+
+
+@pytest.mark.timeout(30)
+def test_stuck_worker_that_survives_sigabrt_is_killed_after_the_grace(start):
+    sup = start("hang_ignore_abort", n=1, stuck=1.0)
+    wait_until(sup.current)
+    first = sup.current()[0]
+    sup.wait_log(rf"worker stuck slot=0 pid={first}")
+    aborted = time.monotonic()
+    sup.wait_log(rf"pid={first} killed by SIGKILL \(stuck, still there 2s after SIGABRT\)")
+    assert time.monotonic() - aborted >= 1.5
+    wait_until(lambda: sup.current()[0] != first)
 
 
 @pytest.mark.timeout(30)

@@ -32,7 +32,7 @@ from workers.api import Channel, Error, SocketState
 from workers.channels import _EMPTY_JSON, _ERROR, _OK, ChannelHost, ChannelProc, _maybe_await
 from workers.routes import SYSTEM_PREFIX, AppLoadError, load_app
 from workers.status import publish_forever as publish_status, system_route
-from workers.supervisor import HANDLER_LOAD_ERROR  # exit code: the app cannot be loaded
+from workers.supervisor import HANDLER_LOAD_ERROR, ConfigError
 
 
 HEARTBEAT_INTERVAL = 0.5     # seconds
@@ -361,23 +361,29 @@ async def presence_forever(worker: Worker) -> None:
 
 def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callable[[], None],
                log_format: str = "text") -> int:
-    """Run one worker until SIGTERM/SIGINT; return the process exit code."""
+    """Run one worker until SIGTERM/SIGINT; return the process exit code.  Raises ConfigError
+    when the app cannot be loaded or the bus address is malformed: no restart can fix those."""
     setup_logging(log_level, f"worker{slot}", log_format)
-    faulthandler.enable()   # SIGABRT from the supervisor on a stuck loop prints the stack
+    faulthandler.enable()   # SIGABRT from the supervisor on a stuck loop prints every thread's stack
+    try:
+        wire.bus_endpoints(bus)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         app = load_app(app_spec)
     except AppLoadError as exc:
-        log.error("%s", exc, exc_info=exc.__cause__ is not None)
-        return HANDLER_LOAD_ERROR
+        if exc.__cause__ is not None:   # the whole traceback for whoever asks for debug logs
+            log.debug("loading the app failed", exc_info=exc.__cause__)
+        raise ConfigError(f"{exc}{_raised_at(exc.__cause__)}") from None
     if not app.routes:
         log.warning("app %s declares no channels (socket.channel(...)): every join is refused", app_spec)
     peer_id = wire.new_peer_id(wire.ROLE_WORKER, f"w{slot}")
     ctx = zmq.Context()
     try:
         dealer, pub, sub = connect_peer(ctx, bus, peer_id, HWM)
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
+    except zmq.ZMQError as exc:   # libzmq refused the address itself: no retry can help
+        ctx.destroy(linger=0)
+        raise ConfigError(f"cannot connect to --bus {bus!r}: {exc}") from None
     log.info("worker %s starting: pid %s app %s bus %s", slot, os.getpid(), app_spec, bus)
     try:
         try:
@@ -391,6 +397,16 @@ def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callab
             sock.close(linger=CLOSE_LINGER_MS)
         ctx.term()
     return 0
+
+
+def _raised_at(exc: BaseException | None) -> str:
+    """" (at file.py:12)": where the app's own code raised, for a one-line error."""
+    tb = exc.__traceback__ if exc is not None else None
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" (at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,7 +424,11 @@ def main(argv: list[str] | None = None) -> int:
         curve.install(curve.load_client_keys(args.curve_server_key, args.curve_secret))
     except curve.CurveError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    return run_worker(args.app, args.bus, args.slot, args.log_level, lambda: None, args.log_format)
+    try:
+        return run_worker(args.app, args.bus, args.slot, args.log_level, lambda: None, args.log_format)
+    except ConfigError as exc:   # the reserved code, so a supervisor that spawns us stops too
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return HANDLER_LOAD_ERROR
 
 
 if __name__ == "__main__":

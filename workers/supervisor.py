@@ -11,13 +11,19 @@ Everything happens in one thread, in one loop::
 Signal handlers only enqueue; `signal.set_wakeup_fd` wakes the wait.  Liveness uses the
 gunicorn WorkerTmp trick: each child gets an (unlinked) temp file whose mtime its event loop
 bumps about once a second through `alive()`; a file older than `stuck_timeout` means the loop
-is stuck, and the child is killed and replaced.
+is stuck, and the child gets SIGABRT (the runner's faulthandler prints every thread's stack to
+the log), then SIGKILL if it is still there `ABORT_GRACE` seconds later.
+
+A worker is *ready* once its loop has beaten (the file's mtime moved past its value at fork).
+When to replace a dead worker is workers/restarts.py's call: a ready one at once, one that
+crashed while starting after a backoff.  A configuration that can never work (the handler
+module cannot be imported, a malformed bus address) stops the supervisor with one log line and
+exit code 2.
 """
 from __future__ import annotations
 
 import logging
 import os
-import random
 import select
 import signal
 import sys
@@ -27,13 +33,16 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
-# Reserved exit code: the runner could not import the user's handler module.  Restarting cannot
-# fix that, so the whole supervisor stops with this code instead of looping.
-HANDLER_LOAD_ERROR = 4
+from workers.restarts import RestartPolicy
 
-BACKOFF_MIN = 0.1       # first delay after a quick death, doubled on each further quick death
-BACKOFF_MAX = 10.0
-HEALTHY_AFTER = 10.0    # a worker that lived this long resets its slot's backoff
+# Reserved exit code of a worker whose configuration can never work (its target raised
+# ConfigError, e.g. the handler module cannot be imported).  Restarting cannot fix that, so the
+# supervisor stops, with CONFIG_ERROR_EXIT, instead of looping.
+HANDLER_LOAD_ERROR = 4
+CONFIG_ERROR_EXIT = 2
+
+ABORT_GRACE = 2.0       # SIGABRT (stack dump) -> SIGKILL, for a stuck worker
+CONFIG_ERROR_BYTES = 2000
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP,
            signal.SIGTTIN, signal.SIGTTOU)
@@ -41,6 +50,12 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP,
 log = logging.getLogger("zchannels.supervisor")
 
 Target = Callable[[int, Callable[[], None]], int]   # (slot, alive) -> exit code
+
+
+class ConfigError(Exception):
+    """Raised by a worker target whose configuration can never work (the handler module cannot
+    be imported, a malformed bus address): the supervisor logs the message once and stops with
+    exit code 2 instead of restarting the worker forever."""
 
 
 def _signame(signum: int) -> str:
@@ -60,9 +75,18 @@ class Worker:
     stop_at: float | None = None  # monotonic time we sent SIGTERM
     expected: bool = False        # a planned stop: respawn at once, no backoff
     killed: str = ""              # why we sent SIGKILL, for the death log line
+    aborted_at: float | None = None   # monotonic time we sent SIGABRT to a stuck worker
 
     def heartbeat(self) -> float:
         return os.fstat(self.alive_fd).st_mtime
+
+    def ready(self) -> bool:
+        """Its event loop has beaten at least once since the fork."""
+        return self.heartbeat() > self.born_mtime
+
+    def config_error(self) -> str:
+        """What a child that raised ConfigError wrote into its alive file."""
+        return os.pread(self.alive_fd, CONFIG_ERROR_BYTES, 0).decode("utf-8", "replace").strip()
 
 
 class Supervisor:
@@ -77,8 +101,7 @@ class Supervisor:
         self.stuck_timeout = stuck_timeout
         self.graceful_timeout = graceful_timeout
         self.workers: dict[int, Worker] = {}     # pid -> worker
-        self.backoff: dict[int, float] = {}      # slot -> current backoff delay
-        self.not_before: dict[int, float] = {}   # slot -> earliest monotonic respawn time
+        self.restarts = RestartPolicy()          # workers/restarts.py
         self.restart_queue: list[int] = []       # slots still to restart after SIGHUP
         self.signals: list[int] = []
         self.exit_code: int | None = None
@@ -88,7 +111,7 @@ class Supervisor:
     # --- main loop ------------------------------------------------------------
 
     def run(self) -> int:
-        """Supervise until SIGTERM/SIGINT (returns 0) or a handler load error (returns 4)."""
+        """Supervise until SIGTERM/SIGINT (returns 0) or a configuration error (returns 2)."""
         self.install_signals()
         log.info("supervisor started pid=%d workers=%d stuck_timeout=%.1fs",
                  os.getpid(), self.n, self.stuck_timeout)
@@ -131,9 +154,11 @@ class Supervisor:
             os.read(self.pipe[0], 4096)   # only a wake-up: the handlers queued the signals
 
     def next_timeout(self) -> float:
-        # Wake early when a slot's backoff ends before the usual 1 s tick.
+        # Wake early when a slot's backoff or a stuck worker's abort grace ends before the 1 s tick.
         busy = {w.slot for w in self.workers.values()}
-        due = [self.not_before.get(s, 0.0) for s in range(self.n) if s not in busy]
+        due = [self.restarts.due(s) for s in range(self.n) if s not in busy]
+        due += [w.aborted_at + ABORT_GRACE for w in self.workers.values()
+                if w.aborted_at is not None and not w.killed]
         return max(0.0, min([1.0] + [t - time.monotonic() for t in due]))
 
     # --- signals ------------------------------------------------------------------
@@ -180,45 +205,45 @@ class Supervisor:
                 self.on_death(worker, status)
 
     def on_death(self, w: Worker, status: int) -> None:
+        ready = w.ready()
+        code = None if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status)
+        problem = w.config_error() if code == HANDLER_LOAD_ERROR else ""
         os.close(w.alive_fd)
         self.metrics.reaped(w.pid)
         lived = time.monotonic() - w.started
-        code = None
-        if os.WIFSIGNALED(status):
+        if code is None:
             sig = os.WTERMSIG(status)
             how = f"killed by {_signame(sig)}"
             if sig == signal.SIGKILL:
                 how += w.killed or " (perhaps out of memory)"
+            elif sig == signal.SIGABRT and w.aborted_at is not None:
+                how += " (stuck; its threads' stacks are above)"
         else:
-            code = os.waitstatus_to_exitcode(status)
             how = f"exited with code {code}"
         if code == HANDLER_LOAD_ERROR and self.exit_code is None:
-            log.error("worker slot=%d pid=%d exited with code %d: the handler module could not be "
-                      "imported (see the worker's error above); stopping the supervisor",
-                      w.slot, w.pid, code)
-            self.exit_code = HANDLER_LOAD_ERROR
+            log.error("worker slot=%d pid=%d cannot start: %s; stopping the supervisor (exit code %d), "
+                      "a restart cannot fix this", w.slot, w.pid,
+                      problem or f"it exited with code {code} (its configuration cannot work)",
+                      CONFIG_ERROR_EXIT)
+            self.exit_code = CONFIG_ERROR_EXIT
             return
         if self.exit_code is not None or w.slot >= self.n:
             log.info("worker stopped slot=%d pid=%d %s", w.slot, w.pid, how)
             return
-        delay = self.schedule_respawn(w, lived)
+        delay = self.schedule_respawn(w, ready)
         if not w.expected:
             self.metrics.restarted()
         level = logging.INFO if w.expected else logging.WARNING
-        log.log(level, "worker died slot=%d pid=%d %s after %.1fs; restart in %.2fs",
-                w.slot, w.pid, how, lived, delay)
-
-    def schedule_respawn(self, w: Worker, lived: float) -> float:
-        if w.expected:
-            delay = 0.0
-        elif lived >= HEALTHY_AFTER:
-            delay = self.backoff[w.slot] = 0.0
+        if w.expected or not delay:
+            why = ""
         else:
-            base = min(BACKOFF_MAX, max(BACKOFF_MIN, 2 * self.backoff.get(w.slot, 0.0)))
-            self.backoff[w.slot] = base
-            delay = base * random.uniform(1.0, 1.2)   # jitter: crashed slots do not restart in lockstep
-        self.not_before[w.slot] = time.monotonic() + delay
-        return delay
+            why = " (it died before it was ready)" if not ready else " (its workers keep dying)"
+        log.log(level, "worker died slot=%d pid=%d %s after %.1fs; restart in %.2fs%s",
+                w.slot, w.pid, how, lived, delay, why)
+
+    def schedule_respawn(self, w: Worker, ready: bool) -> float:
+        busy = {other.slot for other in self.workers.values()}
+        return self.restarts.after_death(w.slot, ready, w.expected, busy, self.n, time.monotonic())
 
     # --- liveness -----------------------------------------------------------------
 
@@ -227,15 +252,21 @@ class Supervisor:
         for w in list(self.workers.values()):
             if w.killed:
                 continue
+            if w.aborted_at is not None:
+                if now - w.aborted_at >= ABORT_GRACE:
+                    self.kill(w, f" (stuck, still there {ABORT_GRACE:.0f}s after SIGABRT)")
+                continue
             if w.stop_at is not None:
                 if now - w.stop_at > self.graceful_timeout:
                     self.kill(w, " (did not stop within the graceful timeout)")
                 continue
             age = time.time() - w.heartbeat()
             if age > self.stuck_timeout:
-                log.error("worker stuck slot=%d pid=%d: no heartbeat for %.1fs (limit %.1fs), killing",
-                          w.slot, w.pid, age, self.stuck_timeout)
-                self.kill(w, " (stuck)")
+                log.error("worker stuck slot=%d pid=%d: no heartbeat for %.1fs (limit %.1fs); SIGABRT "
+                          "for its stacks, SIGKILL %.0fs later if it is still there",
+                          w.slot, w.pid, age, self.stuck_timeout, ABORT_GRACE)
+                w.aborted_at = now
+                os.kill(w.pid, signal.SIGABRT)   # safe: an unreaped child's pid cannot be reused
 
     def kill(self, w: Worker, why: str) -> None:
         w.killed = why
@@ -254,7 +285,7 @@ class Supervisor:
         busy = {w.slot for w in self.workers.values()}
         now = time.monotonic()
         for slot in range(self.n):
-            if slot not in busy and now >= self.not_before.get(slot, 0.0):
+            if slot not in busy and now >= self.restarts.due(slot):
                 self.spawn(slot)
         self.roll_restart()
 
@@ -280,7 +311,7 @@ class Supervisor:
         except OSError as exc:
             os.close(fd)
             log.error("cannot fork worker slot=%d: %s; retrying in 1s", slot, exc)
-            self.not_before[slot] = time.monotonic() + 1.0
+            self.restarts.hold(slot, time.monotonic() + 1.0)
             return
         if pid == 0:
             self.child(slot, fd)   # never returns
@@ -298,6 +329,9 @@ class Supervisor:
             self.metrics.forked()
             result = self.target(slot, lambda: os.utime(alive_fd))
             code = result if isinstance(result, int) else 0
+        except ConfigError as exc:   # the message travels in the alive file: one line, by the supervisor
+            os.pwrite(alive_fd, str(exc).encode("utf-8", "replace")[:CONFIG_ERROR_BYTES], 0)
+            code = HANDLER_LOAD_ERROR
         except SystemExit as exc:   # mirror the interpreter: int -> code, None -> 0, text -> 1
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             if code and not isinstance(exc.code, int):

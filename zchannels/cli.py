@@ -226,6 +226,20 @@ def _add_worker_options(p: argparse.ArgumentParser) -> None:
                         "attr defaults to `socket`")
 
 
+def _bus_problem(bus: str) -> str:
+    """Why a worker could never connect to this --bus address; "" when it is well formed."""
+    from broker.wire import bus_endpoints
+    try:
+        bus_endpoints(bus)
+    except ValueError as exc:
+        return str(exc)
+    host = bus.partition("://")[2].rpartition(":")[0]
+    if not host or host == "*" or any(c.isspace() for c in host) or \
+            host.startswith("[") != host.endswith("]"):
+        return f"--bus must name the broker's host, as in tcp://HOST:PORT, got {bus!r}"
+    return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zchannels", description="Phoenix Channels for Python.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -283,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         from zchannels.keys import main as run
         return run(args)
+    if args.command == "workers":
+        problem = _bus_problem(args.bus)
+        if problem:   # before forking: a worker could never connect, so none is started
+            print(f"zchannels workers: error: {problem}", file=sys.stderr)
+            return 2
     from broker.curve import CurveError
     try:
         args.curve = _load_curve(args)
