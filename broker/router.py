@@ -174,7 +174,8 @@ class Router:
 
     # --- routing ----------------------------------------------------------
     def route(self, sender: bytes, kind: bytes, dest: bytes, data: bytes, offset: int) -> None:
-        if not dest:
+        placed = not dest
+        if placed:
             if kind not in (wire.CONNECT, wire.JOIN):
                 self._malformed([sender, data], f"kind {kind!r} without destination")
                 return
@@ -200,6 +201,11 @@ class Router:
                 return
             known = dest in self.workers or dest in self.edges
             self.remove(dest, "unreachable")
+            if placed:
+                # The worker chosen for a join or connect just died: choose again (it is
+                # out of the registry now), rather than bounce the client's request.
+                self.route(sender, kind, b"", data, offset)
+                return
             if not known and time.monotonic() < self._warm_until:
                 self._park(sender, kind, dest, data, offset)
                 return

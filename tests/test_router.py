@@ -143,3 +143,23 @@ def test_joins_waiting_for_a_worker_are_bounded(bus, monkeypatch):
     assert len(router.waiting) == 2
     back = recv(edge)                                     # the third is bounced at once
     assert back[0] == wire.UNROUTABLE and back[2] == wire.JOIN and router.no_worker == 1
+
+
+def test_a_join_placed_on_a_worker_that_just_vanished_goes_to_another_worker(bus):
+    sock, peer = bus
+    router = Router(sock)
+    edge = peer(b"E-1")
+    gone, alive = peer(b"W-gone"), peer(b"W-alive")
+    for worker in (gone, alive):
+        worker.send(wire.pack([wire.HEARTBEAT, wire.ROLE_WORKER, b"0"]))
+    pump(router, sock, 2)
+    recv(alive)                                  # the broker's answering heartbeat
+    router.workers[b"W-alive"].load = 100        # placement prefers the (vanished) idle one
+    gone.close(0)
+    time.sleep(0.2)                              # the ROUTER notices the closed pipe
+    edge.send(wire.pack(JOIN))
+    pump(router, sock, 1)
+    got = [recv(alive), recv(alive)]             # WORKER_DOWN for the vanished one, the join
+    assert got[0][:2] == [wire.WORKER_DOWN, b"W-gone"]
+    assert got[1][0] == wire.JOIN and got[1][1] == b"E-1" and got[1][2:] == JOIN[2:]
+    assert b"W-gone" not in router.workers and router.unroutable == 0
