@@ -28,6 +28,8 @@ UNMATCHED = b'{"reason":"unmatched topic"}'
 TOO_MANY = b'{"reason":"too many channels joined"}'
 NO_WORKER = b'{"reason":"no worker available"}'
 INVALID_TOPIC = b'{"reason":"invalid topic"}'
+LOST = b'{"reason":"channel lost"}'
+MAX_PENDING_REPLIES = 64     # refs remembered per channel for the error replies of a lost one
 MAX_BUFFERED_WHILE_JOINING = 100
 MAX_TOPIC_BYTES = 255
 
@@ -37,7 +39,7 @@ JOINING, JOINED = 0, 1
 class ChannelRef:
     """The edge's view of one joined channel instance (connection x topic x join_ref)."""
     __slots__ = ("conn", "topic", "key", "join_ref", "worker", "state", "intercept",
-                 "replaces", "buffered", "early")
+                 "replaces", "buffered", "early", "pending")
 
     def __init__(self, conn: "Connection", topic: str, join_ref: str | None):
         self.conn = conn
@@ -50,6 +52,9 @@ class ChannelRef:
         self.replaces: str | None = None          # join_ref of a duplicate join's old instance
         self.buffered: list[Message] | None = None     # pushes while joining
         self.early: list[list[bytes]] | None = None    # broadcasts while joining (edge/fastlane.py)
+        # Refs (bus form) of pushes sent to the worker and not answered yet, oldest first: if
+        # the instance is lost they get an error reply instead of phoenix.js's 10 s timeout.
+        self.pending: dict[bytes, None] | None = None
 
 
 class Connection:
@@ -174,8 +179,16 @@ class Connection:
             payload, fmt = msg.payload, wire.BINARY
         else:
             payload, fmt = orjson.dumps(msg.payload), wire.JSON
+        ref = ref_bytes(msg.ref)
         self.hub.bus_send([wire.IN, ch.worker, self.conn_id, msg.topic.encode(), ref_bytes(ch.join_ref),
-                           ref_bytes(msg.ref), msg.event.encode(), payload, fmt])
+                           ref, msg.event.encode(), payload, fmt])
+        if ref:
+            pending = ch.pending
+            if pending is None:
+                pending = ch.pending = {}
+            elif len(pending) >= MAX_PENDING_REPLIES:   # handlers that never reply (noreply)
+                del pending[next(iter(pending))]
+            pending[ref] = None
 
     # --- answers from workers -----------------------------------------------------
     def joined(self, ch: ChannelRef, worker: bytes, ref: str | None, status: str,
@@ -211,8 +224,20 @@ class Connection:
             del self.channels[topic]
             self.hub.unsubscribe(ch)
             self.hub.forget_worker_channel(ch)
+            if error:
+                self.lost(ch)
+                return
         encode = self.serializer.encode_error if error else self.serializer.encode_close
         self.send(encode(join_ref, topic))
+
+    def lost(self, ch: ChannelRef) -> None:
+        """The channel instance ended without answering (its handler crashed or its worker
+        died): every push still waiting gets an error reply, then the channel phx_error, and
+        phoenix.js rejoins.  Phoenix leaves such pushes to time out on the client."""
+        pending, ch.pending = ch.pending, None
+        for ref in pending or ():
+            self.reply(ch.join_ref, ref_of(ref), ch.topic, "error", LOST)
+        self.send(self.serializer.encode_error(ch.join_ref, ch.topic))
 
     def join_failed(self, ch: ChannelRef, ref: str | None) -> None:
         """The broker could not place the join (no live worker): the client gets the error

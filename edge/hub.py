@@ -282,6 +282,9 @@ class EdgeHub:
         if conn is not None:
             topic = topic_b.decode()
             if self._from_holder(frames, conn, topic, ref_of(join_ref)):
+                ch = conn.channels.get(topic)
+                if ch is not None and ch.pending:
+                    ch.pending.pop(ref, None)
                 conn.reply(ref_of(join_ref), ref_of(ref), topic, status.decode(), response, fmt)
 
     def _on_push(self, frames):
@@ -373,7 +376,7 @@ class EdgeHub:
             if conn.channels.get(ch.topic) is ch:
                 del conn.channels[ch.topic]
                 self.unsubscribe(ch)
-            conn.send(conn.serializer.encode_error(ch.join_ref, ch.topic))
+            conn.lost(ch)
 
     def evicted(self) -> None:
         """The broker declared this edge dead while it was only slow, and the workers ended
@@ -386,7 +389,7 @@ class EdgeHub:
             conn = ch.conn
             del conn.channels[ch.topic]
             self.unsubscribe(ch)
-            conn.send(conn.serializer.encode_error(ch.join_ref, ch.topic))
+            conn.lost(ch)
 
     # --- liveness of clients ------------------------------------------------------------
     async def _sweep(self) -> None:

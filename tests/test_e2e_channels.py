@@ -305,6 +305,20 @@ def test_channel_crash_sends_phx_error_and_client_rejoins(js_client, cluster, ev
     assert c.push("a", "ping", {"again": 1}) == {"status": "ok", "response": {"again": 1}}
 
 
+def test_pushes_waiting_on_a_crashed_channel_get_an_error_reply_not_a_timeout(js_client, cluster):
+    """Beyond Phoenix (where they time out after 10 s): the crashing push and the one queued
+    behind it are answered {"reason": "channel lost"} before the phx_error."""
+    topic = f"echo:{uid()}"
+    c = client(js_client, cluster, **FAST)
+    c.join("a", topic)
+    started = time.monotonic()
+    results = c.push_many("a", [("raise", {}), ("ping", {"behind": 1})], timeout_ms=8000)
+    assert results == [{"status": "error", "response": {"reason": "channel lost"}}] * 2
+    assert time.monotonic() - started < 4
+    c.wait_event({"type": "chan_error", "chan": "a"})
+    assert c.push("a", "ping", {"again": 1}) == {"status": "ok", "response": {"again": 1}}
+
+
 def test_stop_normal_closes_the_channel_without_rejoin(js_client, cluster):
     """§9.27 / S16."""
     topic = f"echo:{uid()}"
