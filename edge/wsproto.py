@@ -54,13 +54,14 @@ CLOSE_TRY_AGAIN_LATER = 1013
 YIELD_EVERY = 16          # messages from one client before other connections get a turn
 CLOSE_WAIT = 2.0          # seconds to wait for the client's close frame after ours
 SLOW_CONSUMER_GRACE = 5.0  # ... when it first has to read its backlog (up to --max-outbound)
+MAX_IGNORED_AFTER_CLOSE = 1000   # frames read after a close frame before the connection is cut
 
 
 class WebSocketProtocol(asyncio.Protocol):
     frame_kind = "ws"
     __slots__ = ("hub", "make_connection", "handshake", "transport", "conn", "buf", "fragments",
                  "fragment_opcode", "fragment_size", "closing", "failed", "paused", "lost",
-                 "write_blocked", "pong", "close_timer", "max_size", "max_outbound", "__weakref__")
+                 "write_blocked", "pong", "close_timer", "ignored", "max_size", "max_outbound", "__weakref__")
 
     def __init__(self, hub: "EdgeHub", make_connection, handshake: bytes):
         self.hub = hub
@@ -81,6 +82,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.write_blocked = False  # over --max-outbound unsent: reading stops until it drains
         self.pong: bytes | None = None  # payload of the latest ping of this read batch
         self.close_timer: asyncio.TimerHandle | None = None
+        self.ignored = 0          # frames read after a close frame
         self.max_size = hub.limits.max_frame_size
         self.max_outbound = hub.limits.max_outbound
 
@@ -183,10 +185,12 @@ class WebSocketProtocol(asyncio.Protocol):
             opcode = b0 & 0x0F
             if opcode >= OP_CLOSE:
                 self._control(opcode, b0 & 0x80, payload)
-            else:
+            elif not self.closing:
                 message = self._assemble(opcode, b0 & 0x80, payload)
                 if message is not None and not self.closing:
                     self._deliver(*message)
+            else:
+                self._ignore()
             # Every frame counts, control frames and fragments too: each costs a turn.
             handled += 1
             if handled >= YIELD_EVERY and end - pos >= 2 and not self.failed:
@@ -234,10 +238,21 @@ class WebSocketProtocol(asyncio.Protocol):
             self.transport.close()
         elif opcode > OP_PONG:
             self._fail(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+        elif self.closing:
+            self._ignore()
         # A ping or an unsolicited pong takes a token like a message; a ping within the rate
         # is answered after the batch, with the latest one's payload (RFC 6455 §5.5.3).
-        elif not self.closing and self.conn.control_in() and opcode == OP_PING:
+        elif self.conn.control_in() and opcode == OP_PING:
             self.pong = payload
+
+    def _ignore(self) -> None:
+        """A frame after a close frame.  A client answers ours with its own close frame; one
+        that keeps sending instead (a flood we closed 1008) is cut off without more reading."""
+        self.ignored += 1
+        if self.ignored > MAX_IGNORED_AFTER_CLOSE:
+            self.failed = True
+            self.buf.clear()
+            self.transport.close()
 
     def _deliver(self, opcode: int, payload: bytes) -> None:
         conn = self.conn

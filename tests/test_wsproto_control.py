@@ -204,3 +204,23 @@ def test_a_closed_connection_is_freed_at_once_with_the_gc_off(loop_kind):
             gc.enable()
         assert any(f[0] == wire.TERMINATE for f in hub.bus.sent)    # the channel's worker was told
     run(loop_kind, main())
+
+
+@loops
+def test_a_client_that_keeps_sending_after_our_close_frame_is_cut_off(loop_kind):
+    """Past MAX_IGNORED_AFTER_CLOSE frames after the 1008 the edge stops reading and hangs up,
+    instead of parsing the flood until the close handshake times out."""
+    async def main():
+        hub = make_hub(max_rate=10, max_burst=5)
+        proto, _conn, client = await open_pair(hub)
+        n = 5 + 101 + wsproto.MAX_IGNORED_AFTER_CLOSE + 50     # burst, refusals, then ignored
+        await asyncio.get_running_loop().sock_sendall(client, b"".join(masked(0x9, b"x") for _ in range(n)))
+        data = await read_all(client, lambda d: any(op == 0x8 for op, _ in server_frames(bytes(d))))
+        assert [p[:2] for op, p in server_frames(data) if op == 0x8] == [(1008).to_bytes(2, "big")]
+        deadline = asyncio.get_running_loop().time() + 5
+        while not proto.lost:
+            assert asyncio.get_running_loop().time() < deadline, "the connection was never cut"
+            await asyncio.sleep(0.005)
+        assert proto.failed and proto.ignored > wsproto.MAX_IGNORED_AFTER_CLOSE
+        client.close()
+    run(loop_kind, main())
