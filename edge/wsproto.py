@@ -154,7 +154,8 @@ class WebSocketProtocol(asyncio.Protocol):
         pos = 0
         handled = 0
         end = len(buf)
-        while end - pos >= 2 and not self.failed and not self.write_blocked:
+        # (pause_writing stops reading; it also closes, so the rest of this batch is ignored)
+        while end - pos >= 2 and not self.failed:
             b0, b1 = buf[pos], buf[pos + 1]
             length = b1 & 0x7F
             head = 2
@@ -187,7 +188,7 @@ class WebSocketProtocol(asyncio.Protocol):
                 self._control(opcode, b0 & 0x80, payload)
             elif not self.closing:
                 message = self._assemble(opcode, b0 & 0x80, payload)
-                if message is not None and not self.closing:
+                if message is not None:
                     self._deliver(*message)
             else:
                 self._ignore()
