@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from tornado.util import _websocket_mask as unmask
 
+from edge import memtrim
 from edge.serializer import DecodeError
 from edge.wsframe import build_frame
 
@@ -51,7 +52,7 @@ CLOSE_UNSUPPORTED = 1003
 CLOSE_BAD_DATA = 1007
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
-YIELD_EVERY = 16          # messages from one client before other connections get a turn
+YIELD_EVERY = 16          # frames from one client before other connections get a turn
 CLOSE_WAIT = 2.0          # seconds to wait for the client's close frame after ours
 SLOW_CONSUMER_GRACE = 5.0  # ... when it first has to read its backlog (up to --max-outbound)
 MAX_IGNORED_AFTER_CLOSE = 1000   # frames read after a close frame before the connection is cut
@@ -107,6 +108,7 @@ class WebSocketProtocol(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closing = True
         self.lost = True
+        memtrim.freed(len(self.buf) + self.fragment_size)
         self.buf = bytearray()
         self.fragments, self.fragment_size, self.pong = None, 0, None
         if self.close_timer is not None:

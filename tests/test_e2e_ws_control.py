@@ -255,21 +255,24 @@ def test_a_ping_flood_from_readers_does_not_starve_a_canary(open_cluster):
 
 # ---- memory ------------------------------------------------------------------------------------
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_memory_of_unfinished_big_frames_comes_back_when_they_close(open_cluster):
-    """50 connections each send 1 MB of a frame announced as 1,040,000 bytes, then hang up."""
-    n, size = 50, 1_000_000
+    """Three times over, 100 connections each send 1 MB of a frame announced as 1,040,000
+    bytes, then hang up: each time the edge's RSS comes back near its baseline (the buffers
+    are freed at once, and edge/memtrim.py hands the heap's free pages back)."""
+    n, size = 100, 1_000_000
     baseline = edge_rss(open_cluster)
-    clients = [RawSock(open_cluster, f"big{i}") for i in range(n)]
     body = frame(0x2, os.urandom(size), length=1_040_000)
-    for c in clients:
-        c.sock.sendall(body)
-    wait_until(lambda: edge_rss(open_cluster) - baseline > 0.8 * n * size, 20,
-               message=lambda: f"edge RSS only {edge_rss(open_cluster) / MB:.0f} MB "
-                               f"(baseline {baseline / MB:.0f} MB)")
-    peak = edge_rss(open_cluster)
-    for c in clients:
-        c.close()
-    wait_until(lambda: edge_rss(open_cluster) - baseline < 0.2 * n * size, 10,
-               message=lambda: f"edge RSS {baseline / MB:.0f} -> {peak / MB:.0f} -> "
-                               f"{edge_rss(open_cluster) / MB:.0f} MB after the connections closed")
+    for round_ in range(3):
+        clients = [RawSock(open_cluster, f"big{i}") for i in range(n)]
+        for c in clients:
+            c.sock.sendall(body)
+        wait_until(lambda: edge_rss(open_cluster) - baseline > 0.8 * n * size, 20,
+                   message=lambda: f"edge RSS only {edge_rss(open_cluster) / MB:.0f} MB "
+                                   f"(baseline {baseline / MB:.0f} MB)")
+        peak = edge_rss(open_cluster)
+        for c in clients:
+            c.close()
+        wait_until(lambda: edge_rss(open_cluster) - baseline < 30 * MB, 10,
+                   message=lambda: f"round {round_ + 1}: edge RSS {baseline / MB:.0f} -> {peak / MB:.0f} -> "
+                                   f"{edge_rss(open_cluster) / MB:.0f} MB after the connections closed")

@@ -224,3 +224,21 @@ def test_a_client_that_keeps_sending_after_our_close_frame_is_cut_off(loop_kind)
         assert proto.failed and proto.ignored > wsproto.MAX_IGNORED_AFTER_CLOSE
         client.close()
     run(loop_kind, main())
+
+
+def test_a_wave_of_big_frees_makes_one_trim(monkeypatch):
+    from edge import memtrim
+    if memtrim._malloc_trim is None:
+        pytest.skip("no malloc_trim in this C library")
+    monkeypatch.setattr(memtrim, "DELAY", 0.01)
+
+    async def main():
+        before = memtrim.trims
+        memtrim.freed(memtrim.MIN_BYTES - 1)      # small: left to malloc
+        await asyncio.sleep(0.05)
+        assert memtrim.trims == before
+        for _ in range(300):
+            memtrim.freed(1 << 20)
+        await asyncio.sleep(0.05)
+        assert memtrim.trims == before + 1
+    asyncio.run(main())
