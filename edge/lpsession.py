@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 
+from edge import memtrim
 from edge.serializer import DecodeError, Message
 
 if TYPE_CHECKING:
@@ -255,6 +256,7 @@ class LongPollSession:
         # session's memory comes back without waiting for a garbage collection.  Frames still
         # buffered go to a poll held now, or to nobody (the next request gets 410).
         self.conn = None
+        memtrim.freed(self.buffered_bytes)
         if self.waiter is None:
             self.buffer.clear()
             self.buffered_bytes = 0

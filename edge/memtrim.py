@@ -37,7 +37,10 @@ def freed(nbytes: int) -> None:
     global _scheduled_on
     if nbytes < MIN_BYTES or _malloc_trim is None:
         return
-    loop = asyncio.get_running_loop()
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:     # no loop (shutting down): nothing to schedule on
+        return
     if _scheduled_on is not loop:
         _scheduled_on = loop
         loop.call_later(DELAY, _trim)
