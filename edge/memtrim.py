@@ -29,7 +29,7 @@ def _load_trim():
 
 _malloc_trim = _load_trim()
 _scheduled_on: asyncio.AbstractEventLoop | None = None   # the loop a trim is waiting on
-trims = 0                # trims done, for /metrics and tests
+trims = 0                # trims done (the tests read it)
 
 
 def freed(nbytes: int) -> None:
