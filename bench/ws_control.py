@@ -108,8 +108,9 @@ def big(c: Cluster) -> str:
         time.sleep(2.0)
         lines.append(f"{with_them / MB:.0f}/{edge_rss(c) / MB:.0f}")
     time.sleep(8)
-    return (f"300 x 1 MB unfinished frames, 7 rounds: edge RSS baseline {base / MB:.0f} MB; with them / "
-            f"2 s after closing, per round: {' '.join(lines)} MB; 10 s after the last: {edge_rss(c) / MB:.0f} MB")
+    return (f"300 x 1 MB unfinished frames, 7 rounds: edge RSS baseline {base / MB:.0f} MB; "
+            f"with them / 2 s after closing, per round: {' '.join(lines)} MB; "
+            f"10 s after the last: {edge_rss(c) / MB:.0f} MB")
 
 
 SCENARIOS = {"deaf": deaf, "readers": readers, "big": big}

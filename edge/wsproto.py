@@ -227,7 +227,8 @@ class WebSocketProtocol(asyncio.Protocol):
             self._fail(CLOSE_PROTOCOL_ERROR, "new message before the fragmented one ended")
             return None
         if not fin:
-            self.fragments, self.fragment_opcode, self.fragment_size = bytearray(payload), opcode, len(payload)
+            self.fragments, self.fragment_opcode = bytearray(payload), opcode
+            self.fragment_size = len(payload)
             return None
         return opcode, payload
 
