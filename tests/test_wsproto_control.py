@@ -171,14 +171,16 @@ def test_pings_over_the_rate_go_unanswered_and_close_1008(loop_kind):
 
 @loops
 def test_a_closed_connection_is_freed_at_once_with_the_gc_off(loop_kind):
-    """A connection with a joined channel and a half-received 512 KB frame: once its socket
-    closes, nothing is left holding the protocol, the Connection or the channel, though no
-    garbage collection runs (a reference cycle would keep them, and their buffers, alive)."""
+    """A connection with a joined channel, a joining one and a half-received 512 KB frame:
+    once its socket closes, nothing is left holding the protocol, the Connection or the
+    channels, though no garbage collection runs (a reference cycle would keep them, and their
+    buffers, alive)."""
     async def main():
         hub = make_hub()
         proto, conn, client = await open_pair(hub)
-        client.sendall(masked(0x1, b'["1","1","room:a","phx_join",{}]'))
-        while not conn.channels:
+        client.sendall(masked(0x1, b'["1","1","room:a","phx_join",{}]')
+                       + masked(0x1, b'["2","2","room:b","phx_join",{}]'))   # b stays joining
+        while len(conn.channels) < 2:
             await asyncio.sleep(0.005)
         ch = conn.channels["room:a"]
         conn.joined(ch, b"Wtest", "1", "ok", b"{}", b"[]")
