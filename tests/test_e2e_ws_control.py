@@ -206,13 +206,13 @@ def test_a_ping_flood_that_never_reads_is_cut_and_the_edge_stays_bounded(open_cl
     chunk = b"".join(frame(0x9, b"x" * 125) for _ in range(2000))
     sender = threading.Thread(target=flood, args=(c.sock, chunk, stop, outcome), daemon=True)
     sender.start()
-    peak, deadline = baseline, time.monotonic() + 5
+    peak, deadline = baseline, time.monotonic() + 10
     while sender.is_alive() and time.monotonic() < deadline:
         peak = max(peak, edge_rss(open_cluster))
         time.sleep(0.02)
     stop.set()
     sender.join(5)
-    assert outcome["end"] != "stopped", "the edge kept reading an unread ping flood for 5 s"
+    assert outcome["end"] != "stopped", "the edge kept reading an unread ping flood for 10 s"
     c.sock.settimeout(15)
     assert c.read_until_cut() in (None, 1013)
     peak = max(peak, edge_rss(open_cluster))
