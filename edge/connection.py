@@ -105,6 +105,24 @@ class Connection:
 
     def rate_limited(self, msg: Message, now: float) -> None:
         """Over --max-rate: an error reply, or close with 1008 if the client keeps going (ratelimit.py)."""
+        if not self.refuse(now):
+            self.reply(msg.join_ref, msg.ref, msg.topic, "error", RATE_LIMITED)
+
+    def control_in(self) -> bool:
+        """A WebSocket ping or pong came: True when it is within --max-rate (answer the ping).
+        It takes a token like a message; over the rate it goes unanswered, as no Phoenix frame
+        can refuse it, and counts as refused, so a ping flood is closed with 1008."""
+        bucket = self.bucket
+        if bucket is None:
+            return True
+        now = time.monotonic()
+        if bucket.take(now):
+            return True
+        self.refuse(now)
+        return False
+
+    def refuse(self, now: float) -> bool:
+        """Count a message refused for the rate; True when it closed the connection (1008)."""
         stats = self.hub.stats
         stats["rate_limited"] += 1
         first, close = self.bucket.refuse(now)
@@ -113,11 +131,11 @@ class Connection:
             log.info("conn %s: still over %g messages/s after being refused; closing with %d",
                      self.label, self.bucket.rate, CLOSE_POLICY_VIOLATION)
             self.transport.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
-            return
+            return True
         if first:
             log.info("conn %s: over %g messages/s (burst %g); refusing messages", self.label,
                      self.bucket.rate, self.bucket.burst)
-        self.reply(msg.join_ref, msg.ref, msg.topic, "error", RATE_LIMITED)
+        return False
 
     def join(self, msg: Message) -> None:
         topic = msg.topic

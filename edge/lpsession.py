@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 
+from edge import memtrim
 from edge.serializer import DecodeError, Message
 
 if TYPE_CHECKING:
@@ -251,6 +252,14 @@ class LongPollSession:
                 conn.hub.drop_channel(ch, reason=terminate_reason)
             conn.channels.clear()
         conn.on_transport_closed()
+        # The Connection's transport is this session: drop our side of the cycle so an ended
+        # session's memory comes back without waiting for a garbage collection.  Frames still
+        # buffered go to a poll held now, or to nobody (the next request gets 410).
+        self.conn = None
+        memtrim.freed(self.buffered_bytes)
+        if self.waiter is None:
+            self.buffer.clear()
+            self.buffered_bytes = 0
 
 
 def _settle(fut: asyncio.Future, outcome: str) -> None:

@@ -8,8 +8,10 @@ everyone else.  A message over the limit gets a Phoenix error reply
 ``{"reason":"rate limited"}`` (the client sees ``receive("error")``, and a refused join is
 retried by phoenix.js with its backoff); heartbeats and leaves always pass and take no
 token, so a throttled client is never closed for a heartbeat it could not send, and can
-always free what it holds.  A client that keeps going anyway, more than ``MAX_REFUSED``
-refusals within ``REFUSED_WINDOW`` seconds, is closed with 1008 (policy violation).
+always free what it holds.  WebSocket pings and pongs take a token too (a ping flood costs
+the edge as much as a message flood); one over the limit is refused by going unanswered.
+A client that keeps going anyway, more than ``MAX_REFUSED`` refusals within
+``REFUSED_WINDOW`` seconds, is closed with 1008 (policy violation).
 """
 from __future__ import annotations
 

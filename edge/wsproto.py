@@ -4,14 +4,28 @@ Tornado performs the HTTP upgrade; the established connection then moves to
 this protocol on the event loop's own C transport.  Tornado's frame reader
 awaits several coroutines per frame and yields to the loop only every ~256 KB;
 here every chunk the kernel hands over is parsed in one loop, and a client
-pipelining frames is paused after ``YIELD_EVERY`` messages so the other
-connections get their turn.
+pipelining frames is paused after ``YIELD_EVERY`` frames (pings included) so the
+other connections get their turn.
+
+Pings and pongs cost the edge a turn like messages do, so they take a token of the
+connection's rate limit (``Connection.control_in``); a ping over the limit goes
+unanswered and a client that keeps going is closed 1008.  Only the latest ping of
+a read batch is answered (RFC 6455 §5.5.3 allows that), so a ping flood makes at
+most one pong per ``YIELD_EVERY`` frames.
 
 Writes go to ``transport.write``, which sends at once when nothing is queued;
 the fast lane writes the same prebuilt frame bytes to every subscriber.  A client
 that does not read what it is sent is a slow consumer: past ``--max-outbound``
-unsent bytes it gets no more data, only a close frame (1013), and the connection
-is cut if the client has not closed within ``SLOW_CONSUMER_GRACE``.
+unsent bytes (the transport's high-water mark: ``pause_writing``), whatever
+filled them, data or pongs, it gets no more data, only a close frame (1013), and
+the connection is cut if the client has not closed within ``SLOW_CONSUMER_GRACE``.
+Nothing more is read from it until its backlog drains (``resume_writing``), so a
+client that sends while never reading cannot make the edge buffer in either
+direction.
+
+When the connection is lost its buffers go at once, and the protocol drops its
+references to the ``Connection`` and the transport: no reference cycle keeps a
+closed connection's memory until a garbage collection.
 """
 from __future__ import annotations
 
@@ -21,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from tornado.util import _websocket_mask as unmask
 
+from edge import memtrim
 from edge.serializer import DecodeError
 from edge.wsframe import build_frame
 
@@ -37,16 +52,17 @@ CLOSE_UNSUPPORTED = 1003
 CLOSE_BAD_DATA = 1007
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
-YIELD_EVERY = 16          # messages from one client before other connections get a turn
+YIELD_EVERY = 16          # frames from one client before other connections get a turn
 CLOSE_WAIT = 2.0          # seconds to wait for the client's close frame after ours
 SLOW_CONSUMER_GRACE = 5.0  # ... when it first has to read its backlog (up to --max-outbound)
+MAX_IGNORED_AFTER_CLOSE = 1000   # frames read after a close frame before the connection is cut
 
 
 class WebSocketProtocol(asyncio.Protocol):
     frame_kind = "ws"
     __slots__ = ("hub", "make_connection", "handshake", "transport", "conn", "buf", "fragments",
                  "fragment_opcode", "fragment_size", "closing", "failed", "paused", "lost",
-                 "max_size", "max_outbound")
+                 "write_blocked", "pong", "close_timer", "ignored", "max_size", "max_outbound", "__weakref__")
 
     def __init__(self, hub: "EdgeHub", make_connection, handshake: bytes):
         self.hub = hub
@@ -55,48 +71,92 @@ class WebSocketProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.conn: "Connection | None" = None
         self.buf = bytearray()
-        self.fragments: list[bytes] | None = None
+        # One bytearray, not a list of pieces: a message sent as a million 1-byte fragments
+        # must not cost a million objects.
+        self.fragments: bytearray | None = None
         self.fragment_opcode = 0
         self.fragment_size = 0
         self.closing = False
         self.failed = False       # bad input: stop reading altogether
-        self.paused = False
+        self.paused = False       # yielded to other connections; a _resume is scheduled
         self.lost = False
+        self.write_blocked = False  # over --max-outbound unsent: reading stops until it drains
+        self.pong: bytes | None = None  # payload of the latest ping of this read batch
+        self.close_timer: asyncio.TimerHandle | None = None
+        self.ignored = 0          # frames read after a close frame
         self.max_size = hub.limits.max_frame_size
         self.max_outbound = hub.limits.max_outbound
 
     # --- asyncio.Protocol ----------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
+        # pause_writing is the slow-consumer check for every write (data, pongs, close);
+        # below a quarter of it the client has read enough to be read from again.
+        transport.set_write_buffer_limits(high=self.max_outbound, low=self.max_outbound // 4)
         transport.write(self.handshake)
         self.handshake = b""
         self.conn = self.make_connection(self)
+        self.make_connection = None
 
     def data_received(self, data: bytes) -> None:
         if self.failed:
             return
         self.buf += data
-        if not self.paused:
+        if not self.paused and not self.write_blocked:
             self._process()
 
     def connection_lost(self, exc) -> None:
         self.closing = True
         self.lost = True
-        if self.conn is not None:
-            self.conn.on_transport_closed()
+        memtrim.freed(len(self.buf) + self.fragment_size)
+        self.buf = bytearray()
+        self.fragments, self.fragment_size, self.pong = None, 0, None
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = None
+        # Connection.transport points back here: drop our side of the cycle so the memory
+        # of a closed connection comes back without waiting for a garbage collection.
+        conn, self.conn, self.transport = self.conn, None, None
+        if conn is not None:
+            conn.on_transport_closed()
+
+    def pause_writing(self) -> None:
+        """Over --max-outbound unsent bytes: a slow consumer (see the module docstring)."""
+        self.write_blocked = True
+        transport = self.transport
+        transport.pause_reading()
+        if self.closing:
+            return
+        self.hub.stats["slow_consumer_closes"] += 1
+        log.info("conn %s: slow consumer, %d bytes unsent; closing with %d",
+                 self.conn.label if self.conn else "?", transport.get_write_buffer_size(),
+                 CLOSE_TRY_AGAIN_LATER)
+        # No more data for it: the close frame queues behind the backlog, so a client that
+        # is only slow reads everything it was sent, then 1013, and reconnects; one that
+        # reads nothing is cut off when the grace period is over (_close_wait_over).
+        self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer", wait=SLOW_CONSUMER_GRACE)
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        if not self.paused:   # else the _resume already scheduled reads again
+            self.paused = True
+            asyncio.get_running_loop().call_soon(self._resume)
 
     # --- reading ---------------------------------------------------------------------
     def _resume(self) -> None:
         self.paused = False
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-            self._process()
+        transport = self.transport
+        if self.write_blocked or self.failed or transport is None or transport.is_closing():
+            return
+        transport.resume_reading()
+        self._process()
 
     def _process(self) -> None:
         buf = self.buf
         pos = 0
         handled = 0
         end = len(buf)
+        # (pause_writing stops reading; it also closes, so the rest of this batch is ignored)
         while end - pos >= 2 and not self.failed:
             b0, b1 = buf[pos], buf[pos + 1]
             length = b1 & 0x7F
@@ -128,32 +188,38 @@ class WebSocketProtocol(asyncio.Protocol):
             opcode = b0 & 0x0F
             if opcode >= OP_CLOSE:
                 self._control(opcode, b0 & 0x80, payload)
-                continue
-            message = self._assemble(opcode, b0 & 0x80, payload)
-            if message is None or self.closing:
-                continue
-            self._deliver(*message)
+            elif not self.closing:
+                message = self._assemble(opcode, b0 & 0x80, payload)
+                if message is not None:
+                    self._deliver(*message)
+            else:
+                self._ignore()
+            # Every frame counts, control frames and fragments too: each costs a turn.
             handled += 1
-            if handled >= YIELD_EVERY and end - pos >= 2:
+            if handled >= YIELD_EVERY and end - pos >= 2 and not self.failed:
                 self.paused = True
                 self.transport.pause_reading()
                 asyncio.get_running_loop().call_soon(self._resume)
                 break
-        if not self.failed:
-            del buf[:pos]
+        if self.failed:
+            return
+        del buf[:pos]
+        if self.pong is not None:
+            pong, self.pong = self.pong, None
+            self.send_prebuilt(build_control(OP_PONG, pong))
 
     def _assemble(self, opcode: int, fin: int, payload: bytes) -> tuple[int, bytes] | None:
         if opcode == OP_CONT:
-            if self.fragments is None:
+            fragments = self.fragments
+            if fragments is None:
                 self._fail(CLOSE_PROTOCOL_ERROR, "continuation frame without a first frame")
                 return None
-            self.fragments.append(payload)
+            fragments += payload
             self.fragment_size += len(payload)
             if not fin:
                 return None
-            opcode, payload = self.fragment_opcode, b"".join(self.fragments)
             self.fragments, self.fragment_size = None, 0
-            return opcode, payload
+            return self.fragment_opcode, bytes(fragments)
         if opcode not in (OP_TEXT, OP_BINARY):
             self._fail(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
             return None
@@ -161,24 +227,36 @@ class WebSocketProtocol(asyncio.Protocol):
             self._fail(CLOSE_PROTOCOL_ERROR, "new message before the fragmented one ended")
             return None
         if not fin:
-            self.fragments, self.fragment_opcode, self.fragment_size = [payload], opcode, len(payload)
+            self.fragments, self.fragment_opcode = bytearray(payload), opcode
+            self.fragment_size = len(payload)
             return None
         return opcode, payload
 
     def _control(self, opcode: int, fin: int, payload: bytes) -> None:
         if not fin or len(payload) > 125:
             return self._fail(CLOSE_PROTOCOL_ERROR, "fragmented or oversize control frame")
-        if opcode == OP_PING:
-            self._write(build_control(OP_PONG, payload))
-        elif opcode == OP_CLOSE:
+        if opcode == OP_CLOSE:
             if not self.closing:  # the client started the closing handshake: echo its code
                 code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else CLOSE_NORMAL
-                if not valid_close_code(code):
-                    code = CLOSE_PROTOCOL_ERROR
-                self._write(build_control(OP_CLOSE, code.to_bytes(2, "big")))
-                self.closing = True
+                self.close(code if valid_close_code(code) else CLOSE_PROTOCOL_ERROR)
             self.transport.close()
-        # pongs need no answer
+        elif opcode > OP_PONG:
+            self._fail(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+        elif self.closing:
+            self._ignore()
+        # A ping or an unsolicited pong takes a token like a message; a ping within the rate
+        # is answered after the batch, with the latest one's payload (RFC 6455 §5.5.3).
+        elif self.conn.control_in() and opcode == OP_PING:
+            self.pong = payload
+
+    def _ignore(self) -> None:
+        """A frame after a close frame.  A client answers ours with its own close frame; one
+        that keeps sending instead (a flood we closed 1008) is cut off without more reading."""
+        self.ignored += 1
+        if self.ignored > MAX_IGNORED_AFTER_CLOSE:
+            self.failed = True
+            self.buf.clear()
+            self.transport.close()
 
     def _deliver(self, opcode: int, payload: bytes) -> None:
         conn = self.conn
@@ -215,19 +293,9 @@ class WebSocketProtocol(asyncio.Protocol):
         self.send_prebuilt(build_frame(data, binary))
 
     def send_prebuilt(self, frame: bytes) -> None:
-        transport = self.transport
-        if self.closing or transport is None:
-            return
-        transport.write(frame)
-        if transport.get_write_buffer_size() > self.max_outbound:
-            # No more data for it: the close frame queues behind the backlog, so a client that
-            # is only slow reads everything it was sent, then 1013, and reconnects; one that
-            # reads nothing is cut off when the grace period is over (_close_wait_over).
-            self.hub.stats["slow_consumer_closes"] += 1
-            log.info("conn %s: slow consumer, %d bytes unsent; closing with %d",
-                     self.conn.label if self.conn else "?", transport.get_write_buffer_size(),
-                     CLOSE_TRY_AGAIN_LATER)
-            self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer", wait=SLOW_CONSUMER_GRACE)
+        # Past --max-outbound the transport calls pause_writing, which closes with 1013.
+        if not self.closing:
+            self.transport.write(frame)
 
     def _write(self, frame: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -240,9 +308,10 @@ class WebSocketProtocol(asyncio.Protocol):
         body = code.to_bytes(2, "big") + reason.encode()[:123]
         self._write(build_control(OP_CLOSE, body))
         # The client answers with its own close frame; do not wait for ever.
-        asyncio.get_running_loop().call_later(wait, self._close_wait_over)
+        self.close_timer = asyncio.get_running_loop().call_later(wait, self._close_wait_over)
 
     def _close_wait_over(self) -> None:
+        self.close_timer = None
         transport = self.transport
         if self.lost or transport is None:
             return

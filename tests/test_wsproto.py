@@ -45,6 +45,9 @@ class FakeTransport:
     def get_write_buffer_size(self):
         return 0
 
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
 
 class FakeConn:
     serializer = V2
@@ -58,6 +61,9 @@ class FakeConn:
 
     def on_transport_closed(self):
         pass
+
+    def control_in(self):
+        return True
 
 
 class FakeHub:

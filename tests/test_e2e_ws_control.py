@@ -1,0 +1,278 @@
+"""Hostile WebSocket clients against a real edge: ping floods and abandoned big frames.
+
+A ping flood from a client that never reads is closed and the edge's memory stays bounded; a
+ping flood from clients that do read does not starve another client's heartbeats; only the
+latest ping of a read batch is answered; pings over --max-rate close the connection 1008; the
+memory of unfinished big frames comes back when their connections close.  Memory is the edge
+process's VmRSS from /proc.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import struct
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+from tornado.util import _websocket_mask as mask_bytes
+
+from edge.wsproto import YIELD_EVERY
+from tests.conftest import wait_until
+
+MB = 1 << 20
+MAX_OUTBOUND = MB
+
+
+@pytest.fixture(scope="module")
+def open_cluster(module_cluster_factory):
+    """No rate limit, so the floods reach the read loop and the outbound bound."""
+    return module_cluster_factory(edges=1, workers=1, edge_args=[
+        "--max-rate", "0", "--max-outbound", str(MAX_OUTBOUND)])
+
+
+@pytest.fixture(scope="module")
+def rate_cluster(module_cluster_factory):
+    return module_cluster_factory(edges=1, workers=1, edge_args=["--max-rate", "20", "--max-burst", "10"])
+
+
+def edge_rss(cluster) -> int:
+    with open(f"/proc/{cluster.edge_procs[0].pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def frame(opcode: int, payload: bytes, fin: bool = True, length: int | None = None) -> bytes:
+    """A masked client frame; `length` may announce more payload than is given."""
+    n = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | opcode
+    if n < 126:
+        head = bytes((first, 0x80 | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", first, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, 0x80 | 127, n)
+    key = os.urandom(4)
+    return head + key + mask_bytes(key, payload)
+
+
+class RawSock:
+    """A WebSocket client on a plain blocking socket: the test decides when (and whether) it
+    reads.  `rcvbuf` shrinks the receive buffer so that not reading stalls the edge's writes."""
+
+    def __init__(self, cluster, name: str, rcvbuf: int | None = None):
+        parts = urlsplit(cluster.http_urls[0])
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(10)
+        self.sock.connect((parts.hostname, parts.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /socket/websocket?vsn=2.0.0&user={name} HTTP/1.1\r\n"
+                           f"Host: {parts.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.buf = bytearray()
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        self.buf = bytearray(rest)
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("the edge closed the connection")
+        self.buf += data
+
+    def recv_frame(self) -> tuple[int, bytes]:
+        while True:
+            buf = self.buf
+            if len(buf) >= 2:
+                n, head = buf[1] & 0x7F, 2
+                if n == 126 and len(buf) >= 4:
+                    n, head = struct.unpack("!H", buf[2:4])[0], 4
+                elif n == 127 and len(buf) >= 10:
+                    n, head = struct.unpack("!Q", buf[2:10])[0], 10
+                if (n < 126 or head > 2) and len(buf) >= head + n:
+                    got = buf[0] & 0x0F, bytes(buf[head:head + n])
+                    del buf[:head + n]
+                    return got
+            self._fill()
+
+    def heartbeat(self, ref: str) -> float:
+        """Round trip of a Phoenix heartbeat, in seconds (pongs and other frames skipped)."""
+        start = time.monotonic()
+        self.sock.sendall(frame(0x1, json.dumps([None, ref, "phoenix", "heartbeat", {}]).encode()))
+        while True:
+            opcode, payload = self.recv_frame()
+            if opcode == 0x1 and json.loads(payload)[1] == ref:
+                return time.monotonic() - start
+
+    def read_until_cut(self) -> int | None:
+        """Read until the connection ends; the close code if a close frame came, else None."""
+        try:
+            while True:
+                opcode, payload = self.recv_frame()
+                if opcode == 0x8:
+                    return int.from_bytes(payload[:2], "big")
+        except (EOFError, ConnectionResetError):
+            return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def flood(sock: socket.socket, chunk: bytes, stop: threading.Event, outcome: dict,
+          persist: bool = False) -> None:
+    """Send `chunk` over and over until `stop`, or until the edge stops taking it for a second
+    (unless `persist`), or cuts the connection."""
+    sock.settimeout(1.0)
+    sent = 0
+    while not stop.is_set():
+        try:
+            sock.sendall(chunk)
+            sent += len(chunk)
+        except socket.timeout:
+            if not persist:
+                outcome["end"] = "edge stopped reading"
+                break
+        except OSError as exc:
+            outcome["end"] = f"cut: {exc.__class__.__name__}"
+            break
+    outcome.setdefault("end", "stopped")
+    outcome["sent"] = sent
+
+
+def drain(sock: socket.socket, stop: threading.Event) -> None:
+    sock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            if not sock.recv(1 << 16):
+                return
+        except socket.timeout:
+            continue
+        except OSError:
+            return
+
+
+# ---- pongs -------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_only_the_latest_ping_of_a_batch_is_answered(open_cluster):
+    c = RawSock(open_cluster, "pinger")
+    c.sock.sendall(b"".join(frame(0x9, b"ping-%02d" % i) for i in range(50)))     # one write
+    pongs = []
+    while not pongs or pongs[-1] != b"ping-49":
+        opcode, payload = c.recv_frame()
+        assert opcode == 0xA, (opcode, payload)
+        pongs.append(payload)
+    assert len(pongs) < 50
+    assert len(pongs) <= -(-50 // YIELD_EVERY), pongs     # at most one per read batch
+    assert c.heartbeat("after") < 5                      # and the connection carries on
+    c.close()
+
+
+@pytest.mark.timeout(30)
+def test_pings_over_the_rate_close_the_connection_1008(rate_cluster):
+    c = RawSock(rate_cluster, "pingflood")
+    c.sock.sendall(b"".join(frame(0x9, b"%d" % i) for i in range(400)))
+    pongs, code = [], None
+    while code is None:
+        opcode, payload = c.recv_frame()
+        if opcode == 0xA:
+            pongs.append(int(payload))
+        elif opcode == 0x8:
+            code, reason = int.from_bytes(payload[:2], "big"), payload[2:].decode()
+    assert (code, reason) == (1008, "rate limit exceeded")
+    assert pongs and max(pongs) < 20, pongs          # only pings within the burst were answered
+    wait_until(lambda: "closing with 1008" in rate_cluster.edge_procs[0].stderr_text(), 5)
+    c.close()
+
+
+# ---- floods ------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_ping_flood_that_never_reads_is_cut_and_the_edge_stays_bounded(open_cluster):
+    """Pongs pile up unread: past --max-outbound the edge stops reading the client, closes 1013
+    and cuts the connection after the grace period; its memory stays bounded meanwhile."""
+    baseline = edge_rss(open_cluster)
+    c = RawSock(open_cluster, "deaf", rcvbuf=4096)
+    stop, outcome = threading.Event(), {}
+    chunk = b"".join(frame(0x9, b"x" * 125) for _ in range(2000))
+    sender = threading.Thread(target=flood, args=(c.sock, chunk, stop, outcome), daemon=True)
+    sender.start()
+    peak, deadline = baseline, time.monotonic() + 10
+    while sender.is_alive() and time.monotonic() < deadline:
+        peak = max(peak, edge_rss(open_cluster))
+        time.sleep(0.02)
+    stop.set()
+    sender.join(5)
+    assert outcome["end"] != "stopped", "the edge kept reading an unread ping flood for 10 s"
+    c.sock.settimeout(15)
+    assert c.read_until_cut() in (None, 1013)
+    peak = max(peak, edge_rss(open_cluster))
+    assert peak - baseline < 150 * MB, f"edge RSS {baseline / MB:.0f} -> {peak / MB:.0f} MB"
+    stderr = open_cluster.edge_procs[0].stderr_text()
+    assert "slow consumer" in stderr and "closing with 1013" in stderr
+    c.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_ping_flood_from_readers_does_not_starve_a_canary(open_cluster):
+    canary = RawSock(open_cluster, "canary")
+    flooders = [RawSock(open_cluster, f"flooder{i}") for i in range(4)]
+    stop = threading.Event()
+    chunk = b"".join(frame(0x9, b"f" * 16) for _ in range(5000))
+    threads = []
+    for f in flooders:
+        threads.append(threading.Thread(target=flood, args=(f.sock, chunk, stop, {}, True), daemon=True))
+        threads.append(threading.Thread(target=drain, args=(f.sock, stop), daemon=True))
+    for t in threads:
+        t.start()
+    try:
+        rtts = []
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            rtts.append(canary.heartbeat(str(len(rtts))))
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+    rtts.sort()
+    assert len(rtts) >= 20
+    assert rtts[-1] < 0.5, f"canary round trips p50 {rtts[len(rtts) // 2] * 1e3:.0f} ms, " \
+                           f"max {rtts[-1] * 1e3:.0f} ms"
+    for f in flooders:
+        f.close()
+    canary.close()
+
+
+# ---- memory ------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_memory_of_unfinished_big_frames_comes_back_when_they_close(open_cluster):
+    """Three times over, 100 connections each send 1 MB of a frame announced as 1,040,000
+    bytes, then hang up: each time the edge's RSS comes back near its baseline (the buffers
+    are freed at once, and edge/memtrim.py hands the heap's free pages back)."""
+    n, size = 100, 1_000_000
+    baseline = edge_rss(open_cluster)
+    body = frame(0x2, os.urandom(size), length=1_040_000)
+    for round_ in range(3):
+        clients = [RawSock(open_cluster, f"big{i}") for i in range(n)]
+        for c in clients:
+            c.sock.sendall(body)
+        wait_until(lambda: edge_rss(open_cluster) - baseline > 0.8 * n * size, 20,
+                   message=lambda: f"edge RSS only {edge_rss(open_cluster) / MB:.0f} MB "
+                                   f"(baseline {baseline / MB:.0f} MB)")
+        peak = edge_rss(open_cluster)
+        for c in clients:
+            c.close()
+        wait_until(lambda: edge_rss(open_cluster) - baseline < 30 * MB, 10,
+                   message=lambda: f"round {round_ + 1}: edge RSS {baseline / MB:.0f} -> {peak / MB:.0f} -> "
+                                   f"{edge_rss(open_cluster) / MB:.0f} MB after the connections closed")

@@ -1,0 +1,246 @@
+"""WebSocket control frames and the memory of closed connections, in-process on a real event
+loop and socket pair (asyncio's loop and uvloop, which the edge runs on).
+
+Pings cost a turn of the read loop like messages; only the latest ping of a read batch is
+answered; a closed connection leaves no reference cycle, so with the garbage collector off
+its protocol, Connection and channels are freed the moment the socket closes.
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import struct
+import weakref
+
+import pytest
+import uvloop
+from tornado.util import _websocket_mask as unmask
+
+from broker import wire
+from edge import wsproto
+from edge.connection import Connection
+from edge.hub import EdgeHub, Limits
+from edge.serializer import V2
+from edge.wsproto import WebSocketProtocol
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def masked(opcode: int, payload: bytes, fin: bool = True, length: int | None = None) -> bytes:
+    """A client frame; `length` may announce more payload than is given (an unfinished frame)."""
+    n = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | opcode
+    if n < 126:
+        head = bytes((first, 0x80 | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", first, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, 0x80 | 127, n)
+    key = os.urandom(4)
+    return head + key + unmask(key, payload)
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Unmasked server frames -> [(opcode, payload)]."""
+    frames, pos = [], 0
+    while pos + 2 <= len(data):
+        n, head = data[pos + 1] & 0x7F, 2
+        if n == 126:
+            n, head = struct.unpack("!H", data[pos + 2:pos + 4])[0], 4
+        elif n == 127:
+            n, head = struct.unpack("!Q", data[pos + 2:pos + 10])[0], 10
+        frames.append((data[pos] & 0x0F, bytes(data[pos + head:pos + head + n])))
+        pos += head + n
+    return frames
+
+
+class FakeBus:
+    """Records what the hub sends; holds no connection objects (only the frames' bytes)."""
+
+    def __init__(self):
+        self.sent: list[list[bytes]] = []
+
+    def send(self, frames):
+        self.sent.append(frames)
+
+    def subscribe(self, key):
+        pass
+
+    def unsubscribe(self, key):
+        pass
+
+
+def make_hub(**limits) -> EdgeHub:
+    hub = EdgeHub("tcp://127.0.0.1:1", Limits(**limits), edge_id=b"Etest")
+    hub.bus = FakeBus()
+    hub.bus_send = hub.bus.send
+    return hub
+
+
+async def open_pair(hub: EdgeHub):
+    """A WebSocketProtocol with a real Connection (as edge/websocket.py builds them) on one end of
+    a socket pair; the other end, non-blocking, for the test."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    made = {}
+
+    def make_connection(transport):
+        conn = made["conn"] = Connection(hub, V2, transport, b'{"assigns":{},"id":null}', "test")
+        hub.add_connection(conn)
+        return conn
+
+    loop = asyncio.get_running_loop()
+    _transport, proto = await loop.connect_accepted_socket(
+        lambda: WebSocketProtocol(hub, make_connection, b""), sock=ours)
+    return proto, made["conn"], theirs
+
+
+async def read_all(sock: socket.socket, until, timeout: float = 5.0) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    deadline = loop.time() + timeout
+    while not until(data):
+        assert loop.time() < deadline, f"nothing matching came; got {server_frames(bytes(data))[:5]}"
+        try:
+            chunk = sock.recv(65536)
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def run(loop_kind: str, coro):
+    if loop_kind == "uvloop":
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+loops = pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+
+
+@loops
+def test_only_the_latest_ping_of_a_read_batch_is_answered(loop_kind):
+    async def main():
+        hub = make_hub(max_rate=0)
+        proto, _conn, client = await open_pair(hub)
+        client.sendall(b"".join(masked(0x9, b"p%02d" % i) for i in range(50)))
+        data = await read_all(client, lambda d: b"p49" in d)
+        pongs = [payload for opcode, payload in server_frames(data) if opcode == 0xA]
+        assert pongs[-1] == b"p49"
+        assert len(pongs) <= -(-50 // wsproto.YIELD_EVERY), pongs   # one per batch at most
+        client.close()
+    run(loop_kind, main())
+
+
+@loops
+def test_pings_count_toward_the_read_yield(loop_kind):
+    """A batch of pings is cut after YIELD_EVERY frames, like a batch of messages."""
+    async def main():
+        hub = make_hub(max_rate=0)
+        proto, _conn, client = await open_pair(hub)
+        pings = b"".join(masked(0x9, b"x") for _ in range(10 * wsproto.YIELD_EVERY))
+        proto.data_received(pings)     # as the transport would hand it over
+        assert proto.paused
+        assert len(proto.buf) == len(pings) - wsproto.YIELD_EVERY * len(masked(0x9, b"x"))
+        client.close()
+    run(loop_kind, main())
+
+
+@loops
+def test_pings_over_the_rate_go_unanswered_and_close_1008(loop_kind):
+    async def main():
+        hub = make_hub(max_rate=10, max_burst=5)
+        proto, conn, client = await open_pair(hub)
+        client.sendall(b"".join(masked(0x9, b"%d" % i) for i in range(300)))
+        data = await read_all(client, lambda d: any(op == 0x8 for op, _ in server_frames(bytes(d))))
+        frames = server_frames(data)
+        pongs = [p for op, p in frames if op == 0xA]
+        close = [p for op, p in frames if op == 0x8][0]
+        assert int.from_bytes(close[:2], "big") == 1008 and close[2:] == b"rate limit exceeded"
+        assert pongs and all(int(p) < 5 for p in pongs), pongs    # only pings within the burst
+        assert hub.stats["rate_limit_closes"] == 1
+        client.close()
+    run(loop_kind, main())
+
+
+@loops
+def test_a_closed_connection_is_freed_at_once_with_the_gc_off(loop_kind):
+    """A connection with a joined channel, a joining one and a half-received 512 KB frame:
+    once its socket closes, nothing is left holding the protocol, the Connection or the
+    channels, though no garbage collection runs (a reference cycle would keep them, and their
+    buffers, alive)."""
+    async def main():
+        hub = make_hub()
+        proto, conn, client = await open_pair(hub)
+        client.sendall(masked(0x1, b'["1","1","room:a","phx_join",{}]')
+                       + masked(0x1, b'["2","2","room:b","phx_join",{}]'))   # b stays joining
+        while len(conn.channels) < 2:
+            await asyncio.sleep(0.005)
+        ch = conn.channels["room:a"]
+        conn.joined(ch, b"Wtest", "1", "ok", b"{}", b"[]")
+        await asyncio.get_running_loop().sock_sendall(client, masked(0x2, b"\x00" * 512_000, length=900_000))
+        while len(proto.buf) < 512_000:
+            await asyncio.sleep(0.005)
+        # (the channel points to its Connection: the Connection freed means the channel is too)
+        refs = [weakref.ref(proto), weakref.ref(conn)]
+        del proto, conn, ch
+        gc.disable()
+        try:
+            client.close()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while hub.connections:
+                assert loop.time() < deadline, "the edge never saw the connection close"
+                await asyncio.sleep(0.005)
+            for _ in range(3):
+                await asyncio.sleep(0)     # the transport's own clean-up callbacks
+            alive = [r() for r in refs if r() is not None]
+            assert not alive, [type(o).__name__ for o in alive]
+        finally:
+            gc.enable()
+        assert any(f[0] == wire.TERMINATE for f in hub.bus.sent)    # the channel's worker was told
+    run(loop_kind, main())
+
+
+@loops
+def test_a_client_that_keeps_sending_after_our_close_frame_is_cut_off(loop_kind):
+    """Past MAX_IGNORED_AFTER_CLOSE frames after the 1008 the edge stops reading and hangs up,
+    instead of parsing the flood until the close handshake times out."""
+    async def main():
+        hub = make_hub(max_rate=10, max_burst=5)
+        proto, _conn, client = await open_pair(hub)
+        n = 5 + 101 + wsproto.MAX_IGNORED_AFTER_CLOSE + 50     # burst, refusals, then ignored
+        await asyncio.get_running_loop().sock_sendall(client, b"".join(masked(0x9, b"x") for _ in range(n)))
+        data = await read_all(client, lambda d: any(op == 0x8 for op, _ in server_frames(bytes(d))))
+        assert [p[:2] for op, p in server_frames(data) if op == 0x8] == [(1008).to_bytes(2, "big")]
+        deadline = asyncio.get_running_loop().time() + 5
+        while not proto.lost:
+            assert asyncio.get_running_loop().time() < deadline, "the connection was never cut"
+            await asyncio.sleep(0.005)
+        assert proto.failed and proto.ignored > wsproto.MAX_IGNORED_AFTER_CLOSE
+        client.close()
+    run(loop_kind, main())
+
+
+def test_a_wave_of_big_frees_makes_one_trim(monkeypatch):
+    from edge import memtrim
+    if memtrim._malloc_trim is None:
+        pytest.skip("no malloc_trim in this C library")
+    monkeypatch.setattr(memtrim, "DELAY", 0.01)
+
+    async def main():
+        before = memtrim.trims
+        memtrim.freed(memtrim.MIN_BYTES - 1)      # small: left to malloc
+        await asyncio.sleep(0.05)
+        assert memtrim.trims == before
+        for _ in range(300):
+            memtrim.freed(1 << 20)
+        await asyncio.sleep(0.05)
+        assert memtrim.trims == before + 1
+    asyncio.run(main())
