@@ -132,7 +132,7 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
                         "frame 1013, and is cut off if it has not closed 5 s later (default: %(default)s)")
     p.add_argument("--max-rate", type=float, default=200.0, metavar="MSGS_PER_S",
                    help="messages per second one connection may send (heartbeats and leaves "
-                        "excepted); more get the error reply {\"reason\":\"rate limited\"}, and over "
+                        "excepted, WebSocket pings and pongs included); more get the error reply {\"reason\":\"rate limited\"}, and over "
                         "100 refused within 5 s close it with 1008; 0 = no limit (default: %(default)s)")
     p.add_argument("--max-burst", type=int, default=400, metavar="MSGS",
                    help="messages a connection may send at once above --max-rate after being "
