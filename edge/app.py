@@ -15,7 +15,8 @@ from tornado.netutil import bind_sockets
 from broker.logsetup import announce_ready, setup_logging
 from broker.loopsock import run_loop
 from edge.accept import Acceptor
-from edge.hub import EdgeHub, Limits
+from edge.drain import drain, wait_closed
+from edge.hub import BUS_LOSS_TIMEOUT, EdgeHub, Limits
 from edge.longpoll import LongPollHandler
 from edge.metrics import MetricsHandler, make_registry
 from edge.origin import OriginCheck
@@ -72,7 +73,8 @@ async def serve(args, origin_check: OriginCheck) -> int:
                     max_rate=args.max_rate, max_burst=args.max_burst,
                     longpoll_window=window,
                     longpoll_inactivity=args.longpoll_inactivity or 1.5 * window)
-    hub = EdgeHub(args.bus, limits, origin_check=origin_check)
+    hub = EdgeHub(args.bus, limits, origin_check=origin_check,
+                  bus_loss_timeout=getattr(args, "bus_loss_timeout", BUS_LOSS_TIMEOUT))
     hub.start()
     api_key = getattr(args, "api_key", None) or os.environ.get("ZCHANNELS_API_KEY") or None
     app = make_app(hub, args.static, websocket=not args.no_websocket, longpoll=not args.no_longpoll,
@@ -99,13 +101,18 @@ async def serve(args, origin_check: OriginCheck) -> int:
              if limits.max_rate > 0 and limits.max_burst > 0 else "off")
     announce_ready(http=f"http://{args.host}:{port}", edge=hub.edge_id.decode())
     await stop.wait()
-    log.info("edge stopping: closing %d connection(s) with 1012", len(hub.connections))
+    # Drain: no new connections (the balancer sees the port closed and picks another edge),
+    # then the open ones in batches over --drain-period; a second signal closes the rest at once.
     for acceptor in acceptors:
         acceptor.stop()
-    for conn in list(hub.connections.values()):
-        conn.transport.close(1012, "service restart")
-    await asyncio.sleep(0.1)
+    hurry = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, hurry.set)
+    log.info("edge stopping: draining %d connection(s) over %.1fs", len(hub.connections), args.drain_period)
+    await drain(hub, args.drain_period, "service restart", hurry=hurry)
+    await wait_closed(hub)
     hub.close()
+    log.info("edge stopped")
     return 0
 
 
