@@ -26,19 +26,20 @@ log = logging.getLogger(__name__)
 
 CLOSE_SERVICE_RESTART = 1012
 BATCH_INTERVAL = 0.5    # seconds between batches
+MIN_BATCH = 10          # so few clients that they are no herd: closed together, the edge stops at once
 CLOSED_WAIT = 3.0       # after the last batch: the clients' close frames (wsproto.CLOSE_WAIT) and a margin
 
 
 async def drain(hub: "EdgeHub", period: float, reason: str,
                 stop: Callable[[], bool] = lambda: False,
                 hurry: asyncio.Event | None = None) -> int:
-    """Close every connection of ``hub`` within ``period`` seconds, a batch every
-    BATCH_INTERVAL; ``period`` 0 closes them all at once.  Connections that arrive meanwhile
+    """Close every connection of ``hub`` within ``period`` seconds, a batch (at least
+    MIN_BATCH) every BATCH_INTERVAL; ``period`` 0 closes them all at once.  Connections that arrive meanwhile
     are closed too.  Returns early, leaving the rest open, once ``stop()`` is true; closes the
     rest at once when ``hurry`` is set.  Returns the number of connections closed."""
     conns = hub.connections
     batches = max(1, math.floor(period / BATCH_INTERVAL) + 1) if period > 0 else 1
-    size = max(1, math.ceil(len(conns) / batches))
+    size = max(MIN_BATCH, math.ceil(len(conns) / batches))
     if conns:
         log.info("closing %d connection(s) with %d (%s) over %.1fs, %d per %.1fs",
                  len(conns), CLOSE_SERVICE_RESTART, reason, period, size, BATCH_INTERVAL)

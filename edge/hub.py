@@ -65,6 +65,7 @@ class EdgeHub:
         self.edge_id = edge_id or wire.new_peer_id(wire.ROLE_EDGE, f"{os.getpid()}")
         self.connections: dict[bytes, Connection] = {}
         self.worker_channels: dict[bytes, set[ChannelRef]] = {}
+        self.known_workers: set[bytes] = set()   # every worker that holds or held a channel of ours
         self.fastlane = FastLane(self.disconnect_socket_id)
         self._ids = itertools.count(1)
         self._rpc: dict[bytes, asyncio.Future] = {}
@@ -178,6 +179,7 @@ class EdgeHub:
 
     def remember_worker_channel(self, ch: ChannelRef) -> None:
         self.worker_channels.setdefault(ch.worker, set()).add(ch)
+        self.known_workers.add(ch.worker)
 
     def forget_worker_channel(self, ch: ChannelRef) -> None:
         chans = self.worker_channels.get(ch.worker)
@@ -316,6 +318,7 @@ class EdgeHub:
 
     def worker_down(self, worker: bytes) -> None:
         self.worker_downs.setdefault(worker, time.time())
+        self.known_workers.discard(worker)
         chans = self.worker_channels.pop(worker, None)
         if not chans:
             return
@@ -351,6 +354,7 @@ class EdgeHub:
             if self._bus_loss is not None:
                 self._bus_loss.cancel()
                 self._bus_loss = None
+            self._sync_workers()
             return
         for fut in self._rpc.values():   # connects waiting for a worker: 503 now, not in 5 s
             if not fut.done():
@@ -358,6 +362,21 @@ class EdgeHub:
         if self.bus_loss_timeout > 0:
             delay = max(0.0, self.bus_loss_timeout - self.bus.silent_for())
             self._bus_loss = asyncio.get_running_loop().call_later(delay, self._bus_lost)
+
+    def _sync_workers(self) -> None:
+        """Back on the bus after a silence (a cut link, a broker restart): messages may have been
+        lost both ways, as in a broker restart (see _on_sync).  Tell every worker we have had
+        channels on which channels we have (joined or joining, anywhere); each ends those of ours
+        it holds that we do not list (our TERMINATE was lost) and answers with its own SYNC, which
+        errors here those it no longer has (its close was lost)."""
+        if not self.known_workers:
+            return
+        ours = wire.pack_channel_list([(conn.conn_id, ch.topic.encode(), ref_bytes(ch.join_ref))
+                                       for conn in self.connections.values()
+                                       for ch in conn.channels.values()])
+        for worker in self.known_workers:
+            self.bus_send([wire.SYNC, worker, ours])
+        log.info("back on the bus: told %d worker(s) which channels this edge has", len(self.known_workers))
 
     def _bus_lost(self) -> None:
         """The bus has been down for bus_loss_timeout: send the clients elsewhere (unless it

@@ -36,7 +36,11 @@ from workers.supervisor import HANDLER_LOAD_ERROR  # exit code: the app cannot b
 
 
 HEARTBEAT_INTERVAL = 0.5     # seconds
-BROKER_SILENT_WARNING = 3.0  # seconds without any frame from the broker before we say so
+# Seconds without any frame from the broker (it probes every 0.25 s) before we say so, and after
+# which the link may have been cut and messages lost: once it answers again, channels are
+# settled with the edges as after a broker restart (sync_edges).  The bus sockets drop a
+# connection after 2 s of silence (broker/loopsock.py), so this catches every reconnect.
+BROKER_SILENT_WARNING = 2.0
 SHUTDOWN_GRACE = 2.0         # seconds for terminate() callbacks when the worker stops
 CLOSE_LINGER_MS = 500        # lets BYE and last broadcasts leave on a graceful stop
 HWM = 100_000
@@ -76,6 +80,7 @@ class Worker(ChannelHost):
             wire.HEARTBEAT: self.on_heartbeat, wire.EDGE_DOWN: self.on_edge_down,
             wire.WORKER_DOWN: self.on_worker_down,
             wire.UNROUTABLE: self.on_unroutable, wire.EVICTED: self.on_evicted,
+            wire.SYNC: self.on_edge_sync,
         }
 
     # --- bus input --------------------------------------------------------------------
@@ -120,7 +125,8 @@ class Worker(ChannelHost):
 
     def on_heartbeat(self, frames: list[bytes]) -> None:
         instance = frames[1]
-        if self.broker_instance and instance and instance != self.broker_instance:
+        restarted = self.broker_instance and instance and instance != self.broker_instance
+        if restarted or self.broker_silent:
             # After the peers have reconnected and resubscribed: what the sync sets off
             # (terminate callbacks, presence leaves) may broadcast.
             self.loop.call_later(RESYNC_DELAY, self.sync_edges)
@@ -144,6 +150,25 @@ class Worker(ChannelHost):
         log.info("worker %s: edge %r down, terminating its %d channel(s)", self.slot, edge, len(procs))
         for proc in procs:
             self.end(proc, self.step_end, ("shutdown", "closed"))
+
+    def on_edge_sync(self, frames: list[bytes]) -> None:
+        """An edge back on the bus after a silence lists every channel it has (joined or
+        joining): end ours of that edge it does not list (its TERMINATE was lost), and answer
+        with our list, so it errors those we no longer have (our close was lost)."""
+        edge = frames[1]
+        listed = set(wire.unpack_channel_list(frames[2]))
+        kept, orphans = [], []
+        for proc in [p for p in self.channels.values() if p.edge == edge]:
+            key = (proc.conn, proc.topic_b, proc.join_ref)
+            (kept if key in listed else orphans).append(proc)
+        for proc in orphans:
+            self.end(proc, self.step_end, ("shutdown", "closed"))
+        if orphans:
+            log.info("worker %s: edge %r back on the bus; ending %d channel(s) it no longer has",
+                     self.slot, edge, len(orphans))
+        self.edges.add(edge)
+        self.dealer.send([wire.SYNC, edge, wire.pack_channel_list(
+            [(p.conn, p.topic_b, p.join_ref) for p in kept])])
 
     def on_worker_down(self, frames: list[bytes]) -> None:
         """Another worker is gone: its presence entries leave now, not after OWNER_TIMEOUT."""
