@@ -1,9 +1,16 @@
-"""How long a cut of one edge's bus link keeps its clients out of service.
+"""How long a cut of a bus link keeps the clients concerned out of service.
 
 A broker, two workers and two edges: edge A reaches the broker through a TCP proxy
-(tests/tcpproxy.py) that the run freezes for ``--cut`` seconds, edge B directly.  Victim
-clients (phoenix.js) connect through a round-robin TCP balancer in front of A and B and land on
-A; an observer connects to B.  Each client pushes ``ping`` (1 s timeout) every 200 ms.
+(tests/tcpproxy.py) that the run freezes for ``--cut`` seconds, edge B directly (with
+``--side workers`` the workers' link is the one cut).  Victim clients (phoenix.js) connect
+through a round-robin TCP balancer in front of A and B and land on A; an observer connects to
+B.  Each client pushes ``ping`` (1 s timeout) every 200 ms.
+
+With ``--netns`` the cut is a real one: the run re-executes itself in a private network
+namespace (``unshare -rn``; no traffic leaves it), puts edge A (or the workers) in a second
+namespace joined by a veth pair for the bus and another for the clients, and takes the bus
+veth down for the cut, so the kernel drops the packets and TCP retransmits with its doubling
+backoff, as between machines (the proxy cannot show that: loopback acknowledges everything).
 
 Printed per client: seconds from the start of the cut until a push sent after it was answered
 ok ("served again"), pushes timed out or refused, channel errors and socket closes seen.
@@ -13,7 +20,10 @@ ok ("served again"), pushes timed out or refused, channel errors and socket clos
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -61,25 +71,44 @@ def main() -> int:
     parser.add_argument("--delay", type=float, default=0.0, help="one-way delay on the link, s")
     parser.add_argument("--after", type=float, default=8.0, help="seconds watched after the cut")
     parser.add_argument("--logs", action="store_true", help="print the processes' warnings")
+    parser.add_argument("--side", choices=["edge", "workers"], default="edge",
+                        help="whose link is cut: edge A's, or the workers' (then every client is "
+                             "a victim, connected to edge A)")
+    parser.add_argument("--netns", action="store_true", help="a real cut between network namespaces")
+    parser.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.netns and not args.in_netns:
+        os.execvp("unshare", ["unshare", "-rn", sys.executable, *sys.argv, "--in-netns"])
 
     procs: list[Proc] = []
     clients: list[JsClient] = []
     link = balancer = None
     try:
-        broker = Proc("broker", "--bus", "tcp://127.0.0.1:0", name="broker")
+        net = Namespaces() if args.netns else None
+        broker = Proc("broker", "--bus", "tcp://0.0.0.0:0" if net else "tcp://127.0.0.1:0", name="broker")
         procs.append(broker)
-        bus = broker.wait_ready()[0]["bus"]
-        link = BusLink(bus)
-        link.delay = args.delay
-        edge_a = Proc("edge", "--bus", link.bus, "--port", "0", name="edgeA")
+        bus = broker.wait_ready()[0]["bus"].replace("0.0.0.0", "127.0.0.1")
+        if net:
+            far_bus = bus.replace("127.0.0.1", Namespaces.BUS_NEAR)
+            link = net
+        else:
+            link = BusLink(bus)
+            link.delay = args.delay
+            far_bus = link.bus
+        edge_a = (net.proc("edge", "--bus", far_bus, "--port", "0", "--host", "0.0.0.0", name="edgeA")
+                  if net and args.side == "edge" else
+                  Proc("edge", "--bus", far_bus if args.side == "edge" else bus, "--port", "0", name="edgeA"))
         edge_b = Proc("edge", "--bus", bus, "--port", "0", name="edgeB")
-        workers = Proc("workers", "--bus", bus, "-n", "2", E2E_APP, name="workers")
+        workers = (net.proc("workers", "--bus", far_bus, "-n", "2", E2E_APP, name="workers")
+                   if net and args.side == "workers" else
+                   Proc("workers", "--bus", far_bus if args.side == "workers" else bus, "-n", "2",
+                        E2E_APP, name="workers"))
         procs += [edge_a, edge_b, workers]
         urls = [p.wait_ready()[0]["http"] for p in (edge_a, edge_b)]
         workers.wait_ready(2, 15)
         ports = [int(u.rpartition(":")[2]) for u in urls]
-        balancer = TcpProxy([("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])])
+        host_a = Namespaces.CLIENT_FAR if net and args.side == "edge" else "127.0.0.1"
+        balancer = TcpProxy([(host_a, ports[0]), ("127.0.0.1", ports[1])])
         via_balancer = f"ws://127.0.0.1:{balancer.port}/socket"
         topic = f"echo:{uuid.uuid4().hex[:8]}"
 
@@ -103,7 +132,7 @@ def main() -> int:
         for p in pingers:
             p.start()
         time.sleep(2)
-        cut_at = time.monotonic()
+        cut_at, cut_wall = time.monotonic(), time.time()
         link.freeze()
         time.sleep(args.cut)
         link.unfreeze()
@@ -113,7 +142,8 @@ def main() -> int:
         for p in pingers:
             p.join(15)
 
-        print(f"cut {args.cut:g} s, delay {args.delay * 1000:g} ms, {len(victims)} victim(s)")
+        print(f"cut {args.cut:g} s of the {args.side} link, delay {args.delay * 1000:g} ms, "
+              f"{len(victims)} client(s) on edge A")
         for name, pinger, client in [*((f"victim{i}", p, c) for i, (p, c) in
                                        enumerate(zip(pingers, victims))),
                                      ("observer", pingers[-1], observer)]:
@@ -124,6 +154,8 @@ def main() -> int:
                   f" pushes failed {pinger.failures(cut_at)};"
                   f" chan_error {len(client.find({'type': 'chan_error'}))};"
                   f" socket closes {closes}")
+        back = bus_back(edge_a if args.side == "edge" else workers, cut_wall)
+        print(f"  the cut side heard the broker again {back} s after the cut began")
         if args.logs:
             for proc in procs:
                 for line in proc.stderr_text().splitlines():
@@ -138,6 +170,60 @@ def main() -> int:
         for proxy in (link, balancer):
             if proxy is not None:
                 proxy.close()
+
+
+def bus_back(proc: Proc, since: float) -> float | None:
+    """Seconds from ``since`` (wall clock) to the process's first "broker ... again" log line."""
+    for line in proc.stderr_text().splitlines():
+        if "reachable again" in line or "answering again" in line:
+            stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+            if stamp >= since:
+                return round(stamp - since, 2)
+    return None
+
+
+class Namespaces:
+    """A second network namespace, joined to ours by a veth pair for the bus and one for clients."""
+    BUS_NEAR, BUS_FAR = "10.9.0.1", "10.9.0.2"
+    CLIENT_NEAR, CLIENT_FAR = "10.8.0.1", "10.8.0.2"
+
+    def __init__(self) -> None:
+        run = lambda *cmd: subprocess.run(cmd, check=True)   # noqa: E731
+        run("ip", "link", "set", "lo", "up")
+        self.holder = subprocess.Popen(["unshare", "-n", "sleep", "3600"])
+        time.sleep(0.2)
+        pid = str(self.holder.pid)
+        far = ("nsenter", "-t", pid, "-n")
+        run(*far, "ip", "link", "set", "lo", "up")
+        for near_if, far_if, near, far_addr in (("bus0", "bus1", self.BUS_NEAR, self.BUS_FAR),
+                                                ("cli0", "cli1", self.CLIENT_NEAR, self.CLIENT_FAR)):
+            run("ip", "link", "add", near_if, "type", "veth", "peer", "name", far_if, "netns", pid)
+            run("ip", "addr", "add", f"{near}/24", "dev", near_if)
+            run("ip", "link", "set", near_if, "up")
+            run(*far, "ip", "addr", "add", f"{far_addr}/24", "dev", far_if)
+            run(*far, "ip", "link", "set", far_if, "up")
+        fd, self.wrapper = tempfile.mkstemp(suffix=".sh")
+        os.write(fd, f"#!/bin/sh\nexec nsenter -t {pid} -n {sys.executable} \"$@\"\n".encode())
+        os.close(fd)
+        os.chmod(self.wrapper, 0o755)
+
+    def proc(self, module: str, *args: str, name: str) -> Proc:
+        """A process in the far namespace."""
+        real, sys.executable = sys.executable, self.wrapper
+        try:
+            return Proc(module, *args, name=name)
+        finally:
+            sys.executable = real
+
+    def freeze(self) -> None:
+        subprocess.run(["ip", "link", "set", "bus0", "down"], check=True)
+
+    def unfreeze(self) -> None:
+        subprocess.run(["ip", "link", "set", "bus0", "up"], check=True)
+
+    def close(self) -> None:
+        self.holder.kill()
+        os.unlink(self.wrapper)
 
 
 if __name__ == "__main__":

@@ -130,15 +130,15 @@ def run_loop(main_coro) -> object:
 LINK_HEARTBEAT_MS = 500         # PING when nothing else was sent for this long
 LINK_TIMEOUT_MS = 2000          # no traffic at all for this long: the connection is dead
 RECONNECT_IVL_MS = 100
-RECONNECT_IVL_MAX_MS = 1000
-CONNECT_TIMEOUT_MS = 1000       # a SYN lost in a cut is retried after 1 s, not after the kernel's backoff
+RECONNECT_IVL_MAX_MS = 500
+CONNECT_TIMEOUT_MS = 500        # a SYN lost in a cut is retried after 0.5 s, not after the kernel's backoff
 HANDSHAKE_MS = 3000             # a connection accepted but never greeted (half-healed link) is dropped
 
 
 def tune_link(sock: zmq.Socket, timeout_ms: int = LINK_TIMEOUT_MS) -> None:
     """Heartbeats, TCP keepalive and TCP_USER_TIMEOUT (ZMQ_TCP_MAXRT) on one bus socket, so a
     connection that carries nothing for ``timeout_ms`` is closed (and, on the connecting side,
-    reconnected every 100 ms..1 s until the link is back).  Set before bind/connect."""
+    reconnected every 0.1..1 s until the link is back).  Set before bind/connect."""
     sock.setsockopt(zmq.HEARTBEAT_IVL, LINK_HEARTBEAT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
     sock.setsockopt(zmq.TCP_MAXRT, timeout_ms)
