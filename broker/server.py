@@ -10,7 +10,7 @@ import zmq
 from broker import curve, wire
 from broker.fanout import Fanout
 from broker.logsetup import announce_ready, setup_logging
-from broker.loopsock import LINK_TIMEOUT_MS, tune_link
+from broker.loopsock import tune_link
 from broker.router import PEER_LIVENESS, Router
 
 log = logging.getLogger("broker")
@@ -21,8 +21,8 @@ HWM = 200_000   # messages queued per peer before libzmq refuses more (at-most-o
 def bind_bus(ctx: zmq.Context, base: str, keys: curve.ServerKeys | None = None,
              peer_timeout: float = PEER_LIVENESS) -> tuple[str, zmq.Socket, zmq.Socket, zmq.Socket]:
     """Bind ROUTER, XSUB, XPUB on PORT, PORT+1, PORT+2; port 0 picks three free ones.
-    With ``keys`` every one of them is a CURVE server.  A ROUTER connection that carries nothing
-    for ``peer_timeout`` is closed; broadcast connections after LINK_TIMEOUT_MS."""
+    With ``keys`` every one of them is a CURVE server.  A connection that carries nothing for
+    ``peer_timeout`` + 1 s is closed."""
     host = base.rpartition(":")[0]
     wire.bus_endpoints(base if not base.endswith(":0") else host + ":1")  # validates the form
     wanted = int(base.rpartition(":")[2])
@@ -37,10 +37,10 @@ def bind_bus(ctx: zmq.Context, base: str, keys: curve.ServerKeys | None = None,
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, HWM)
                 sock.setsockopt(zmq.RCVHWM, HWM)
-                # The ROUTER keeps a silent connection as long as the router keeps its peer
-                # (a cut link must not look like a dead peer); the peer reconnects on its own
-                # and takes its id over (ROUTER_HANDOVER, broker/router.py).
-                tune_link(sock, int(peer_timeout * 1000) + 1000 if offset == 0 else LINK_TIMEOUT_MS)
+                # A silent connection is kept as long as the router keeps its peer: a cut link
+                # must not look like a dead peer.  Peers notice a cut within 2 s and reconnect
+                # on their own (a ROUTER id is taken over: ROUTER_HANDOVER, broker/router.py).
+                tune_link(sock, int(peer_timeout * 1000) + 1000)
                 curve.secure_server(sock, keys)
                 sock.bind(f"{host}:{port + offset}")
         except zmq.ZMQError as exc:
