@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import Proc, wait_until
+from tests.conftest import E2E_APP, Proc, wait_until
 from tests.jsclient import DriverError
 from tests.rawws import HandshakeRefused, RawWS
 from tests.tcpproxy import BusLink, TcpProxy
@@ -232,3 +232,72 @@ def test_sigterm_drains_connections_in_batches_with_1012_and_exits_0(cluster_fac
     assert edge.popen.wait(10) == 0
     with pytest.raises(Exception):
         RawWS.connect(url, timeout=1)
+
+
+@pytest.mark.timeout(90)
+def test_a_10s_cut_evicts_nobody_when_the_edge_keeps_its_clients(cluster_factory, links, js_client):
+    """With --bus-loss-timeout 0 the clients stay on the cut edge: the broker keeps the edge
+    (its connection ended after a silence: a cut, not a death) and they are served again
+    within the cut + 3 s, with no phx_error."""
+    cluster, link, url_a, url_b = cut_cluster(cluster_factory, links, ["--bus-loss-timeout", "0"])
+    topic = f"echo:{uid()}"
+    victim = joined_client(js_client, "victim", ws(url_a), topic)
+    observer = joined_client(js_client, "observer", ws(url_b), topic)
+    pingers = [Pinger(victim), Pinger(observer)]
+    for p in pingers:
+        p.start()
+    cut = 10.0
+    try:
+        wait_until(lambda: all(p.served_after(0) for p in pingers), timeout=5)
+        cut_at = time.monotonic()
+        link.freeze()
+        time.sleep(cut)
+        link.unfreeze()
+        healed = time.monotonic()
+        wait_until(lambda: pingers[0].served_after(healed), timeout=5)
+    finally:
+        for p in pingers:
+            p.stop()
+    assert pingers[0].served_after(cut_at) <= cut + 3.0
+    assert not pingers[1].failed(cut_at, healed), "the client on the other edge was affected"
+    for client in (victim, observer):
+        assert not client.find({"type": "socket_close"})
+        assert not client.find({"type": "chan_error"})
+    assert "edge down" not in cluster.broker.stderr_text()
+
+
+@pytest.mark.timeout(90)
+def test_a_10s_cut_of_the_workers_costs_their_clients_at_most_the_cut_plus_3s(links, js_client):
+    broker = Proc("broker", "--bus", "tcp://127.0.0.1:0", name="broker")
+    procs = [broker]
+    try:
+        bus = broker.wait_ready()[0]["bus"]
+        link = BusLink(bus)
+        links.append(link)
+        edge = Proc("edge", "--bus", bus, "--port", "0", name="edge")
+        workers = Proc("workers", "--bus", link.bus, "-n", "2", E2E_APP, name="workers")
+        procs += [edge, workers]
+        url = edge.wait_ready()[0]["http"]
+        workers.wait_ready(2, 15)
+        client = joined_client(js_client, "c", ws(url), f"echo:{uid()}")
+        pinger = Pinger(client)
+        pinger.start()
+        cut = 10.0
+        try:
+            wait_until(lambda: pinger.served_after(0), timeout=5)
+            cut_at = time.monotonic()
+            link.freeze()
+            time.sleep(cut)
+            link.unfreeze()
+            healed = time.monotonic()
+            wait_until(lambda: pinger.served_after(healed), timeout=5)
+        finally:
+            pinger.stop()
+        assert pinger.served_after(cut_at) <= cut + 3.0
+        assert not client.find({"type": "chan_error"}), "the workers were evicted"
+        assert not client.find({"type": "socket_close"})
+        assert "worker down" not in broker.stderr_text()
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+            proc.cleanup()
