@@ -59,10 +59,14 @@ class EdgeBus:
         return asyncio.get_running_loop().time() - self._last_broker
 
     def _direct(self, frames: list[bytes]) -> None:
-        self._last_broker = asyncio.get_running_loop().time()
-        if self._broker_silent:
+        now = asyncio.get_running_loop().time()
+        silence, self._last_broker = now - self._last_broker, now
+        # Also after a silence the heartbeat loop has not flagged yet: the connection may
+        # have been remade, and messages lost, all the same.
+        if self._broker_silent or silence > BUS_DOWN_AFTER:
+            if self._broker_silent:
+                log.info("broker reachable again")
             self._broker_silent = False
-            log.info("broker reachable again")
             self._on_bus_state(True)
         if frames[0] == wire.HEARTBEAT:
             return

@@ -73,6 +73,7 @@ class Worker(ChannelHost):
         self.last_broker = time.monotonic()
         self.broker_silent = False
         self.broker_instance = b""
+        self.sync_scheduled = False
         self.ppid = os.getppid()
         self.handlers = {
             wire.CONNECT: self.on_connect, wire.JOIN: self.on_join, wire.IN: self.on_in,
@@ -86,7 +87,10 @@ class Worker(ChannelHost):
     # --- bus input --------------------------------------------------------------------
 
     def on_dealer(self, frames: list[bytes]) -> None:
-        self.last_broker = time.monotonic()
+        now = time.monotonic()
+        if now - self.last_broker > BROKER_SILENT_WARNING:
+            self.schedule_sync()   # the link may have been remade, and messages lost
+        self.last_broker = now
         kind = frames[0]
         handler = self.handlers.get(kind)
         try:
@@ -125,11 +129,8 @@ class Worker(ChannelHost):
 
     def on_heartbeat(self, frames: list[bytes]) -> None:
         instance = frames[1]
-        restarted = self.broker_instance and instance and instance != self.broker_instance
-        if restarted or self.broker_silent:
-            # After the peers have reconnected and resubscribed: what the sync sets off
-            # (terminate callbacks, presence leaves) may broadcast.
-            self.loop.call_later(RESYNC_DELAY, self.sync_edges)
+        if self.broker_instance and instance and instance != self.broker_instance:
+            self.schedule_sync()
         self.broker_instance = instance or self.broker_instance
         if self.broker_silent:
             self.broker_silent = False
@@ -138,6 +139,18 @@ class Worker(ChannelHost):
             self.ready = True
             announce_ready(worker=self.slot, pid=os.getpid(), id=self.peer_id.decode())
             log.info("worker ready: slot %s pid %s id %s", self.slot, os.getpid(), self.peer_id.decode())
+
+    def schedule_sync(self) -> None:
+        """Settle channels with the edges (sync_edges) after a broker restart or a silence, once
+        the peers have reconnected and resubscribed: what the sync sets off (terminate
+        callbacks, presence leaves) may broadcast."""
+        if not self.sync_scheduled:
+            self.sync_scheduled = True
+            self.loop.call_later(RESYNC_DELAY, self._sync)
+
+    def _sync(self) -> None:
+        self.sync_scheduled = False
+        self.sync_edges()
 
     def on_unroutable(self, frames: list[bytes]) -> None:
         log.debug("worker %s: broker could not deliver a %r to %r", self.slot,
