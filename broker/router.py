@@ -265,9 +265,10 @@ class Router:
             self.remove(peer_id, "unreachable")
         elif peer_id not in self.reconnecting:
             self.reconnecting.add(peer_id)
-            log.warning("connection of %s closed after %.1fs of silence (a cut link?); it keeps its "
-                        "place until it is silent for %.0fs", peer_id.decode(errors="replace"),
-                        time.monotonic() - peer.last_seen, self.peer_timeout)
+            log.warning("connection of %s closed %s (a cut link?); it keeps its place until it is "
+                        "silent for %.0fs", peer_id.decode(errors="replace"),
+                        f"after {now - peer.last_seen:.1f}s of silence" if now - peer.last_seen >= CUT_SILENCE
+                        else f"{now - peer.resumed:.1f}s after a silence ended", self.peer_timeout)
 
     def remove(self, peer_id: bytes, why: str) -> None:
         self.reconnecting.discard(peer_id)
