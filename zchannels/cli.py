@@ -119,7 +119,8 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
                    help="after this long without the broker, close every client (1012, LongPoll "
                         "sessions ended, within 2 s) so it reconnects through the load balancer "
                         "to an edge that has the bus; new connections get 503 as soon as the "
-                        "broker is silent for 2 s; 0 = keep clients (default: %(default)s)")
+                        "broker is silent for 2 s; 0 = keep clients, better without other edges "
+                        "to go to (default: %(default)s)")
     p.add_argument("--no-websocket", action="store_true",
                    help="do not serve /socket/websocket (LongPoll only)")
     p.add_argument("--no-longpoll", action="store_true", help="do not serve /socket/longpoll")
