@@ -75,6 +75,8 @@ def main() -> int:
                         help="whose link is cut: edge A's, or the workers' (then every client is "
                              "a victim, connected to edge A)")
     parser.add_argument("--netns", action="store_true", help="a real cut between network namespaces")
+    parser.add_argument("--keep-clients", action="store_true",
+                        help="edge A keeps its clients while the bus is down (--bus-loss-timeout 0)")
     parser.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.netns and not args.in_netns:
@@ -95,9 +97,11 @@ def main() -> int:
             link = BusLink(bus)
             link.delay = args.delay
             far_bus = link.bus
-        edge_a = (net.proc("edge", "--bus", far_bus, "--port", "0", "--host", "0.0.0.0", name="edgeA")
+        keep = ["--bus-loss-timeout", "0"] if args.keep_clients else []
+        edge_a = (net.proc("edge", "--bus", far_bus, "--port", "0", "--host", "0.0.0.0", *keep, name="edgeA")
                   if net and args.side == "edge" else
-                  Proc("edge", "--bus", far_bus if args.side == "edge" else bus, "--port", "0", name="edgeA"))
+                  Proc("edge", "--bus", far_bus if args.side == "edge" else bus, "--port", "0", *keep,
+                       name="edgeA"))
         edge_b = Proc("edge", "--bus", bus, "--port", "0", name="edgeB")
         workers = (net.proc("workers", "--bus", far_bus, "-n", "2", E2E_APP, name="workers")
                    if net and args.side == "workers" else
