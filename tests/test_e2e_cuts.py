@@ -268,6 +268,9 @@ def test_a_10s_cut_evicts_nobody_when_the_edge_keeps_its_clients(cluster_factory
         assert not client.find({"type": "socket_close"})
         assert not client.find({"type": "chan_error"})
     assert "edge down" not in cluster.broker.stderr_text()
+    # Back on the bus, the edge settled its channels with the workers (SYNC both ways), and
+    # that errored nothing.
+    assert "back on the bus: told" in cluster.procs[-1].stderr_text()
 
 
 @pytest.mark.timeout(90)
