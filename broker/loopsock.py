@@ -153,6 +153,37 @@ def run_loop(main_coro) -> object:
     return uvloop.run(main_coro)
 
 
+# Links between machines.  Without these a cut link is noticed only when TCP gives up (minutes)
+# and a healed one is used again only at the kernel's next doubling retransmission.  ZeroMQ's own
+# PING/PONG (ZMTP 3.1, answered by libzmq's I/O thread, so a busy event loop does not count as
+# a dead link) notices a stalled connection; the connecting side then drops it and reconnects
+# at once, and keeps retrying every RECONNECT_IVL..RECONNECT_IVL_MAX while the link is down.
+LINK_HEARTBEAT_MS = 500         # PING when nothing else was sent for this long
+LINK_TIMEOUT_MS = 2000          # no traffic at all for this long: the connection is dead
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 500
+CONNECT_TIMEOUT_MS = 500        # a SYN lost in a cut is retried after 0.5 s, not after the kernel's backoff
+HANDSHAKE_MS = 3000             # a connection accepted but never greeted (half-healed link) is dropped
+
+
+def tune_link(sock: zmq.Socket, timeout_ms: int = LINK_TIMEOUT_MS) -> None:
+    """Heartbeats, TCP keepalive and TCP_USER_TIMEOUT (ZMQ_TCP_MAXRT) on one bus socket, so a
+    connection that carries nothing for ``timeout_ms`` is closed (and, on the connecting side,
+    reconnected every 0.1..1 s until the link is back).  Set before bind/connect."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, LINK_HEARTBEAT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
+    sock.setsockopt(zmq.TCP_MAXRT, timeout_ms)
+    # Keepalive covers a peer that does not speak ZMTP 3.1 heartbeats; ours never idle that long.
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, timeout_ms // 2000))
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 2)
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+
+
 def connect_peer(ctx: zmq.Context, bus: str, routing_id: bytes, hwm: int,
                  pub_nodrop: bool = False) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket]:
     """An edge's or worker's three bus sockets, connected: DEALER (routing), PUB (publish-in),
@@ -167,6 +198,7 @@ def connect_peer(ctx: zmq.Context, bus: str, routing_id: bytes, hwm: int,
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, _max_message)
+        tune_link(sock)
         curve.secure_client(sock)
     if pub_nodrop:
         pub.setsockopt(zmq.XPUB_NODROP, 1)

@@ -21,14 +21,20 @@ import time
 import zmq
 
 from broker import wire
+from broker.loopsock import LINK_TIMEOUT_MS
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 0.25   # broker -> peer probes; a probe to a vanished peer fails at once
 # Seconds of silence before a still-connected peer counts as dead.  A peer whose connection
-# is gone is noticed by the next probe; this only catches a stuck one, so it is generous:
-# a busy edge may not heartbeat for a few seconds.
-PEER_LIVENESS = 10.0
+# is gone is noticed by the next probe; this only catches a stuck one or a cut link, so it is
+# generous: a busy edge may not heartbeat for a few seconds, and a link between machines cut
+# for 10 s (plus ~1 s to reconnect) must not cost a worker or an edge its channels.
+PEER_LIVENESS = 15.0
+# A peer closes its connection only after this much silence on it (broker/loopsock.py), so a
+# connection that ends after a silence this long most likely died in a cut link, and the peer
+# is reconnecting; one that ends right after a word from its peer died with the process.
+CUT_SILENCE = LINK_TIMEOUT_MS / 1000
 EVICTED_MEMORY = 10_000     # ids of evicted peers remembered, to tell them if they come back
 BATCH = 1000                # messages routed before housekeeping gets a turn
 PARK_LIMIT = 100_000        # messages held during warm-up for peers not yet reconnected
@@ -44,7 +50,7 @@ WAIT_LIMIT = 10_000         # joins and connects held at once; past it they are 
 
 
 class Peer:
-    __slots__ = ("id", "role", "load", "placed", "last_seen", "since")
+    __slots__ = ("id", "role", "load", "placed", "last_seen", "since", "resumed")
 
     def __init__(self, peer_id: bytes, role: bytes, now: float):
         self.id = peer_id
@@ -53,6 +59,7 @@ class Peer:
         self.placed = 0       # joins placed here since its last load report
         self.last_seen = now
         self.since = now
+        self.resumed = 0.0    # when it was heard again after a silence of CUT_SILENCE or more
 
 
 class Router:
@@ -60,6 +67,9 @@ class Router:
         self.sock = sock
         self.peer_timeout = peer_timeout
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A peer that reconnected after a cut link takes its id over at once, instead of being
+        # ignored until the broker's side of the dead connection times out.
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.workers: dict[bytes, Peer] = {}
         self.edges: dict[bytes, Peer] = {}
         self._rr = itertools.count()
@@ -89,6 +99,8 @@ class Router:
         self.worker_deaths = 0      # removed other than by BYE (counted for /metrics)
         self.edge_losses = 0
         self.evicted: dict[bytes, float] = {}
+        self.reconnecting: set[bytes] = set()   # connection gone after a silence: see _connection_lost
+        self.lost_while_reconnecting = 0
         # Sent in every heartbeat: a peer that sees it change knows the broker restarted and
         # that messages in flight then may be lost (workers/runner.py: sync_edges).
         self.instance = os.urandom(4).hex().encode()
@@ -128,7 +140,7 @@ class Router:
         if senders is not None:
             peer = senders.get(sender)
             if peer is not None:
-                peer.last_seen = time.monotonic()
+                self._touch(peer, sender)
             elif not self._admit_unknown(sender, kind):
                 return
             self.route(sender, kind, dest, data, offset)
@@ -200,11 +212,14 @@ class Router:
                 log.warning("could not route %r to %r: %s", kind, dest, exc)
                 return
             known = dest in self.workers or dest in self.edges
-            self.remove(dest, "unreachable")
-            if placed:
+            self._connection_lost(dest)
+            if placed and dest not in self.workers:
                 # The worker chosen for a join or connect just died: choose again (it is
                 # out of the registry now), rather than bounce the client's request.
                 self.route(sender, kind, b"", data, offset)
+                return
+            if dest in self.reconnecting:
+                self.lost_while_reconnecting += 1   # like a message lost in the cut itself
                 return
             if not known and time.monotonic() < self._warm_until:
                 self._park(sender, kind, dest, data, offset)
@@ -297,6 +312,14 @@ class Router:
         return best
 
     # --- registry -----------------------------------------------------------
+    def _touch(self, peer: Peer, sender: bytes) -> None:
+        now = time.monotonic()
+        if now - peer.last_seen >= CUT_SILENCE:
+            peer.resumed = now
+        peer.last_seen = now
+        if self.reconnecting:
+            self.reconnecting.discard(sender)
+
     def heartbeat(self, sender: bytes, role: bytes, fields: list[bytes]) -> None:
         if len(fields) != 1 or role not in (wire.ROLE_EDGE, wire.ROLE_WORKER):
             self._malformed([sender], "bad heartbeat")
@@ -321,13 +344,38 @@ class Router:
                      sender.decode(errors="replace"), len(registry),
                      "worker" if role == wire.ROLE_WORKER else "edge")
             self._send(sender, [wire.HEARTBEAT, self.instance])
+        if now - peer.last_seen >= CUT_SILENCE:
+            peer.resumed = now
         peer.last_seen = now
+        if self.reconnecting and sender in self.reconnecting:
+            self.reconnecting.discard(sender)
+            log.info("%s reconnected", sender.decode(errors="replace"))
         peer.load = int(load) if load.isdigit() else 0
         peer.placed = 0
         if self.waiting and role == wire.ROLE_WORKER:
             self._place_waiting()
 
+    def _connection_lost(self, peer_id: bytes) -> None:
+        """``peer_id``'s connection is gone.  While the peer was talking, its process died:
+        remove it now.  After CUT_SILENCE without a word, the link was cut and the peer has
+        dropped the stalled connection to reconnect; when the link heals, the old connection's
+        last segments and its close can reach us before the new connection does (so a peer
+        heard again after a silence less than CUT_SILENCE ago counts as silent too).  Such a
+        peer keeps its place (and its channels) until the silence rule (peer_timeout) says
+        otherwise."""
+        peer = self.workers.get(peer_id) or self.edges.get(peer_id)
+        now = time.monotonic()
+        if peer is None or (now - peer.last_seen < CUT_SILENCE and now - peer.resumed >= CUT_SILENCE):
+            self.remove(peer_id, "unreachable")
+        elif peer_id not in self.reconnecting:
+            self.reconnecting.add(peer_id)
+            log.warning("connection of %s closed %s (a cut link?); it keeps its place until it is "
+                        "silent for %.0fs", peer_id.decode(errors="replace"),
+                        f"after {now - peer.last_seen:.1f}s of silence" if now - peer.last_seen >= CUT_SILENCE
+                        else f"{now - peer.resumed:.1f}s after a silence ended", self.peer_timeout)
+
     def remove(self, peer_id: bytes, why: str) -> None:
+        self.reconnecting.discard(peer_id)
         if peer_id in self.workers or peer_id in self.edges:
             if len(self.evicted) >= EVICTED_MEMORY:
                 self.evicted.pop(next(iter(self.evicted)))
@@ -358,7 +406,7 @@ class Router:
             return True
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
-                self.remove(peer_id, "unreachable")
+                self._connection_lost(peer_id)
             return False
 
     def housekeeping(self, now: float) -> None:
@@ -383,7 +431,7 @@ class Router:
             # connection: read what is there first, so it counts as gone, not dead.
             self._handle_waiting()
             for peer_id in unreachable:
-                self.remove(peer_id, "unreachable")
+                self._connection_lost(peer_id)
 
     def _handle_waiting(self) -> None:
         """Handle what has arrived, without blocking (at most BATCH messages)."""

@@ -11,7 +11,8 @@ from broker import curve, wire
 from broker.busmonitor import BusMonitor
 from broker.fanout import Fanout
 from broker.logsetup import announce_ready, setup_logging
-from broker.router import Router
+from broker.loopsock import tune_link
+from broker.router import PEER_LIVENESS, Router
 
 log = logging.getLogger("broker")
 
@@ -19,11 +20,12 @@ HWM = 200_000   # messages queued per peer before libzmq refuses more (at-most-o
 
 
 def bind_bus(ctx: zmq.Context, base: str, keys: curve.ServerKeys | None = None,
-             max_message: int = wire.DEFAULT_MAX_BUS_MESSAGE
+             max_message: int = wire.DEFAULT_MAX_BUS_MESSAGE, peer_timeout: float = PEER_LIVENESS
              ) -> tuple[str, zmq.Socket, zmq.Socket, zmq.Socket]:
     """Bind ROUTER, XSUB, XPUB on PORT, PORT+1, PORT+2; port 0 picks three free ones.
     With ``keys`` every one of them is a CURVE server.  A peer that sends a message over
-    ``max_message`` bytes has its connection closed by libzmq before the body is read."""
+    ``max_message`` bytes has its connection closed by libzmq before the body is read; a
+    connection that carries nothing for ``peer_timeout`` + 1 s is closed."""
     host = base.rpartition(":")[0]
     wire.bus_endpoints(base if not base.endswith(":0") else host + ":1")  # validates the form
     wanted = int(base.rpartition(":")[2])
@@ -39,6 +41,10 @@ def bind_bus(ctx: zmq.Context, base: str, keys: curve.ServerKeys | None = None,
                 sock.setsockopt(zmq.SNDHWM, HWM)
                 sock.setsockopt(zmq.RCVHWM, HWM)
                 sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+                # A silent connection is kept as long as the router keeps its peer: a cut link
+                # must not look like a dead peer.  Peers notice a cut within 2 s and reconnect
+                # on their own (a ROUTER id is taken over: ROUTER_HANDOVER, broker/router.py).
+                tune_link(sock, int(peer_timeout * 1000) + 1000)
                 curve.secure_server(sock, keys)
                 sock.bind(f"{host}:{port + offset}")
         except zmq.ZMQError as exc:
@@ -63,7 +69,7 @@ def main(args) -> int:
     # The ZAP handler must exist before the first connection is accepted.
     gate = curve.Gatekeeper(ctx, keys) if keys is not None else None
     try:
-        bus, router_sock, xsub, xpub = bind_bus(ctx, args.bus, keys, max_message)
+        bus, router_sock, xsub, xpub = bind_bus(ctx, args.bus, keys, max_message, args.peer_timeout)
     except ValueError as exc:
         log.error("%s", exc)
         return 2

@@ -16,9 +16,10 @@ from broker.logsetup import announce_ready, setup_logging
 from broker.loopsock import run_loop
 from edge.accept import Acceptor
 from edge.admission import Admission, Refusals, raise_nofile_limit
+from edge.drain import drain, wait_closed
 from edge.forwarded import TrustedProxies
 from edge.httplimits import REFUSAL_KINDS, EdgeHTTPServer, HttpLimits, longpoll_body_limit
-from edge.hub import EdgeHub, Limits
+from edge.hub import BUS_LOSS_TIMEOUT, EdgeHub, Limits
 from edge.longpoll import LongPollHandler
 from edge.metrics import MetricsHandler, make_registry
 from edge.origin import OriginCheck
@@ -121,7 +122,8 @@ async def serve(args, origin_check: OriginCheck) -> int:
                     longpoll_window=window,
                     longpoll_inactivity=args.longpoll_inactivity or 1.5 * window)
     hub = EdgeHub(args.bus, limits, origin_check=origin_check,
-                  status_access=StatusAccess.from_options(getattr(args, "status_token", None)))
+                  status_access=StatusAccess.from_options(getattr(args, "status_token", None)),
+                  bus_loss_timeout=getattr(args, "bus_loss_timeout", BUS_LOSS_TIMEOUT))
     hub.start()
     refusals = Refusals(hub.stats, REFUSAL_KINDS + Admission.KINDS + HANDLER_REFUSAL_KINDS)
     api_key = getattr(args, "api_key", None) or os.environ.get("ZCHANNELS_API_KEY") or None
@@ -156,13 +158,18 @@ async def serve(args, origin_check: OriginCheck) -> int:
              http_limits.describe(), trusted.describe(), admission.reserve_size)
     announce_ready(http=f"http://{args.host}:{port}", edge=hub.edge_id.decode())
     await stop.wait()
-    log.info("edge stopping: closing %d connection(s) with 1012", len(hub.connections))
+    # Drain: no new connections (the balancer sees the port closed and picks another edge),
+    # then the open ones in batches over --drain-period; a second signal closes the rest at once.
     for acceptor in acceptors:
         acceptor.stop()
-    for conn in list(hub.connections.values()):
-        conn.transport.close(1012, "service restart")
-    await asyncio.sleep(0.1)
+    hurry = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, hurry.set)
+    log.info("edge stopping: draining %d connection(s) over %.1fs", len(hub.connections), args.drain_period)
+    await drain(hub, args.drain_period, "service restart", hurry=hurry)
+    await wait_closed(hub)
     hub.close()
+    log.info("edge stopped")
     return 0
 
 

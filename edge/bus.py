@@ -18,7 +18,11 @@ from broker.loopsock import LoopSocket, connect_peer
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 0.5
-BROKER_SILENCE_WARNING = 5.0
+# The broker probes every peer every 0.25 s, so 2 s of silence is 8 probes missed: the bus is
+# down (a cut link, a dead or stuck broker).  A plain broker restart stays under it or just
+# past it; see edge/hub.py for what the edge does when the silence lasts.
+BUS_DOWN_AFTER = 2.0
+BROKER_SILENCE_WARNING = BUS_DOWN_AFTER   # the name POST /api/broadcast's 503 text uses
 HWM = 200_000
 
 
@@ -26,13 +30,15 @@ class EdgeBus:
     def __init__(self, bus: str, edge_id: bytes,
                  on_direct: Callable[[list[bytes]], None],
                  on_broadcast: Callable[[list[bytes]], None],
-                 load: Callable[[], int]):
+                 load: Callable[[], int],
+                 on_bus_state: Callable[[bool], None] = lambda up: None):
         self.edge_id = edge_id
         self.ctx = zmq.Context.instance()
         # NODROP on the PUB: a full queue fails the send (counted), so POST /api/broadcast can
         # answer 503 instead of 202 for a message that went nowhere.
         dealer, pub, sub = connect_peer(self.ctx, bus, edge_id, HWM, pub_nodrop=True)
         self._on_direct = on_direct
+        self._on_bus_state = on_bus_state
         self.dealer = LoopSocket(dealer, self._direct, name="edge-dealer")
         self.sub = LoopSocket(sub, on_broadcast, name="edge-sub")
         self.pub = LoopSocket(pub, None, name="edge-pub")   # send-only: broadcasts from this edge
@@ -45,27 +51,35 @@ class EdgeBus:
 
     @property
     def broker_silent(self) -> bool:
-        """True after BROKER_SILENCE_WARNING s without a word from the broker."""
+        """True while the bus is down: BUS_DOWN_AFTER s or more without a word from the broker."""
         return self._broker_silent
 
+    def silent_for(self) -> float:
+        """Seconds since the broker was last heard from."""
+        return asyncio.get_running_loop().time() - self._last_broker
+
     def _direct(self, frames: list[bytes]) -> None:
-        self._last_broker = asyncio.get_running_loop().time()
-        if frames[0] == wire.HEARTBEAT:
+        now = asyncio.get_running_loop().time()
+        silence, self._last_broker = now - self._last_broker, now
+        # Also after a silence the heartbeat loop has not flagged yet: the connection may
+        # have been remade, and messages lost, all the same.
+        if self._broker_silent or silence > BUS_DOWN_AFTER:
             if self._broker_silent:
-                self._broker_silent = False
                 log.info("broker reachable again")
+            self._broker_silent = False
+            self._on_bus_state(True)
+        if frames[0] == wire.HEARTBEAT:
             return
         self._on_direct(frames)
 
     async def _heartbeats(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             self.dealer.send([wire.HEARTBEAT, wire.ROLE_EDGE, str(self._load()).encode()])
-            if not self._broker_silent and loop.time() - self._last_broker > BROKER_SILENCE_WARNING:
+            if not self._broker_silent and self.silent_for() > BUS_DOWN_AFTER:
                 self._broker_silent = True
-                log.warning("no word from the broker for %.0fs; clients stay connected, "
-                            "bus messages may be lost until it is back%s", BROKER_SILENCE_WARNING,
-                            curve.silent_broker_hint())
+                log.warning("no word from the broker for %.0fs: the bus is down; new connections "
+                            "get 503 until it is back%s", BUS_DOWN_AFTER, curve.silent_broker_hint())
+                self._on_bus_state(False)
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     def publish(self, topic: str, event: str, payload: bytes, fmt: bytes = wire.JSON) -> None:

@@ -19,6 +19,7 @@ import orjson
 from broker import wire
 from edge.bus import EdgeBus
 from edge.connection import JOINED, ChannelRef, Connection, ref_bytes, ref_of
+from edge.drain import drain
 from edge.fastlane import FastLane
 from edge.lphub import LongPollHub
 from edge.lpsession import FRAME_KIND as LONGPOLL
@@ -29,6 +30,12 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
 CLOSE_GOING_AWAY = 1001
+# Clients of an edge cut off from the bus would only see their pushes stall (the edge answers
+# their heartbeats itself): after this long without the broker they are closed with 1012, over
+# BUS_LOSS_DRAIN seconds, and reconnect through the load balancer to an edge that has the bus.
+# Longer than a plain broker restart (~1-2 s of silence), which must cost no channel.
+BUS_LOSS_TIMEOUT = 5.0
+BUS_LOSS_DRAIN = 2.0
 
 
 @dataclass
@@ -54,14 +61,18 @@ class ConnectRefused(Exception):
 
 class EdgeHub:
     def __init__(self, bus: str, limits: Limits, edge_id: bytes | None = None,
-                 origin_check: OriginCheck | None = None, status_access: StatusAccess | None = None):
+                 origin_check: OriginCheck | None = None, status_access: StatusAccess | None = None,
+                 bus_loss_timeout: float = BUS_LOSS_TIMEOUT):
         self.bus_addr = bus
+        self.bus_loss_timeout = bus_loss_timeout
+        self._bus_loss: asyncio.TimerHandle | None = None
         self.limits = limits
         self.origin_check = origin_check or OriginCheck()
         self.status_access = status_access or StatusAccess(None)
         self.edge_id = edge_id or wire.new_peer_id(wire.ROLE_EDGE, f"{os.getpid()}")
         self.connections: dict[bytes, Connection] = {}
         self.worker_channels: dict[bytes, set[ChannelRef]] = {}
+        self.known_workers: set[bytes] = set()   # every worker that holds or held a channel of ours
         self.fastlane = FastLane(self.disconnect_socket_id)
         self._ids = itertools.count(1)
         self._rpc: dict[bytes, asyncio.Future] = {}
@@ -69,7 +80,8 @@ class EdgeHub:
         self.longpoll: LongPollHub | None = None
         self.stats = {"slow_consumer_closes": 0, "close_aborts": 0, "heartbeat_timeouts": 0,
                       "bad_frames": 0, "rate_limited": 0, "rate_limit_closes": 0, "disconnects": 0,
-                      "foreign_frames": 0, "status_refused": 0}
+                      "foreign_frames": 0, "status_refused": 0,
+                      "bus_loss_closes": 0}
         self.status_access.stats = self.stats   # page and join refusals, counted together
         # For the status page (edge/status.py): client frames in and out (fast-lane deliveries
         # are counted by the fast lane), and workers reported gone: id -> time.time().
@@ -92,13 +104,15 @@ class EdgeHub:
 
     def start(self) -> None:
         self.bus = EdgeBus(self.bus_addr, self.edge_id, self.on_direct, self.fastlane.deliver,
-                           load=lambda: len(self.connections))
+                           load=lambda: len(self.connections), on_bus_state=self._bus_state)
         self.bus_send = self.bus.send
         self.longpoll = LongPollHub(self, self.limits.longpoll_window, self.limits.longpoll_inactivity)
         asyncio.get_running_loop().create_task(self._sweep())
         self.status = EdgeStatus(self)
 
     def close(self) -> None:
+        if self._bus_loss is not None:
+            self._bus_loss.cancel()
         if self.status is not None:
             self.status.close()
         if self.longpoll is not None:
@@ -112,6 +126,8 @@ class EdgeHub:
     # --- connect RPC --------------------------------------------------------------
     async def connect(self, params: dict, connect_info: dict) -> bytes:
         """Run the user's connect in a worker; return the socket JSON or raise ConnectRefused."""
+        if self.bus.broker_silent:
+            raise ConnectRefused("the bus is down", unavailable=True)
         # Unguessable, so only the worker the broker placed the connect on can answer it.
         request_id = b"rpc" + self.next_conn_id() + b"-" + os.urandom(8).hex().encode()
         fut = asyncio.get_running_loop().create_future()
@@ -183,6 +199,7 @@ class EdgeHub:
 
     def remember_worker_channel(self, ch: ChannelRef) -> None:
         self.worker_channels.setdefault(ch.worker, set()).add(ch)
+        self.known_workers.add(ch.worker)
 
     def forget_worker_channel(self, ch: ChannelRef) -> None:
         chans = self.worker_channels.get(ch.worker)
@@ -362,6 +379,7 @@ class EdgeHub:
 
     def worker_down(self, worker: bytes) -> None:
         self.worker_downs.setdefault(worker, time.time())
+        self.known_workers.discard(worker)
         chans = self.worker_channels.pop(worker, None)
         if not chans:
             return
@@ -390,6 +408,50 @@ class EdgeHub:
             del conn.channels[ch.topic]
             self.unsubscribe(ch)
             conn.lost(ch)
+
+    # --- loss of the bus ---------------------------------------------------------------------
+    def _bus_state(self, up: bool) -> None:
+        if up:
+            if self._bus_loss is not None:
+                self._bus_loss.cancel()
+                self._bus_loss = None
+            self._sync_workers()
+            return
+        for fut in self._rpc.values():   # connects waiting for a worker: 503 now, not in 5 s
+            if not fut.done():
+                fut.set_result((b"unavailable", b""))
+        if self.bus_loss_timeout > 0:
+            delay = max(0.0, self.bus_loss_timeout - self.bus.silent_for())
+            self._bus_loss = asyncio.get_running_loop().call_later(delay, self._bus_lost)
+
+    def _sync_workers(self) -> None:
+        """Back on the bus after a silence (a cut link, a broker restart): messages may have been
+        lost both ways, as in a broker restart (see _on_sync).  Tell every worker we have had
+        channels on which channels we have (joined or joining, anywhere); each ends those of ours
+        it holds that we do not list (our TERMINATE was lost) and answers with its own SYNC, which
+        errors here those it no longer has (its close was lost)."""
+        if not self.known_workers:
+            return
+        ours = wire.pack_channel_list([(conn.conn_id, ch.topic.encode(), ref_bytes(ch.join_ref))
+                                       for conn in self.connections.values()
+                                       for ch in conn.channels.values()])
+        for worker in self.known_workers:
+            self.bus_send([wire.SYNC, worker, ours])
+        log.info("back on the bus: told %d worker(s) which channels this edge has", len(self.known_workers))
+
+    def _bus_lost(self) -> None:
+        """The bus has been down for bus_loss_timeout: send the clients elsewhere (unless it
+        comes back meanwhile)."""
+        self._bus_loss = None
+        if not self.bus.broker_silent or not self.connections:
+            return
+        log.warning("no broker for %.0fs: closing %d client connection(s) (1012) so they reconnect "
+                    "to an edge that has the bus", self.bus.silent_for(), len(self.connections))
+        asyncio.get_running_loop().create_task(self._close_for_bus_loss())
+
+    async def _close_for_bus_loss(self) -> None:
+        self.stats["bus_loss_closes"] += await drain(
+            self, BUS_LOSS_DRAIN, "bus unreachable", stop=lambda: not self.bus.broker_silent)
 
     # --- liveness of clients ------------------------------------------------------------
     async def _sweep(self) -> None:

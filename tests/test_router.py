@@ -163,3 +163,57 @@ def test_a_join_placed_on_a_worker_that_just_vanished_goes_to_another_worker(bus
     assert got[0][:2] == [wire.WORKER_DOWN, b"W-gone"]
     assert got[1][0] == wire.JOIN and got[1][1] == b"E-1" and got[1][2:] == JOIN[2:]
     assert b"W-gone" not in router.workers and router.unroutable == 0
+
+
+def _register(router: Router, sock: zmq.Socket, dealer: zmq.Socket, role: bytes) -> None:
+    dealer.send(wire.pack([wire.HEARTBEAT, role, b"0"]))
+    pump(router, sock, 1)
+    recv(dealer)   # the broker's first heartbeat
+
+
+def _kinds_received(dealer: zmq.Socket) -> list[bytes]:
+    kinds = []
+    while dealer.poll(100):
+        kinds.append(wire.unpack(dealer.recv())[0])
+    return kinds
+
+
+def _housekeep_until(router: Router, done, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "the router never saw the connection end"
+        router.housekeeping(time.monotonic())
+        time.sleep(0.01)
+
+
+def test_a_peer_whose_connection_ends_after_a_silence_is_kept_as_reconnecting(bus):
+    """A cut link: the peer dropped a connection that carried nothing for 2 s and is
+    reconnecting, so it keeps its place (and its channels) until --peer-timeout."""
+    sock, peer = bus
+    router = Router(sock)
+    worker, edge = peer(b"W-1"), peer(b"E-1")
+    _register(router, sock, worker, wire.ROLE_WORKER)
+    _register(router, sock, edge, wire.ROLE_EDGE)
+    router.edges[b"E-1"].last_seen -= router_mod.CUT_SILENCE + 1
+    edge.close(0)
+    _housekeep_until(router, lambda: b"E-1" in router.reconnecting)
+    assert b"E-1" in router.edges and router.edge_losses == 0
+    assert wire.EDGE_DOWN not in _kinds_received(worker)
+    again = peer(b"E-1")
+    again.send(wire.pack([wire.HEARTBEAT, wire.ROLE_EDGE, b"0"]))
+    pump(router, sock, 1)
+    assert b"E-1" not in router.reconnecting and b"E-1" in router.edges
+    assert wire.EVICTED not in _kinds_received(again)
+
+
+def test_a_peer_whose_connection_ends_while_it_talks_is_removed_at_once(bus):
+    """A dead process (kill -9): its peers hear of it within a probe, as before."""
+    sock, peer = bus
+    router = Router(sock)
+    worker, edge = peer(b"W-1"), peer(b"E-1")
+    _register(router, sock, worker, wire.ROLE_WORKER)
+    _register(router, sock, edge, wire.ROLE_EDGE)
+    edge.close(0)
+    _housekeep_until(router, lambda: b"E-1" not in router.edges)
+    assert not router.reconnecting and router.edge_losses == 1
+    assert wire.EDGE_DOWN in _kinds_received(worker)

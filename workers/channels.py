@@ -129,7 +129,7 @@ class ChannelHost:
             by_edge.setdefault(proc.edge, []).append((proc.conn, proc.topic_b, proc.join_ref))
         for edge, channels in by_edge.items():
             self.dealer.send([wire.SYNC, edge, wire.pack_channel_list(channels)])
-        log.info("worker %s: the broker restarted; told %d edge(s) which of their channels are here",
+        log.info("worker %s: after a broker restart or silence, told %d edge(s) which of their channels are here",
                  self.slot, len(by_edge))
 
     # --- channel lifecycle (the bus frames are decoded in workers.runner) -------------

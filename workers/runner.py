@@ -36,7 +36,11 @@ from workers.supervisor import HANDLER_LOAD_ERROR, ConfigError
 
 
 HEARTBEAT_INTERVAL = 0.5     # seconds
-BROKER_SILENT_WARNING = 3.0  # seconds without any frame from the broker before we say so
+# Seconds without any frame from the broker (it probes every 0.25 s) before we say so, and after
+# which the link may have been cut and messages lost: once it answers again, channels are
+# settled with the edges as after a broker restart (sync_edges).  The bus sockets drop a
+# connection after 2 s of silence (broker/loopsock.py), so this catches every reconnect.
+BROKER_SILENT_WARNING = 2.0
 SHUTDOWN_GRACE = 2.0         # seconds for terminate() callbacks when the worker stops
 CLOSE_LINGER_MS = 500        # lets BYE and last broadcasts leave on a graceful stop
 HWM = 100_000
@@ -69,6 +73,7 @@ class Worker(ChannelHost):
         self.last_broker = time.monotonic()
         self.broker_silent = False
         self.broker_instance = b""
+        self.sync_scheduled = False
         self.ppid = os.getppid()
         self.handlers = {
             wire.CONNECT: self.on_connect, wire.JOIN: self.on_join, wire.IN: self.on_in,
@@ -76,12 +81,16 @@ class Worker(ChannelHost):
             wire.HEARTBEAT: self.on_heartbeat, wire.EDGE_DOWN: self.on_edge_down,
             wire.WORKER_DOWN: self.on_worker_down,
             wire.UNROUTABLE: self.on_unroutable, wire.EVICTED: self.on_evicted,
+            wire.SYNC: self.on_edge_sync,
         }
 
     # --- bus input --------------------------------------------------------------------
 
     def on_dealer(self, frames: list[bytes]) -> None:
-        self.last_broker = time.monotonic()
+        now = time.monotonic()
+        if now - self.last_broker > BROKER_SILENT_WARNING:
+            self.schedule_sync()   # the link may have been remade, and messages lost
+        self.last_broker = now
         kind = frames[0]
         handler = self.handlers.get(kind)
         try:
@@ -121,9 +130,7 @@ class Worker(ChannelHost):
     def on_heartbeat(self, frames: list[bytes]) -> None:
         instance = frames[1]
         if self.broker_instance and instance and instance != self.broker_instance:
-            # After the peers have reconnected and resubscribed: what the sync sets off
-            # (terminate callbacks, presence leaves) may broadcast.
-            self.loop.call_later(RESYNC_DELAY, self.sync_edges)
+            self.schedule_sync()
         self.broker_instance = instance or self.broker_instance
         if self.broker_silent:
             self.broker_silent = False
@@ -132,6 +139,18 @@ class Worker(ChannelHost):
             self.ready = True
             announce_ready(worker=self.slot, pid=os.getpid(), id=self.peer_id.decode())
             log.info("worker ready: slot %s pid %s id %s", self.slot, os.getpid(), self.peer_id.decode())
+
+    def schedule_sync(self) -> None:
+        """Settle channels with the edges (sync_edges) after a broker restart or a silence, once
+        the peers have reconnected and resubscribed: what the sync sets off (terminate
+        callbacks, presence leaves) may broadcast."""
+        if not self.sync_scheduled:
+            self.sync_scheduled = True
+            self.loop.call_later(RESYNC_DELAY, self._sync)
+
+    def _sync(self) -> None:
+        self.sync_scheduled = False
+        self.sync_edges()
 
     def on_unroutable(self, frames: list[bytes]) -> None:
         log.debug("worker %s: broker could not deliver a %r to %r", self.slot,
@@ -144,6 +163,25 @@ class Worker(ChannelHost):
         log.info("worker %s: edge %r down, terminating its %d channel(s)", self.slot, edge, len(procs))
         for proc in procs:
             self.end(proc, self.step_end, ("shutdown", "closed"))
+
+    def on_edge_sync(self, frames: list[bytes]) -> None:
+        """An edge back on the bus after a silence lists every channel it has (joined or
+        joining): end ours of that edge it does not list (its TERMINATE was lost), and answer
+        with our list, so it errors those we no longer have (our close was lost)."""
+        edge = frames[1]
+        listed = set(wire.unpack_channel_list(frames[2]))
+        kept, orphans = [], []
+        for proc in [p for p in self.channels.values() if p.edge == edge]:
+            key = (proc.conn, proc.topic_b, proc.join_ref)
+            (kept if key in listed else orphans).append(proc)
+        for proc in orphans:
+            self.end(proc, self.step_end, ("shutdown", "closed"))
+        if orphans:
+            log.info("worker %s: edge %r back on the bus; ending %d channel(s) it no longer has",
+                     self.slot, edge, len(orphans))
+        self.edges.add(edge)
+        self.dealer.send([wire.SYNC, edge, wire.pack_channel_list(
+            [(p.conn, p.topic_b, p.join_ref) for p in kept])])
 
     def on_worker_down(self, frames: list[bytes]) -> None:
         """Another worker is gone: its presence entries leave now, not after OWNER_TIMEOUT."""

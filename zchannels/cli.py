@@ -150,6 +150,17 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--longpoll-inactivity", type=float, default=None, metavar="SECONDS",
                    help="end a LongPoll session nobody polled for this long "
                         "(default: 1.5 x --longpoll-window)")
+    p.add_argument("--drain-period", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGTERM, stop accepting and close the open connections (WebSocket "
+                        "1012, LongPoll sessions ended) in batches every 0.5 s spread over this "
+                        "long, so clients come back through the load balancer a few at a time; "
+                        "0 = all at once; a second SIGTERM closes the rest at once (default: %(default)s)")
+    p.add_argument("--bus-loss-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="after this long without the broker, close every client (1012, LongPoll "
+                        "sessions ended, within 2 s) so it reconnects through the load balancer "
+                        "to an edge that has the bus; new connections get 503 as soon as the "
+                        "broker is silent for 2 s; 0 = keep clients, better without other edges "
+                        "to go to (default: %(default)s)")
     p.add_argument("--no-websocket", action="store_true",
                    help="do not serve /socket/websocket (LongPoll only)")
     p.add_argument("--no-longpoll", action="store_true", help="do not serve /socket/longpoll")
@@ -246,9 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("broker", help="run the central ZeroMQ broker")
     _add_bus(p, curve="server")
-    p.add_argument("--peer-timeout", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--peer-timeout", type=float, default=15.0, metavar="SECONDS",
                    help="declare a still-connected edge or worker dead after this long without "
-                        "a heartbeat (a closed connection is noticed at once; default: %(default)s)")
+                        "a heartbeat (a closed connection is noticed at once); longer than the "
+                        "link cuts to ride out (default: %(default)s)")
     _add_metrics(p, "the broker (on the --bus host)")
     _add_bus_limit(p)
     _add_log(p)
