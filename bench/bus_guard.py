@@ -1,4 +1,4 @@
-"""Figures for docs/security-bus.md: what one oversized bus message costs the broker, and what
+"""Figures for docs/security.md: what one oversized bus message costs the broker, and what
 the role check costs per routed message.
 
     python -m bench.bus_guard oversize [--mb 300] [--max-bus-message BYTES]

@@ -1,5 +1,5 @@
 """WebSocket control-frame attacks and abandoned big frames against one edge: figures for
-docs/security-ws.md.
+docs/security.md.
 
     .venv/bin/python bench/ws_control.py [--rate default|off] [--only deaf,readers,big]
 
