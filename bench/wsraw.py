@@ -73,6 +73,23 @@ async def read_head(sock: socket.socket, limit: int = 65536) -> tuple[int, bytes
     return status, head, rest
 
 
+async def read_response(sock: socket.socket, limit: int = 65536) -> tuple[int, bytes]:
+    """An HTTP response with a Content-Length body of at most `limit` bytes: (status, body)."""
+    status, head, body = await read_head(sock)
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            length = min(int(value), limit)
+    loop = asyncio.get_running_loop()
+    while len(body) < length:
+        chunk = await loop.sock_recv(sock, 65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, body[:length]
+
+
 def upgrade_request(host: str, port: int, path: str, headers: dict[str, str] | None = None) -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket", "Connection: Upgrade",
