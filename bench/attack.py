@@ -75,7 +75,7 @@ SIZES = {
     "frame_size": (1 << 20, 1 << 20, "announced frame size, bytes (the default --max-frame-size)"),
     "frame_sent_share": (0.95, 0.95, "share of the frame's payload actually sent"),
     "bus_mb": (300.0, 100.0, "size of the bus message (attack 7), MB"),
-    "bus_timeout": (60.0, 30.0, "longest wait for it to come back through the broker, s"),
+    "bus_timeout": (20.0, 10.0, "longest wait for it to come back through the broker, s"),
     "block_seconds": (10.0, 4.0, "how long the handler blocks its worker (attack 8), s"),
     "joiner_interval": (0.25, 0.25, "a fresh bystander connect + join every this many s meanwhile"),
     "join_timeout": (10.0, 10.0, "a bystander's connect + join fails after this many s"),

@@ -226,12 +226,15 @@ async def slow_connections(t: Target, o, n: int, seconds: float, first: bytes, d
     finally:
         socks.close_all()
     in_time = sum(1 for i, c in closed.items() if c - opened[i] <= seconds + 0.5)
-    share = in_time / n if n else 0.0
+    # A connection the edge refused to take (connect timed out or was reset) is not held either.
+    refused = sum(failed.values())
+    share = (in_time + refused) / n if n else 0.0
     first_close = min((c - opened[i] for i, c in closed.items()), default=None)
     ans = ", ".join(f"{k} x{v}" for k, v in answers.most_common()) or "none"
-    text = (f"{n} from {t.sources_text(n)}: {len(live)} opened, {in_time} ({share:.0%}) closed by the edge "
-            f"within {seconds:g} s" + (f" (first after {first_close:.1f} s)" if first_close is not None else "")
-            + f"; answers: {ans}" + (f"; open failed: {dict(failed)}" if failed else ""))
+    text = (f"{n} from {t.sources_text(n)}: {len(live)} opened, {in_time} closed by the edge within {seconds:g} s"
+            + (f" (first after {first_close:.1f} s)" if first_close is not None else "")
+            + (f", {refused} refused ({', '.join(f'{k} x{v}' for k, v in failed.items())})" if refused else "")
+            + f": {share:.0%} not held; answers: {ans}")
     return {"summary": text, "ok": share >= 0.95, "opened": len(live), "closed_in_time": in_time,
             "closed_share": share, "answers": dict(answers), "open_failed": dict(failed)}
 
