@@ -234,7 +234,7 @@ async def slow_connections(t: Target, o, n: int, seconds: float, first: bytes, d
     text = (f"{n} from {t.sources_text(n)}: {len(live)} opened, {in_time} closed by the edge within {seconds:g} s"
             + (f" (first after {first_close:.1f} s)" if first_close is not None else "")
             + (f", {refused} refused ({', '.join(f'{k} x{v}' for k, v in failed.items())})" if refused else "")
-            + f": {share:.0%} not held; answers: {ans}")
+            + f": {share:.0%} closed or refused; answers: {ans}")
     return {"summary": text, "ok": share >= 0.95, "opened": len(live), "closed_in_time": in_time,
             "closed_share": share, "answers": dict(answers), "open_failed": dict(failed)}
 
