@@ -48,8 +48,8 @@ from attackers import ATTACKS, Target  # noqa: E402
 from attackrig import Canary, RssSampler, System  # noqa: E402
 from cluster import log, raise_nofile  # noqa: E402
 
-CHAT_APP = "examples/chat/channels.py"
-BENCH_APP = "bench/attack_app.py"
+CHAT_APP = str(BENCH.parent / "examples" / "chat" / "channels.py")
+BENCH_APP = str(BENCH / "attack_app.py")
 NEEDS_BENCH_APP = {"6", "8"}
 BUS_ATTACKS = {"7"}          # measured on the broker, not the edge
 MB = 1_000_000
@@ -97,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--open-concurrency", type=int, default=200, help="connections being opened at once")
     ap.add_argument("--edge-arg", action="append", default=[],
                     help="extra flag for the edge, e.g. --edge-arg=--trusted-proxies=10.0.0.0/8 (repeatable)")
+    ap.add_argument("--server-root", type=Path, default=BENCH.parent,
+                    help="checkout whose broker, edge and workers run (default: this one); the "
+                         "benchmark, its app and the canary stay these")
     ap.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (path printed)")
     for name, (full, _quick, text) in SIZES.items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(full), default=None,
@@ -129,10 +132,10 @@ def run_attack(aid: str, o: argparse.Namespace, logdir: str) -> dict:
     who = "broker" if aid in BUS_ATTACKS else "edge"
     tmp = os.path.join(logdir, f"attack-{aid}")
     os.makedirs(tmp, exist_ok=True)
-    log(f"attack {aid}: {title} (fresh system, {app})")
+    log(f"attack {aid}: {title} (fresh system, {os.path.relpath(app, BENCH.parent)})")
     system = sampler = canary = None
     try:
-        system = System(app, o.workers, tmp, o.edge_arg)
+        system = System(app, o.workers, tmp, o.edge_arg, o.server_root.resolve())
         sampler = RssSampler({"edge": system.edge_pid, "broker": system.broker_pid})
         canary = Canary(system.ws_url, tmp)
         canary.wait_joined()
@@ -215,11 +218,12 @@ def table(results: list[dict], o: argparse.Namespace) -> str:
     return "\n".join(rows)
 
 
-def commit() -> str:
+def commit(root: Path) -> str:
+    """The short commit of the checkout at `root`, "+changes" when its tracked files differ."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH.parent, capture_output=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=BENCH.parent,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return head + ("+changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -248,13 +252,18 @@ def main(argv=None) -> int:
             shutil.rmtree(logdir, ignore_errors=True)
     if not results:
         return 1
-    head = (f"Attacks against one edge at {commit()} ({'--quick sizes' if o.quick else 'sizes of issue 9'}), "
+    servers = commit(o.server_root)
+    if o.server_root.resolve() != BENCH.parent:
+        servers += f" of {o.server_root}, benchmark at {commit(BENCH.parent)}"
+    head = (f"Attacks against one edge at {servers} ({'--quick sizes' if o.quick else 'sizes of issue 9'}), "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}:")
     print("\n" + head + "\n\n" + table(results, o) + "\n", flush=True)
     if o.json:
         with open(o.json, "w") as f:
-            json.dump({"commit": commit(), "quick": o.quick, "time": time.time(),
-                       "options": {k: v for k, v in vars(o).items()}, "results": results}, f, indent=1)
+            json.dump({"servers": commit(o.server_root), "benchmark": commit(BENCH.parent), "quick": o.quick,
+                       "time": time.time(), "options": {k: str(v) if isinstance(v, Path) else v
+                                                        for k, v in vars(o).items()},
+                       "results": results}, f, indent=1)
         log(f"results written to {o.json}")
     return 0 if all(r["verdict"]["pass"] for r in results) else 2
 

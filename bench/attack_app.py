@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 ROOT = str(Path(__file__).resolve().parent.parent)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+if ROOT not in sys.path:   # the workers may run from another checkout (attack.py --server-root)
+    sys.path.append(ROOT)
 
 from examples.chat.channels import RoomChannel  # noqa: E402
 from workers import Channel, Socket, noreply, ok, reply  # noqa: E402

