@@ -100,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--server-root", type=Path, default=BENCH.parent,
                     help="checkout whose broker, edge and workers run (default: this one); the "
                          "benchmark, its app and the canary stay these")
+    ap.add_argument("--flood-reconnect", action="store_true",
+                    help="attacks 1, 2: a flood connection the edge cut is opened again while the flood lasts")
     ap.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (path printed)")
     for name, (full, _quick, text) in SIZES.items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(full), default=None,

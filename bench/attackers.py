@@ -57,56 +57,67 @@ def why(exc: BaseException) -> str:
 
 async def ping_flood(t: Target, o, conns: int, read: bool) -> dict:
     """`conns` upgraded WebSockets each sending pings as fast as the edge takes them for
-    o.flood_seconds; with `read`, each also reads (and drops) whatever comes back."""
+    o.flood_seconds; with `read`, each also reads (and drops) whatever comes back. With
+    o.flood_reconnect, a connection the edge cut is opened again while the time lasts."""
     loop = asyncio.get_running_loop()
     socks = Sockets()
     burst = 256
     blob = frame(PING, b"p" * o.ping_size) * burst
     sent = [0] * conns
     got = [0] * conns
-    cut_at: dict[int, float] = {}
-    try:
-        opened = []
-        for i in range(conns):
-            sock, status, _ = await ws_open(socks, t.source(i), t.host, t.port, WS_PATH)
-            if status != 101:
-                return {"summary": f"upgrade refused ({status})", "ok": None}
-            opened.append(sock)
-        t0 = time.monotonic()
-        end = t0 + o.flood_seconds
+    cuts: list[float] = []
+    refused: collections.Counter = collections.Counter()
 
-        async def writer(i, sock):
-            while (left := end - time.monotonic()) > 0:
-                try:
-                    await asyncio.wait_for(loop.sock_sendall(sock, blob), left)
-                except asyncio.TimeoutError:
-                    return
-                except OSError:
-                    cut_at[i] = time.monotonic() - t0
-                    return
-                sent[i] += burst
+    async def reader(i, sock):
+        try:
+            while chunk := await loop.sock_recv(sock, 1 << 16):
+                got[i] += len(chunk)
+        except OSError:
+            pass
 
-        async def reader(i, sock):
+    async def flood_one(i, t0, end):
+        while end - time.monotonic() > 0:
             try:
-                while chunk := await loop.sock_recv(sock, 1 << 16):
-                    got[i] += len(chunk)
-            except OSError:
+                sock, status, _ = await ws_open(socks, t.source(i), t.host, t.port, WS_PATH)
+            except (OSError, asyncio.TimeoutError) as exc:
+                refused[why(exc)] += 1
+                return
+            if status != 101:
+                refused[f"HTTP {status}"] += 1
+                return
+            rd = asyncio.ensure_future(reader(i, sock)) if read else None
+            try:
+                while (left := end - time.monotonic()) > 0:
+                    await asyncio.wait_for(loop.sock_sendall(sock, blob), left)
+                    sent[i] += burst
+            except asyncio.TimeoutError:
                 pass
-            cut_at.setdefault(i, time.monotonic() - t0)
+            except OSError:
+                cuts.append(time.monotonic() - t0)
+            finally:
+                if rd is not None:
+                    rd.cancel()
+                    await asyncio.gather(rd, return_exceptions=True)
+                socks.close(sock)
+            if not o.flood_reconnect:
+                return
 
-        readers = [asyncio.ensure_future(reader(i, s)) for i, s in enumerate(opened)] if read else []
-        await asyncio.gather(*(writer(i, s) for i, s in enumerate(opened)))
-        for r in readers:
-            r.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+    try:
+        t0 = time.monotonic()
+        await asyncio.gather(*(flood_one(i, t0, t0 + o.flood_seconds) for i in range(conns)))
     finally:
         socks.close_all()
     total = sum(sent)
-    cut = f"{len(cut_at)}/{conns} cut by the edge" + (f" (first after {min(cut_at.values()):.1f} s)" if cut_at else "")
+    cut = f"cut by the edge {len(cuts)} time(s)" + (f" (first after {min(cuts):.1f} s)" if cuts else "")
+    if o.flood_reconnect:
+        cut += ", reconnecting each time"
+    if refused:
+        cut += "; upgrades refused: " + ", ".join(f"{k} x{v}" for k, v in refused.items())
     read_txt = f", {sum(got) / MB:.0f} MB of pongs read" if read else ", never read"
-    return {"summary": f"{total / 1e6:.2f} M pings of {o.ping_size} B in {o.flood_seconds:g} s from "
+    return {"summary": f"{total / 1e6:.2f} M pings of {o.ping_size} B written in {o.flood_seconds:g} s from "
                        f"{t.sources_text(conns)}{read_txt}; {cut}",
-            "ok": None, "pings_sent": total, "bytes_read": sum(got), "cut_by_edge_after_s": cut_at}
+            "ok": None, "pings_sent": total, "bytes_read": sum(got), "cuts_after_s": cuts,
+            "refused": dict(refused)}
 
 
 async def attack_ping_flood_unread(t: Target, o) -> dict:
@@ -412,18 +423,19 @@ async def attack_blocking_handler(t: Target, o) -> dict:
 
     async def joiner(k):
         t0 = time.monotonic()
+        at = t0 - t_block
         src = f"127.0.1.{1 + k % 250}"
         try:
             c = await PhxClient.open(socks, src, t.host, t.port, "user=bystander", timeout=o.join_timeout)
             if c.status != 101:
-                results.append({"ok": False, "why": f"HTTP {c.status}", "s": time.monotonic() - t0})
+                results.append({"ok": False, "why": f"HTTP {c.status}", "s": time.monotonic() - t0, "at": at})
                 return
             _, rep = await c.join("room:lobby", {}, timeout=max(0.1, o.join_timeout - (time.monotonic() - t0)))
             ok = rep.get("status") == "ok"
-            results.append({"ok": ok, "why": None if ok else f"join {rep}", "s": time.monotonic() - t0})
+            results.append({"ok": ok, "why": None if ok else f"join {rep}", "s": time.monotonic() - t0, "at": at})
             socks.close(c.sock)
         except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
-            results.append({"ok": False, "why": why(exc), "s": time.monotonic() - t0})
+            results.append({"ok": False, "why": why(exc), "s": time.monotonic() - t0, "at": at})
 
     try:
         blocker = await PhxClient.open(socks, t.source(0), t.host, t.port, "user=blocker")
@@ -454,8 +466,12 @@ async def attack_blocking_handler(t: Target, o) -> dict:
     slowest = max((r["s"] for r in results), default=0.0)
     bl = f"worker blocked {blocked_for:.1f} s" if blocked_for is not None else "no reply from the blocked handler"
     fails = ", ".join(f"{k} x{v}" for k, v in whys.most_common())
+    if failed:   # when, after the block began: placements in the first second or two are the hard ones
+        fails += "; started at +" + ", +".join(f"{r['at']:.1f}" for r in sorted(failed, key=lambda r: r["at"])[:8]) + " s"
+    slow_at = sorted(r["at"] for r in results if r["s"] > 1.0)
     return {"summary": f"{bl}; {len(results)} fresh connect+join meanwhile: {len(failed)} failed"
-                       + (f" ({fails})" if fails else "") + f", {slow} took > 1 s, slowest {slowest:.1f} s",
+                       + (f" ({fails})" if fails else "") + f", {slow} took > 1 s" + (f" (started at +{slow_at[0]:.1f} to +{slow_at[-1]:.1f} s)" if slow_at else "")
+                       + f", slowest {slowest:.1f} s",
             "ok": not failed, "attempted": len(results), "failed": len(failed), "failed_why": dict(whys),
             "slower_than_1s": slow, "slowest_s": slowest}
 
