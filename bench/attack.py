@@ -246,7 +246,10 @@ def main(argv=None) -> int:
     results = []
     try:
         for aid in o.ids:
-            results.append(run_attack(aid, o, logdir))
+            try:
+                results.append(run_attack(aid, o, logdir))
+            except Exception as exc:   # e.g. a system that did not start: say so, go on
+                log(f"attack {aid}: not run: {type(exc).__name__}: {str(exc)[:300]}")
     except KeyboardInterrupt:
         log("interrupted: every process started was stopped")
     finally:
