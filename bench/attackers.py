@@ -114,7 +114,7 @@ async def ping_flood(t: Target, o, conns: int, read: bool) -> dict:
     if refused:
         cut += "; upgrades refused: " + ", ".join(f"{k} x{v}" for k, v in refused.items())
     read_txt = f", {sum(got) / MB:.0f} MB of pongs read" if read else ", never read"
-    return {"summary": f"{total / 1e6:.2f} M pings of {o.ping_size} B written in {o.flood_seconds:g} s from "
+    return {"summary": f"{total / 1e6:.2f} M pings of {o.ping_size} B handed to the kernel over {o.flood_seconds:g} s from "
                        f"{t.sources_text(conns)}{read_txt}; {cut}",
             "ok": None, "pings_sent": total, "bytes_read": sum(got), "cuts_after_s": cuts,
             "refused": dict(refused)}
