@@ -10,7 +10,10 @@ Pending connections are what slowloris attacks pile up, so they are capped:
 - ``--max-pending-per-peer`` (64) per socket peer address: one address cannot hold more.
   Trusted proxies (``--trusted-proxies``) are exempt, as every client behind them shares
   their address; they still count toward the global cap.
-- ``--max-pending`` (2,000) for the whole edge.
+- ``--max-pending`` (2,000) for the whole edge.  Past it, an address with no pending
+  connection of its own still gets one in, up to an eighth more: a slowloris spread over many
+  addresses fills the cap, and a client that opens one connection and sends its request (the
+  well-behaved kind) is still served.
 
 A connection over a cap is refused right at accept (``edge/accept.py``): the edge writes a
 bare ``503`` and closes it, counts it, and logs at most one line a second per reason.
@@ -120,6 +123,7 @@ class Admission:
         self.reserve_size = max(2, min(RESERVE_MAX, limit // 16))
         self.reserve_from = limit - self.reserve_size   # descriptor numbers at or above: reserve
         self.pending_total = 0
+        self.overflow = max(16, max_pending // 8)   # past max_pending, for addresses with none pending
         self.pending_by_peer: dict[str, int] = {}
         self.pending_in_reserve = 0
         self.body_inflight = 0
@@ -129,7 +133,8 @@ class Admission:
         """A Slot for a new connection, already pending; None (counted, logged) if refused."""
         peer_pending = self.pending_by_peer.get(ip, 0)
         trusted = self.trusted.trusts(ip)
-        if self.pending_total >= self.max_pending:
+        if self.pending_total >= self.max_pending and (
+                peer_pending > 0 or self.pending_total >= self.max_pending + self.overflow):
             self.refused("pending_total_refusals",
                          "refused %s:%d at accept: %d connections already wait for their request "
                          "(--max-pending)", ip, port, self.pending_total)

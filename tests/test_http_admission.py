@@ -80,13 +80,23 @@ def test_pending_connections_are_capped_per_peer_and_in_total_and_freed_when_rea
     adm.request_read(a1)                       # its request is in: no longer pending
     a3 = adm.admit("127.0.0.2", 4, 12)
     b1, b2 = adm.admit("127.0.0.3", 5, 13), adm.admit("127.0.0.4", 6, 14)
-    assert a3 and b1 and b2 and adm.admit("127.0.0.5", 7, 15) is None
+    assert a3 and b1 and b2 and adm.admit("127.0.0.4", 7, 15) is None   # the cap: 4
     assert stats["pending_total_refusals"] == 1
     adm.request_started(a1)                    # keep-alive: waiting for its next request
     assert adm.pending_by_peer["127.0.0.2"] == 3 and adm.pending_total == 5
     for slot in (a1, a2, a3, b1, b2):
         adm.closed(slot)
     assert adm.pending_total == 0 and adm.pending_by_peer == {}
+
+
+def test_past_the_total_cap_only_addresses_with_nothing_pending_get_in_up_to_an_overflow():
+    stats: dict = {}
+    adm = admission(stats, per_peer=100, total=4)
+    held = [adm.admit("127.0.0.2", i, 10 + i) for i in range(4)]
+    assert all(held) and adm.admit("127.0.0.2", 9, 20) is None       # it already has some
+    fresh = [adm.admit(f"127.0.1.{i}", 1, 30 + i) for i in range(adm.overflow)]
+    assert all(fresh) and adm.admit("127.0.2.1", 1, 99) is None      # the overflow is full too
+    assert stats["pending_total_refusals"] == 2
 
 
 def test_trusted_proxies_are_exempt_from_the_per_peer_cap_only():
