@@ -385,7 +385,8 @@ def test_wrong_or_missing_key_files_stop_every_process_with_exit_code_2(keys, tm
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.key").write_text("hello\n")
     for argv, expected in _bad_starts(keys, tmp_path):
-        done = zchannels(*argv, "--bus", "tcp://127.0.0.1:0")
+        # Port 0 (any free port) is for the broker; the others connect, and refuse port 0.
+        done = zchannels(*argv, "--bus", "tcp://127.0.0.1:" + ("0" if argv[0] == "broker" else "5570"))
         assert done.returncode == 2, (argv, done.stderr)
         assert expected in done.stderr, (argv, done.stderr)
         assert "Traceback" not in done.stderr, (argv, done.stderr)

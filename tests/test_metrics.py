@@ -138,6 +138,8 @@ def test_handler_crash_is_counted(metrics_cluster):
     try:
         before = value(scrape(c.workers_metrics), "zchannels_worker_handler_crashes_total", callback="handle_in")
         ws.send_json(["1", "2", "echo:metrics-crash", "raise", {}])
+        assert ws.recv_json(5) == ["1", "2", "echo:metrics-crash", "phx_reply",
+                                   {"status": "error", "response": {"reason": "channel lost"}}]
         assert ws.recv_json(5)[3] == "phx_error"
         wait_until(lambda: value(scrape(c.workers_metrics), "zchannels_worker_handler_crashes_total",
                                  callback="handle_in") == before + 1, 5)
