@@ -368,7 +368,7 @@ def markdown(summary: dict) -> str:
         "",
         "| bound | value | limit | result |",
         "|---|---|---|---|",
-        *(f"| {b['name']}{'' if b['strict'] else ' (holds today)'} | {_fmt(b['value'])} | {b['limit']} "
+        *(f"| {b['name']}{'' if b['strict'] else ' (never broken)'} | {_fmt(b['value'])} | {b['limit']} "
           f"| {_mark(b['pass'])} |" for b in summary["bounds"]),
         "",
         f"- clients: {summary['clients']} ({summary['edge_clients']} on the SIGTERMed edge), joined at the end: "

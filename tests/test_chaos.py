@@ -3,9 +3,8 @@ edges while a worker is killed every 2 s for 30 s, the broker is killed and rest
 edge is SIGTERMed and restarted (`bench/chaos.py --quick`, about 45 s).
 
 The run happens once per module; each test checks one property of its summary. The first group
-must hold on today's code. The second group is the "Done when" of issue 10 ("Faults without
-outages"); those that today's code does not meet yet are xfail (not strict), each naming the
-missing fix: once it lands they pass (XPASS), and the mark goes.
+is what a fault may never break; the second is the "Done when" of issue 10 ("Faults without
+outages") on the short schedule.
 """
 from __future__ import annotations
 
@@ -54,7 +53,7 @@ def row(summary: dict, fault: str) -> dict:
     return summary["rows"][fault]
 
 
-# ---- must hold today ----------------------------------------------------------------------
+# ---- never broken ----------------------------------------------------------------------
 
 def test_every_client_ends_joined(chaos):
     assert chaos["joined_at_end"] == chaos["clients"]
@@ -93,51 +92,32 @@ def test_no_broadcast_lost_outside_fault_windows(chaos):
     assert w["broadcasts_lost"] == 0, chaos["lost_examples"]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "restart policy not merged: a killed worker's slot backs off up to ~12 s, so both slots can "
-    "be empty, and a bounced join never gets its error reply (join_failed fix), so the client "
-    "waits for its 10 s join timeout"))
 def test_out_of_channel_at_most_3s_after_a_worker_kill(chaos):
     w = row(chaos, "worker kills")
     assert w["never_rejoined"] == 0
     assert w["out_max_s"] is None or w["out_max_s"] <= chaos["config"]["bound_out"], w
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "broker warm-up not merged: joins arriving before any worker heartbeat are bounced, and "
-    "join_failed then raises instead of answering, so the rejoin waits for its 10 s timeout"))
 def test_out_of_channel_at_most_3s_after_the_broker_restart(chaos):
     b = row(chaos, "broker restart")
     assert b["never_rejoined"] == 0
     assert b["out_max_s"] is None or b["out_max_s"] <= chaos["config"]["bound_out"], b
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "restart policy and join_failed fixes not merged: a client that reconnects while no worker "
-    "is ready waits for its 10 s join timeout"))
 def test_edge_clients_rejoin_within_2s_of_a_reachable_attempt(chaos):
     e = row(chaos, "edge restart")
     value = e["rejoin_after_reachable_max_s"]
     assert value is not None and value <= chaos["config"]["bound_edge"], e
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "join_failed fix not merged: edge/connection.py join_failed calls joined() without its "
-    "intercept argument, a TypeError traceback for every join the broker bounces"))
 def test_no_traceback_in_any_log(chaos):
     assert row(chaos, "overall")["tracebacks"] == 0, chaos["logs"]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "no fix for this yet: a ping sent to a worker just killed (before the edge hears of its death) "
-    "or lost in the broker restart gets no reply, and phoenix.js times it out after 10 s; the edge "
-    "would have to answer pending pushes of a lost channel with an error"))
 def test_every_ping_answered_or_surfaced_as_an_error(chaos):
     pings = row(chaos, "overall")["pings"]
     assert pings["timeout"] + pings["none"] == 0, pings
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "restart policy not merged: the last live slot can be left empty by its backoff"))
 def test_no_kill_finds_the_supervisor_without_a_ready_worker(chaos):
     assert chaos["kills"]["no_live_worker"] == 0, chaos["kills"]
