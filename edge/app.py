@@ -120,7 +120,9 @@ async def serve(args, origin_check: OriginCheck) -> int:
                     heartbeat_timeout=args.heartbeat_timeout, max_outbound=args.max_outbound,
                     max_rate=args.max_rate, max_burst=args.max_burst,
                     longpoll_window=window,
-                    longpoll_inactivity=args.longpoll_inactivity or 1.5 * window)
+                    longpoll_inactivity=args.longpoll_inactivity or 1.5 * window,
+                    max_inbound_buffered=getattr(args, "max_inbound_buffered",
+                                                 Limits.max_inbound_buffered))
     hub = EdgeHub(args.bus, limits, origin_check=origin_check,
                   status_access=StatusAccess.from_options(getattr(args, "status_token", None)),
                   bus_loss_timeout=getattr(args, "bus_loss_timeout", BUS_LOSS_TIMEOUT))

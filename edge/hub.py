@@ -25,6 +25,7 @@ from edge.lphub import LongPollHub
 from edge.lpsession import FRAME_KIND as LONGPOLL
 from edge.origin import OriginCheck
 from edge.status import STATUS_TOPIC, TOKEN_PARAM, UNAUTHORIZED, EdgeStatus, StatusAccess
+from edge.wsproto import InboundBudget
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Limits:
     max_burst: int = 400                 # ... saved up while quiet; 0 = no limit
     longpoll_window: float = 10.0        # longest a LongPoll GET is held
     longpoll_inactivity: float = 15.0    # a LongPoll session nobody polled for this long ends
+    max_inbound_buffered: int = 64 * 1_048_576   # unfinished inbound WebSocket messages, whole edge
 
 
 class ConnectRefused(Exception):
@@ -83,6 +85,8 @@ class EdgeHub:
                       "foreign_frames": 0, "status_refused": 0,
                       "bus_loss_closes": 0}
         self.status_access.stats = self.stats   # page and join refusals, counted together
+        # Bytes of unfinished WebSocket messages beyond each connection's free share (wsproto)
+        self.inbound_budget = InboundBudget(limits.max_inbound_buffered, self.stats)
         # For the status page (edge/status.py): client frames in and out (fast-lane deliveries
         # are counted by the fast lane), and workers reported gone: id -> time.time().
         self.frames_in = 0

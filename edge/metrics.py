@@ -36,6 +36,9 @@ STATS = {
                           "Connections closed (1008) for staying over --max-rate"),
     "bad_frames": ("zchannels_edge_bad_frames",
                    "Undecodable client frames and malformed bus frames dropped"),
+    "inbound_budget_closes": ("zchannels_edge_inbound_budget_closes",
+                              "WebSockets closed (1013) for taking the edge over "
+                              "--max-inbound-buffered with unfinished messages"),
     "close_aborts": ("zchannels_edge_close_aborts",
                      "Connections cut off because they did not read their close frame"),
     "disconnects": ("zchannels_edge_socket_id_disconnects",
@@ -88,6 +91,10 @@ class EdgeCollector:
         yield g
         yield GaugeMetricFamily("zchannels_edge_channels_joined",
                                 "Channels joined (or joining) by this edge's clients", value=joined)
+        yield GaugeMetricFamily("zchannels_edge_inbound_buffered_bytes",
+                                "Bytes of unfinished WebSocket messages held beyond each "
+                                "connection's free 64 KiB, against --max-inbound-buffered",
+                                value=hub.inbound_budget.held)
         fastlane = hub.fastlane
         yield CounterMetricFamily("zchannels_edge_frames_in", "Phoenix messages received from clients",
                                   value=hub.frames_in)

@@ -23,6 +23,17 @@ Nothing more is read from it until its backlog drains (``resume_writing``), so a
 client that sends while never reading cannot make the edge buffer in either
 direction.
 
+Inbound bytes a connection holds (a frame not fully arrived, the fragments of an
+unfinished message, frames not yet parsed because it yielded) are free up to
+``FREE_INBOUND`` each; beyond that they are drawn from one budget for the whole edge
+process, ``--max-inbound-buffered`` (``InboundBudget``), and given back as soon as the
+message completes, fails or the connection is lost.  A connection that would take the
+budget over its limit is closed with 1013 ("try again later": the edge is busy with large
+messages), so a few hundred clients each announcing a frame of ``--max-frame-size`` and
+never finishing it cannot hold hundreds of megabytes.  Ordinary messages never touch the
+budget: the read loop checks one sum per batch, and only a connection holding more than
+``FREE_INBOUND`` does the accounting.
+
 When the connection is lost its buffers go at once, and the protocol drops its
 references to the ``Connection`` and the transport: no reference cycle keeps a
 closed connection's memory until a garbage collection.
@@ -36,6 +47,7 @@ from typing import TYPE_CHECKING
 from tornado.util import _websocket_mask as unmask
 
 from edge import memtrim
+from edge.admission import Refusals
 from edge.serializer import DecodeError
 from edge.wsframe import build_frame
 
@@ -56,13 +68,27 @@ YIELD_EVERY = 16          # frames from one client before other connections get 
 CLOSE_WAIT = 2.0          # seconds to wait for the client's close frame after ours
 SLOW_CONSUMER_GRACE = 5.0  # ... when it first has to read its backlog (up to --max-outbound)
 MAX_IGNORED_AFTER_CLOSE = 1000   # frames read after a close frame before the connection is cut
+FREE_INBOUND = 64 * 1024  # inbound bytes a connection holds without drawing from the edge's budget
+
+
+class InboundBudget:
+    """Inbound bytes held by all the edge's WebSockets beyond ``FREE_INBOUND`` each, against
+    ``--max-inbound-buffered``.  ``held`` is the sum of every connection's ``drawn``."""
+
+    __slots__ = ("limit", "held", "refused")
+
+    def __init__(self, limit: int, stats: dict):
+        self.limit = limit
+        self.held = 0
+        self.refused = Refusals(stats, ("inbound_budget_closes",))
 
 
 class WebSocketProtocol(asyncio.Protocol):
     frame_kind = "ws"
     __slots__ = ("hub", "make_connection", "handshake", "transport", "conn", "buf", "fragments",
                  "fragment_opcode", "fragment_size", "closing", "failed", "paused", "lost",
-                 "write_blocked", "pong", "close_timer", "ignored", "max_size", "max_outbound", "__weakref__")
+                 "write_blocked", "pong", "close_timer", "ignored", "max_size", "max_outbound", "budget",
+                 "drawn", "hold_over", "__weakref__")
 
     def __init__(self, hub: "EdgeHub", make_connection, handshake: bytes):
         self.hub = hub
@@ -86,6 +112,10 @@ class WebSocketProtocol(asyncio.Protocol):
         self.ignored = 0          # frames read after a close frame
         self.max_size = hub.limits.max_frame_size
         self.max_outbound = hub.limits.max_outbound
+        self.budget: InboundBudget = hub.inbound_budget
+        self.drawn = 0            # bytes of the budget this connection holds
+        # _hold runs when more than this is held: FREE_INBOUND, or -1 while drawn, to give back
+        self.hold_over = FREE_INBOUND
 
     # --- asyncio.Protocol ----------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -111,6 +141,7 @@ class WebSocketProtocol(asyncio.Protocol):
         memtrim.freed(len(self.buf) + self.fragment_size)
         self.buf = bytearray()
         self.fragments, self.fragment_size, self.pong = None, 0, None
+        self._give_back()
         if self.close_timer is not None:
             self.close_timer.cancel()
             self.close_timer = None
@@ -204,9 +235,43 @@ class WebSocketProtocol(asyncio.Protocol):
         if self.failed:
             return
         del buf[:pos]
+        if end - pos + self.fragment_size > self.hold_over:    # (end - pos: len(buf) now)
+            self._hold(end - pos + self.fragment_size)
+            if self.failed:
+                return
         if self.pong is not None:
             pong, self.pong = self.pong, None
             self.send_prebuilt(build_control(OP_PONG, pong))
+
+    def _hold(self, held: int) -> None:
+        """Draw from or give back to the edge's budget so this connection holds `held` bytes."""
+        budget = self.budget
+        want = held - FREE_INBOUND if held > FREE_INBOUND else 0
+        more = want - self.drawn
+        if more > 0 and budget.held + more > budget.limit:
+            budget.refused("inbound_budget_closes",
+                           "conn %s: closing with %d: holding %d bytes of unfinished messages would "
+                           "take the edge over --max-inbound-buffered %d (%d held by others)",
+                           self.conn.label if self.conn else "?", CLOSE_TRY_AGAIN_LATER, held,
+                           budget.limit, budget.held - self.drawn)
+            self._fail(CLOSE_TRY_AGAIN_LATER, "edge busy with large messages, try again later")
+            return
+        budget.held += more
+        self.drawn = want
+        self.hold_over = -1 if want else FREE_INBOUND
+
+    def _give_back(self) -> None:
+        if self.drawn:
+            self.budget.held -= self.drawn
+            self.drawn = 0
+            self.hold_over = FREE_INBOUND
+
+    def _drop_input(self) -> None:
+        """Nothing more from this client is read: its unread bytes and fragments go now."""
+        memtrim.freed(len(self.buf) + self.fragment_size)
+        self.buf.clear()
+        self.fragments, self.fragment_size = None, 0
+        self._give_back()
 
     def _assemble(self, opcode: int, fin: int, payload: bytes) -> tuple[int, bytes] | None:
         if opcode == OP_CONT:
@@ -255,7 +320,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.ignored += 1
         if self.ignored > MAX_IGNORED_AFTER_CLOSE:
             self.failed = True
-            self.buf.clear()
+            self._drop_input()
             self.transport.close()
 
     def _deliver(self, opcode: int, payload: bytes) -> None:
@@ -281,7 +346,7 @@ class WebSocketProtocol(asyncio.Protocol):
             log.info("conn %s: closing with %d: %s", self.conn.label, code, reason)
         self.close(code, reason)
         self.failed = True
-        self.buf.clear()
+        self._drop_input()
         if self.transport is not None:
             self.transport.close()   # flushes our close frame, then ends the TCP connection
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from edge.hub import Limits
 from edge.serializer import V2
-from edge.wsproto import WebSocketProtocol
+from edge.wsproto import InboundBudget, WebSocketProtocol
 
 
 class FakeTransport:
@@ -70,6 +70,7 @@ class FakeHub:
     def __init__(self, max_frame_size=1 << 16):
         self.limits = Limits(max_frame_size=max_frame_size)
         self.stats = {"bad_frames": 0, "slow_consumer_closes": 0}
+        self.inbound_budget = InboundBudget(self.limits.max_inbound_buffered, self.stats)
 
 
 def masked(payload: bytes, opcode: int = 1, fin: bool = True) -> bytes:

@@ -244,3 +244,165 @@ def test_a_wave_of_big_frees_makes_one_trim(monkeypatch):
         await asyncio.sleep(0.05)
         assert memtrim.trims == before + 1
     asyncio.run(main())
+
+
+# ---- the edge's budget for unfinished inbound messages (--max-inbound-buffered) ----------------
+
+FREE = wsproto.FREE_INBOUND
+
+
+async def wait_for(predicate, timeout: float = 5.0, what: str = "") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting for {what or predicate}"
+        await asyncio.sleep(0.005)
+
+
+async def send_until_cut(sock: socket.socket, data: bytes) -> None:
+    """Send `data`; the edge may hang up before it has all of it."""
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def close_code(data: bytes) -> int | None:
+    closes = [p for op, p in server_frames(data) if op == 0x8]
+    return int.from_bytes(closes[0][:2], "big") if closes else None
+
+
+@loops
+def test_an_unfinished_big_frame_draws_from_the_budget_and_gives_it_back_when_complete(loop_kind):
+    async def main():
+        hub = make_hub(max_inbound_buffered=4 << 20)
+        proto, conn, client = await open_pair(hub)
+        budget = hub.inbound_budget
+        loop = asyncio.get_running_loop()
+        body = b'[null,"7","phoenix","heartbeat",{"x":"' + b"y" * 600_000 + b'"}]'
+        whole = masked(0x1, body)
+        await loop.sock_sendall(client, whole[:400_000])
+        await wait_for(lambda: len(proto.buf) >= 400_000, what="the first 400 kB")
+        assert proto.drawn == len(proto.buf) - FREE and budget.held == proto.drawn
+        await loop.sock_sendall(client, whole[400_000:])
+        data = await read_all(client, lambda d: b'"7"' in d)    # the heartbeat's reply
+        assert b'"ok"' in data
+        assert budget.held == 0 and proto.drawn == 0 and not proto.buf
+        assert hub.stats["inbound_budget_closes"] == 0
+        client.close()
+    run(loop_kind, main())
+
+
+@loops
+def test_fragments_of_an_unfinished_message_draw_from_the_budget_until_it_completes(loop_kind):
+    async def main():
+        hub = make_hub(max_inbound_buffered=4 << 20)
+        proto, conn, client = await open_pair(hub)
+        budget = hub.inbound_budget
+        loop = asyncio.get_running_loop()
+        body = b'[null,"8","phoenix","heartbeat",{"x":"' + b"y" * 300_000 + b'"}]'
+        pieces = [body[i:i + 50_000] for i in range(0, len(body), 50_000)]
+        await loop.sock_sendall(client, masked(0x1, pieces[0], fin=False)
+                                + b"".join(masked(0x0, p, fin=False) for p in pieces[1:-1]))
+        await wait_for(lambda: proto.fragment_size == len(body) - len(pieces[-1]), what="fragments")
+        assert proto.drawn == proto.fragment_size - FREE and budget.held == proto.drawn
+        await loop.sock_sendall(client, masked(0x0, pieces[-1]))
+        data = await read_all(client, lambda d: b'"8"' in d)
+        assert b'"ok"' in data
+        assert budget.held == 0 and proto.drawn == 0 and proto.fragments is None
+        client.close()
+    run(loop_kind, main())
+
+
+@loops
+def test_small_messages_never_touch_the_budget(loop_kind):
+    async def main():
+        hub = make_hub(max_rate=0, max_inbound_buffered=1)
+        proto, conn, client = await open_pair(hub)
+        loop = asyncio.get_running_loop()
+        # 40 kB in one message, and 200 heartbeats in one write: all within the free share
+        await loop.sock_sendall(client, masked(0x1, b'[null,"a","phoenix","heartbeat",{"x":"'
+                                               + b"y" * 40_000 + b'"}]')
+                                + b"".join(masked(0x1, b'[null,"%d","phoenix","heartbeat",{}]' % i)
+                                           for i in range(200)))
+        data = await read_all(client, lambda d: b'"199"' in d)
+        assert close_code(data) is None
+        assert hub.inbound_budget.held == 0 and hub.stats["inbound_budget_closes"] == 0
+        client.close()
+    run(loop_kind, main())
+
+
+@loops
+def test_the_budget_is_given_back_when_the_connection_is_lost(loop_kind):
+    async def main():
+        hub = make_hub(max_inbound_buffered=8 << 20)
+        loop = asyncio.get_running_loop()
+        pairs = [await open_pair(hub) for _ in range(3)]
+        for _proto, _conn, client in pairs:
+            await loop.sock_sendall(client, masked(0x2, b"\x00" * 500_000, length=1_000_000))
+        await wait_for(lambda: all(len(p.buf) >= 500_000 for p, _c, _s in pairs), what="the frames")
+        assert hub.inbound_budget.held == sum(p.drawn for p, _c, _s in pairs) > 3 * 400_000
+        for _proto, _conn, client in pairs:
+            client.close()
+        await wait_for(lambda: not hub.connections, what="the connections to close")
+        assert hub.inbound_budget.held == 0
+        assert all(p.drawn == 0 for p, _c, _s in pairs)
+    run(loop_kind, main())
+
+
+@loops
+def test_the_budget_is_given_back_when_the_message_fails(loop_kind):
+    """A fragmented message that draws from the budget, then breaks the protocol (1002) or the
+    frame limit (1009): its bytes are dropped and given back at once, before the socket closes."""
+    async def main():
+        hub = make_hub(max_frame_size=1_000_000, max_inbound_buffered=8 << 20)
+        loop = asyncio.get_running_loop()
+        for bad, code in ((masked(0x1, b"new message"), 1002),
+                          (masked(0x0, b"\x00" * 10, fin=False, length=600_000), 1009)):
+            proto, conn, client = await open_pair(hub)
+            await loop.sock_sendall(client, masked(0x2, b"\x00" * 500_000, fin=False))
+            await wait_for(lambda: proto.drawn > 0, what="the first fragment")
+            await loop.sock_sendall(client, bad)
+            await wait_for(lambda: proto.failed, what="the failure")
+            assert hub.inbound_budget.held == 0 and proto.drawn == 0
+            assert proto.fragments is None and not proto.buf
+            assert close_code(await read_all(client, lambda d: close_code(bytes(d)))) == code
+            client.close()
+    run(loop_kind, main())
+
+
+@loops
+def test_a_connection_that_would_go_over_the_budget_is_closed_1013(loop_kind, caplog):
+    async def main():
+        budget_bytes = 1 << 20
+        hub = make_hub(max_inbound_buffered=budget_bytes)
+        loop = asyncio.get_running_loop()
+        first, _c, first_client = await open_pair(hub)
+        await loop.sock_sendall(first_client, masked(0x2, b"\x00" * 800_000, length=1_000_000))
+        await wait_for(lambda: len(first.buf) >= 800_000, what="the first frame")
+        held = hub.inbound_budget.held
+        assert held == first.drawn > 0
+        # Two more connections each want more than is left: both are closed 1013, and the
+        # first one, within the budget, is untouched.
+        for _ in range(2):
+            proto, conn, client = await open_pair(hub)
+            sending = loop.create_task(send_until_cut(client, masked(0x2, b"\x00" * 600_000,
+                                                                      length=1_000_000)))
+            data = await read_all(client, lambda d: close_code(bytes(d)))
+            await sending
+            assert close_code(data) == 1013
+            assert proto.failed and proto.drawn == 0 and not proto.buf
+            assert hub.inbound_budget.held == held <= budget_bytes
+            await wait_for(lambda: proto.lost, what="the edge to hang up")
+            client.close()
+        assert hub.stats["inbound_budget_closes"] == 2
+        assert not first.failed and first.drawn > 0
+        first_client.close()
+        await wait_for(lambda: not hub.connections, what="the connections to close")
+        assert hub.inbound_budget.held == 0
+
+    with caplog.at_level("INFO", logger="edge"):
+        run(loop_kind, main())
+    lines = [r.getMessage() for r in caplog.records if "--max-inbound-buffered" in r.getMessage()]
+    assert len(lines) == 1, lines     # rate-limited: one line a second
+    assert "closing with 1013" in lines[0] and "conn test" in lines[0]

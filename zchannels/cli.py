@@ -125,6 +125,12 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-frame-size", type=int, default=1_048_576, metavar="BYTES",
                    help="largest client frame accepted; larger ones close the socket with 1009 "
                         "(default: %(default)s)")
+    p.add_argument("--max-inbound-buffered", type=_positive(int), default=64 * 1_048_576,
+                   metavar="BYTES",
+                   help="bytes of unfinished incoming WebSocket messages (frames not fully "
+                        "arrived, fragments) the edge holds for all connections together, beyond "
+                        "64 KiB each; a connection that would go over is closed with 1013 "
+                        "(default: %(default)s)")
     p.add_argument("--max-channels", type=int, default=100,
                    help="joined channels per connection (default: %(default)s)")
     p.add_argument("--max-outbound", type=int, default=4 * 1_048_576, metavar="BYTES",

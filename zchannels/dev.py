@@ -101,6 +101,7 @@ def main(args) -> int:
                      "--max-frame-size", str(args.max_frame_size),
                      "--max-channels", str(args.max_channels),
                      "--max-outbound", str(args.max_outbound),
+                     "--max-inbound-buffered", str(args.max_inbound_buffered),
                      "--max-rate", str(args.max_rate), "--max-burst", str(args.max_burst),
                      "--check-origin", args.check_origin,
                      "--longpoll-window", str(args.longpoll_window), *bus_limit, *client_curve, *level]
