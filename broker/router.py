@@ -44,7 +44,7 @@ PARK_LIMIT = 100_000        # messages held during warm-up for peers not yet rec
 # intervals plus 0.2 s for a loaded machine's scheduling: a worker misjudged as silent only
 # misses placements for a moment (and with none fresh, the one heard from last is chosen),
 # while everything placed on a blocked one within this window waits for the edge to send it
-# again (edge/hub.py PLACEMENT_RETRY, which must stay longer than this).
+# again (edge/replace.py PLACEMENT_RETRY, which must stay longer than this).
 PLACE_FRESH = 1.2
 # With no live worker (a restarted broker before the first worker heartbeat, or a worker
 # restart gap), joins and connects wait this long for one instead of being bounced at once;

@@ -55,7 +55,7 @@ class ChannelRef:
         # Refs (bus form) of pushes sent to the worker and not answered yet, oldest first: if
         # the instance is lost they get an error reply instead of phoenix.js's 10 s timeout.
         self.pending: dict[bytes, None] | None = None
-        # The timer that sends the JOIN again if no worker answers it in time (EdgeHub.send_join),
+        # The timer that sends the JOIN again if no worker answers it in time (edge/replace.py),
         # and the worker whose late ok to that second copy (or the first) is being ended: its
         # frames about this channel are dropped quietly, they are not an intruder's.
         self.retry = None

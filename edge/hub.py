@@ -24,24 +24,12 @@ from edge.fastlane import FastLane
 from edge.lphub import LongPollHub
 from edge.lpsession import FRAME_KIND as LONGPOLL
 from edge.origin import OriginCheck
-from edge.ratelimit import TokenBucket
+from edge.replace import Replacer
 from edge.status import STATUS_TOPIC, TOKEN_PARAM, UNAUTHORIZED, EdgeStatus, StatusAccess
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
-# A connect or join placed on a worker whose loop then blocks (a handler in time.sleep, a
-# CPU-bound call) or dies is not answered until the block ends.  One still unanswered after
-# this long is sent once more for placement: a healthy worker answers in milliseconds (a few
-# hundred under load), and by then the broker has stopped placing on a worker that went silent
-# when it took the first copy (PLACE_FRESH, 1.2 s in broker/router.py, plus 0.5 s for the
-# worker's last words and the broker's loop), so the copy goes to another one.  The first
-# answer wins: a later connect answer finds no request, a later join ok is ended (TERMINATE).
-PLACEMENT_RETRY = 1.7
-# Copies sent a second by this edge, at most (burst RETRY_BURST): when every worker is slow
-# (overload, not one blocked loop) copies would only double the work.
-RETRY_RATE = 100.0
-RETRY_BURST = 200
 CLOSE_GOING_AWAY = 1001
 # Clients of an edge cut off from the bus would only see their pushes stall (the edge answers
 # their heartbeats itself): after this long without the broker they are closed with 1012, over
@@ -96,7 +84,7 @@ class EdgeHub:
                       "foreign_frames": 0, "status_refused": 0,
                       "bus_loss_closes": 0, "connect_retries": 0, "join_retries": 0,
                       "late_joins_ended": 0}
-        self._retry_budget = TokenBucket(RETRY_RATE, RETRY_BURST, time.monotonic())
+        self.replacer = Replacer(self)   # connects and joins sent again when their worker is silent
         self.status_access.stats = self.stats   # page and join refusals, counted together
         # For the status page (edge/status.py): client frames in and out (fast-lane deliveries
         # are counted by the fast lane), and workers reported gone: id -> time.time().
@@ -148,14 +136,13 @@ class EdgeHub:
         except TypeError as exc:
             raise ConnectRefused(f"params not JSON-serialisable: {exc}") from None
         # Unguessable, so only a worker the broker placed the connect on can answer it.  A copy
-        # sent again (_connect_again) keeps it: the first answer takes the request off _rpc.
+        # sent again (edge/replace.py) keeps it: the first answer takes the request off _rpc.
         request_id = b"rpc" + self.next_conn_id() + b"-" + os.urandom(8).hex().encode()
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        fut = asyncio.get_running_loop().create_future()
         self._rpc[request_id] = fut
         frames = [wire.CONNECT, b"", request_id, body]
         self.bus_send(frames)
-        retry = loop.call_later(PLACEMENT_RETRY, self._connect_again, fut, frames)
+        retry = self.replacer.connect_sent(fut, frames)
         try:
             status, body = await asyncio.wait_for(fut, CONNECT_TIMEOUT)
         except asyncio.TimeoutError:
@@ -168,41 +155,6 @@ class EdgeHub:
         if status == b"unavailable":
             raise ConnectRefused("no worker available", unavailable=True)
         raise ConnectRefused(body.decode(errors="replace"))
-
-    def _connect_again(self, fut: asyncio.Future, frames: list[bytes]) -> None:
-        if not fut.done() and self._may_retry():
-            self._count_retry("connect_retries", "a connect")
-            self.bus_send(frames)
-
-    def send_join(self, ch: ChannelRef, frames: list[bytes]) -> None:
-        """Send a JOIN for placement, and once more if no answer came in PLACEMENT_RETRY (same
-        join_ref and ref: the client's view does not change).  The first reply is the
-        channel's (``_on_join_reply``); pushes and broadcasts held meanwhile wait on ``ch``."""
-        self.bus_send(frames)
-        ch.retry = asyncio.get_running_loop().call_later(PLACEMENT_RETRY, self._join_again, ch, frames)
-
-    def _join_again(self, ch: ChannelRef, frames: list[bytes]) -> None:
-        ch.retry = None
-        if ch.state == JOINED or ch.conn.channels.get(ch.topic) is not ch or not self._may_retry():
-            return
-        self._count_retry("join_retries", f"join of {ch.topic[:60]!r} by conn {ch.conn.label}")
-        self.bus_send(frames)
-
-    def _may_retry(self) -> bool:
-        return not self.bus.broker_silent and self._retry_budget.take(time.monotonic())
-
-    def _count_retry(self, stat: str, what: str) -> None:
-        self.stats[stat] += 1
-        n = self.stats[stat]
-        if n <= 20 or n % 1000 == 0:
-            log.info("%s had no answer in %.1fs (its worker's loop blocked?): sent again for "
-                     "placement (%d such %s so far)", what, PLACEMENT_RETRY, n, stat.replace("_", " "))
-
-    @staticmethod
-    def _stop_retry(ch: ChannelRef) -> None:
-        if ch.retry is not None:
-            ch.retry.cancel()
-            ch.retry = None
 
     def add_connection(self, conn: Connection) -> None:
         self.connections[conn.conn_id] = conn
@@ -246,12 +198,17 @@ class EdgeHub:
         self.bus.subscribe(ch.key)
         self.fastlane.hold(ch)
 
+    def send_join(self, ch: ChannelRef, frames: list[bytes]) -> None:
+        """Send a JOIN for placement, and once more if no answer came in time (edge/replace.py)."""
+        self.bus_send(frames)
+        self.replacer.join_sent(ch, frames)
+
     def activate(self, ch: ChannelRef) -> None:
-        self._stop_retry(ch)
+        self.replacer.stop(ch)
         self.fastlane.add(ch)
 
     def unsubscribe(self, ch: ChannelRef) -> None:
-        self._stop_retry(ch)
+        self.replacer.stop(ch)
         self.fastlane.remove(ch)
         self.bus.unsubscribe(ch.key)
 
@@ -351,7 +308,7 @@ class EdgeHub:
             conn.joined(ch, worker, ref_of(ref_b), status.decode(), response, intercept)
             return
         # A join no longer waiting: the client left or disconnected meanwhile, or the join was
-        # sent twice (send_join) and this answers the copy that lost.
+        # sent twice (edge/replace.py) and this answers the copy that lost.
         current = ch is not None and ch.join_ref == join_ref
         if current and ch.worker == worker:
             # Both copies reached the worker that holds the channel: a worker keeps one

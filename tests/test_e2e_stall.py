@@ -2,7 +2,7 @@
 in time.sleep) is sent again by the edge after PLACEMENT_RETRY and answered by the other worker;
 the blocked worker's late join ok is ended (its terminate runs), and the client has exactly one
 channel instance: broadcasts held while joining, pushes buffered while joining and later ones
-each reach it once (edge/hub.py send_join, _on_join_reply)."""
+each reach it once (edge/replace.py, edge/hub.py _on_join_reply)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.hub import PLACEMENT_RETRY
+from edge.replace import PLACEMENT_RETRY
 from tests.conftest import Cluster, wait_until
 from tests.rawws import RawWS
 from zchannels import Publisher
