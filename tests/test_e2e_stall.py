@@ -135,6 +135,10 @@ def test_a_join_placed_on_a_worker_that_blocks_is_answered_by_the_other_once(two
         events = [m[3] for m in map(json.loads, client.received) if m[2] == topic]
         assert events.index("early") > events.index("phx_reply"), events
         assert count(client, is_event(watch, "terminated")) == 1
+        # The orphan's after-join push was dropped, quietly (it is not an intruder's frame).
+        assert count(client, is_event(topic, "hello", pid=answered_by)) == 1
+        assert count(client, is_event(topic, "hello", pid=blocked)) == 0
+        assert edge_counter(cluster, "foreign_frames") == 0
         assert edge_counter(cluster, "join_retries") >= 1
         assert edge_counter(cluster, "late_joins_ended") >= 1
     finally:

@@ -6,7 +6,8 @@ it meanwhile), appends " done" and answers; every other one answers at once.
 
 - connect: params ``stall_once`` and ``s`` as above; assigns ``{"pid": <pid that accepted>}``.
 - ``stall:*``: join payload ``{"stall_once": path, "s": seconds}`` as above, then
-  ``ok({"pid": pid, "connected_by": <connect's pid>})``; ``ping`` replies ``{"pid": pid}``;
+  ``ok({"pid": pid, "connected_by": <connect's pid>})``, then pushes ``"hello"`` ``{"pid": pid}``
+  (from handle_info, the Phoenix after-join pattern); ``ping`` replies ``{"pid": pid}``;
   terminate broadcasts on ``"terminations:" + topic`` the event ``"terminated"``
   ``{"pid": pid, "reason": str(reason)}``.
 - ``terminations:*``: join it to watch.
@@ -14,7 +15,7 @@ it meanwhile), appends " done" and answers; every other one answers at once.
 import os
 import time
 
-from workers import Channel, Socket, broadcast, ok, reply
+from workers import Channel, Socket, broadcast, noreply, ok, reply
 
 MAX_BLOCK_S = 30.0
 
@@ -35,7 +36,12 @@ def stall_once(path, seconds) -> None:
 class StallChannel(Channel):
     def join(self, topic, payload, socket):
         stall_once(payload.get("stall_once"), payload.get("s", 0))
+        self.send("after_join")
         return ok({"pid": os.getpid(), "connected_by": socket.assigns.get("pid")})
+
+    def handle_info(self, msg, socket):
+        self.push("hello", {"pid": os.getpid()})
+        return noreply()
 
     def handle_in(self, event, payload, socket):
         return reply("ok", {"pid": os.getpid()})
