@@ -39,9 +39,13 @@ EVICTED_MEMORY = 10_000     # ids of evicted peers remembered, to tell them if t
 BATCH = 1000                # messages routed before housekeeping gets a turn
 PARK_LIMIT = 100_000        # messages held during warm-up for peers not yet reconnected
 # A worker not heard from for this long gets no new connect or join while one that was
-# heard from exists: workers heartbeat every 0.5 s from their event loop, so a longer
-# silence means a handler is blocking it (time.sleep, a CPU-bound call).
-PLACE_FRESH = 1.5
+# heard from exists: workers heartbeat every 0.5 s from their event loop (and any reply counts),
+# so a longer silence means a handler is blocking it (time.sleep, a CPU-bound call).  Two
+# intervals plus 0.2 s for a loaded machine's scheduling: a worker misjudged as silent only
+# misses placements for a moment (and with none fresh, the one heard from last is chosen),
+# while everything placed on a blocked one within this window waits for the edge to send it
+# again (edge/replace.py PLACEMENT_RETRY, which must stay longer than this).
+PLACE_FRESH = 1.2
 # With no live worker (a restarted broker before the first worker heartbeat, or a worker
 # restart gap), joins and connects wait this long for one instead of being bounced at once;
 # during the warm-up they wait at least until it ends.

@@ -39,7 +39,7 @@ JOINING, JOINED = 0, 1
 class ChannelRef:
     """The edge's view of one joined channel instance (connection x topic x join_ref)."""
     __slots__ = ("conn", "topic", "key", "join_ref", "worker", "state", "intercept",
-                 "replaces", "buffered", "early", "pending")
+                 "replaces", "buffered", "early", "pending", "retry", "orphan")
 
     def __init__(self, conn: "Connection", topic: str, join_ref: str | None):
         self.conn = conn
@@ -55,6 +55,11 @@ class ChannelRef:
         # Refs (bus form) of pushes sent to the worker and not answered yet, oldest first: if
         # the instance is lost they get an error reply instead of phoenix.js's 10 s timeout.
         self.pending: dict[bytes, None] | None = None
+        # The timer that sends the JOIN again if no worker answers it in time (edge/replace.py),
+        # and the worker whose late ok to that second copy (or the first) is being ended: its
+        # frames about this channel are dropped quietly, they are not an intruder's.
+        self.retry = None
+        self.orphan: bytes | None = None
 
 
 class Connection:
@@ -156,8 +161,8 @@ class Connection:
             self.hub.drop_channel(old, reason=b"duplicate_join")
         self.channels[topic] = ch
         self.hub.subscribe(ch)
-        self.hub.bus_send([wire.JOIN, b"", self.conn_id, topic.encode(),
-                           ref_bytes(msg.join_ref), ref_bytes(msg.ref), self.socket_json, payload])
+        self.hub.send_join(ch, [wire.JOIN, b"", self.conn_id, topic.encode(),
+                                ref_bytes(msg.join_ref), ref_bytes(msg.ref), self.socket_json, payload])
 
     def leave(self, msg: Message) -> None:
         ch = self.channels.get(msg.topic)

@@ -24,6 +24,7 @@ from edge.fastlane import FastLane
 from edge.lphub import LongPollHub
 from edge.lpsession import FRAME_KIND as LONGPOLL
 from edge.origin import OriginCheck
+from edge.replace import Replacer
 from edge.status import STATUS_TOPIC, TOKEN_PARAM, UNAUTHORIZED, EdgeStatus, StatusAccess
 from edge.wsproto import InboundBudget
 
@@ -83,7 +84,9 @@ class EdgeHub:
         self.stats = {"slow_consumer_closes": 0, "close_aborts": 0, "heartbeat_timeouts": 0,
                       "bad_frames": 0, "rate_limited": 0, "rate_limit_closes": 0, "disconnects": 0,
                       "foreign_frames": 0, "status_refused": 0,
-                      "bus_loss_closes": 0}
+                      "bus_loss_closes": 0, "connect_retries": 0, "join_retries": 0,
+                      "late_joins_ended": 0}
+        self.replacer = Replacer(self)   # connects and joins sent again when their worker is silent
         self.status_access.stats = self.stats   # page and join refusals, counted together
         # Bytes of unfinished WebSocket messages beyond each connection's free share (wsproto)
         self.inbound_budget = InboundBudget(limits.max_inbound_buffered, self.stats)
@@ -132,19 +135,24 @@ class EdgeHub:
         """Run the user's connect in a worker; return the socket JSON or raise ConnectRefused."""
         if self.bus.broker_silent:
             raise ConnectRefused("the bus is down", unavailable=True)
-        # Unguessable, so only the worker the broker placed the connect on can answer it.
+        try:
+            body = orjson.dumps({"params": params, "connect_info": connect_info})
+        except TypeError as exc:
+            raise ConnectRefused(f"params not JSON-serialisable: {exc}") from None
+        # Unguessable, so only a worker the broker placed the connect on can answer it.  A copy
+        # sent again (edge/replace.py) keeps it: the first answer takes the request off _rpc.
         request_id = b"rpc" + self.next_conn_id() + b"-" + os.urandom(8).hex().encode()
         fut = asyncio.get_running_loop().create_future()
         self._rpc[request_id] = fut
+        frames = [wire.CONNECT, b"", request_id, body]
+        self.bus_send(frames)
+        retry = self.replacer.connect_sent(fut, frames)
         try:
-            body = orjson.dumps({"params": params, "connect_info": connect_info})
-            self.bus_send([wire.CONNECT, b"", request_id, body])
             status, body = await asyncio.wait_for(fut, CONNECT_TIMEOUT)
         except asyncio.TimeoutError:
             raise ConnectRefused("no worker answered connect in time", unavailable=True) from None
-        except TypeError as exc:
-            raise ConnectRefused(f"params not JSON-serialisable: {exc}") from None
         finally:
+            retry.cancel()
             self._rpc.pop(request_id, None)
         if status == b"ok":
             return body
@@ -194,10 +202,17 @@ class EdgeHub:
         self.bus.subscribe(ch.key)
         self.fastlane.hold(ch)
 
+    def send_join(self, ch: ChannelRef, frames: list[bytes]) -> None:
+        """Send a JOIN for placement, and once more if no answer came in time (edge/replace.py)."""
+        self.bus_send(frames)
+        self.replacer.join_sent(ch, frames)
+
     def activate(self, ch: ChannelRef) -> None:
+        self.replacer.stop(ch)
         self.fastlane.add(ch)
 
     def unsubscribe(self, ch: ChannelRef) -> None:
+        self.replacer.stop(ch)
         self.fastlane.remove(ch)
         self.bus.unsubscribe(ch.key)
 
@@ -261,7 +276,8 @@ class EdgeHub:
 
     def _from_holder(self, frames: list[bytes], conn: Connection, topic: str, join_ref: str | None) -> bool:
         """Whether a worker's frame about (conn, topic, join_ref) may pass.  The channel the
-        edge holds takes frames only from its worker.  One it holds no more (a leave or a
+        edge holds takes frames only from its worker (frames from the late instance of a join
+        sent twice, being ended, are dropped quietly).  One it holds no more (a leave or a
         duplicate join crossed the frame) passes a reply or a close, which the client matches
         by join_ref (the worker's answer to a leave comes that way), but not a push."""
         ch = conn.channels.get(topic)
@@ -269,6 +285,8 @@ class EdgeHub:
             if ch.join_ref == join_ref:
                 if ch.worker == frames[1]:
                     return True
+                if ch.orphan == frames[1]:
+                    return False
                 self._foreign(frames, f"channel {topic[:60]!r} is held by {ch.worker!r}" if ch.worker
                               else f"channel {topic[:60]!r} is still joining")
                 return False
@@ -290,12 +308,25 @@ class EdgeHub:
         topic = topic_b.decode()
         join_ref = ref_of(join_ref_b)
         ch = conn.channels.get(topic) if conn is not None else None
-        if ch is None or ch.join_ref != join_ref or ch.state == JOINED:
-            # The client left or disconnected while joining: end the orphan instance.
-            if status == b"ok":
-                self.bus_send([wire.TERMINATE, worker, conn_id, topic_b, join_ref_b, b"closed"])
+        if ch is not None and ch.join_ref == join_ref and ch.state != JOINED:
+            conn.joined(ch, worker, ref_of(ref_b), status.decode(), response, intercept)
             return
-        conn.joined(ch, worker, ref_of(ref_b), status.decode(), response, intercept)
+        # A join no longer waiting: the client left or disconnected meanwhile, or the join was
+        # sent twice (edge/replace.py) and this answers the copy that lost.
+        current = ch is not None and ch.join_ref == join_ref
+        if current and ch.worker == worker:
+            # Both copies reached the worker that holds the channel: a worker keeps one
+            # instance per channel (its second join replaced the first), the one we hold,
+            # unless that second join failed and left none.
+            if status != b"ok":
+                self.forget_worker_channel(ch)
+                self._error_channels([ch])
+            return
+        if status == b"ok":   # end the orphan instance (its terminate runs)
+            self.stats["late_joins_ended"] += 1
+            if current:
+                ch.orphan = worker
+            self.bus_send([wire.TERMINATE, worker, conn_id, topic_b, join_ref_b, b"closed"])
 
     def _on_reply(self, frames):
         _, _worker, conn_id, topic_b, join_ref, ref, status, response, fmt = frames
@@ -369,7 +400,8 @@ class EdgeHub:
         for conn_id, topic_b, join_ref in listed:
             conn = self.connections.get(conn_id)
             ch = conn.channels.get(topic_b.decode()) if conn is not None else None
-            if ch is None or ref_bytes(ch.join_ref) != join_ref:
+            if (ch is None or ref_bytes(ch.join_ref) != join_ref
+                    or (ch.state == JOINED and ch.worker != worker)):   # the loser of a join sent twice
                 orphans += 1
                 self.bus_send([wire.TERMINATE, worker, conn_id, topic_b, join_ref, b"closed"])
         lost = [ch for ch in self.worker_channels.get(worker, ())

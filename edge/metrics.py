@@ -45,6 +45,13 @@ STATS = {
                     "Connections closed by a \"disconnect\" broadcast to their socket id"),
     "foreign_frames": ("zchannels_edge_foreign_frames",
                        "Bus frames about a channel from a peer that does not hold it, dropped"),
+    "connect_retries": ("zchannels_edge_connect_retries",
+                        "Connects sent again for placement after no answer in 1.7 s"),
+    "join_retries": ("zchannels_edge_join_retries",
+                     "Joins sent again for placement after no answer in 1.7 s"),
+    "late_joins_ended": ("zchannels_edge_late_joins_ended",
+                         "Join oks that came after their channel stopped waiting (the client "
+                         "left, or a copy sent again was answered first); the instance was ended"),
     "status_refused": ("zchannels_edge_status_refused",
                        "Status page requests and zchannels:status joins refused (wrong, missing "
                        "or no status token)"),
