@@ -18,7 +18,7 @@ import orjson
 
 from broker import wire
 from edge.bus import EdgeBus
-from edge.connection import JOINED, ChannelRef, Connection, ref_bytes, ref_of
+from edge.connection import EMPTY, JOINED, ChannelRef, Connection, ref_bytes, ref_of
 from edge.drain import drain
 from edge.fastlane import FastLane
 from edge.lphub import LongPollHub
@@ -375,6 +375,16 @@ class EdgeHub:
                     ch.pending = {}
                 ch.pending[fields[3]] = None
             self.worker_down(dest)
+        elif kind == wire.LEAVE and len(fields) >= 4:
+            # The edge forgot the channel when it sent the leave; the worker that would have
+            # answered it (ok, then phx_close) is gone, so the edge answers for it.
+            conn = self.connections.get(fields[0])
+            if conn is not None:
+                topic, join_ref = fields[1].decode(), ref_of(fields[2])
+                conn.reply(join_ref, ref_of(fields[3]), topic, "ok", EMPTY)
+                conn.send(conn.serializer.encode_close(join_ref, topic))
+            if dest:
+                self.worker_down(dest)
         elif dest:
             # The worker holding a channel is gone: same as the broker's notice.
             self.worker_down(dest)

@@ -169,9 +169,12 @@ class FakeWorker:
 
 
 @pytest.mark.timeout(60)
-def test_a_push_the_broker_cannot_route_after_its_warm_up_gets_an_error_reply_and_phx_error():
+@pytest.mark.parametrize("what", ["push", "leave"])
+def test_a_message_the_broker_cannot_route_after_its_warm_up_is_answered_to_the_client(what):
     """The new broker never heard of the worker (it answered the edge's SYNC during the warm-up,
-    then vanished without a heartbeat): the push comes back UNROUTABLE, and the client is told."""
+    then vanished without a heartbeat): the message comes back UNROUTABLE, and the client is
+    told: a push gets an error reply and its channel phx_error; a leave gets its ok and
+    phx_close, as the worker would have sent them."""
     import json
 
     from tests.conftest import Proc
@@ -200,11 +203,18 @@ def test_a_push_the_broker_cannot_route_after_its_warm_up_gets_an_error_reply_an
         fake.close()
         fake = None
         time.sleep(3.5)   # past the new broker's warm-up: an unknown worker is unroutable now
-        ws.send_json(["1", "2", topic, "ping", {"n": 1}])
-        reply = ws.recv_until(lambda m: m[1] == "2", timeout=5)
-        assert reply[4] == {"status": "error", "response": {"reason": "channel lost"}}
-        error = ws.recv_until(lambda m: m[3] == "phx_error", timeout=5)
-        assert error[0] == "1" and error[2] == topic
+        if what == "push":
+            ws.send_json(["1", "2", topic, "ping", {"n": 1}])
+            reply = ws.recv_until(lambda m: m[1] == "2", timeout=5)
+            assert reply[4] == {"status": "error", "response": {"reason": "channel lost"}}
+            error = ws.recv_until(lambda m: m[3] == "phx_error", timeout=5)
+            assert error[0] == "1" and error[2] == topic
+        else:
+            ws.send_json(["1", "2", topic, "phx_leave", {}])
+            reply = ws.recv_until(lambda m: m[1] == "2", timeout=5)
+            assert reply[0] == "1" and reply[4] == {"status": "ok", "response": {}}
+            close = ws.recv_until(lambda m: m[3] in ("phx_close", "phx_error"), timeout=5)
+            assert close[3] == "phx_close" and close[0] == "1" and close[2] == topic
         assert "said nothing" not in edge.stderr_text(), json.dumps(edge.stderr_text()[-2000:])
     finally:
         if ws is not None:
