@@ -41,10 +41,11 @@ BUS_LOSS_DRAIN = 2.0
 # ours that has said nothing this long after is taken for dead (it died while the broker was
 # down, so the new broker never heard of it and would report it only when its 3 s warm-up
 # ends): its channels get phx_error and phoenix.js rejoins them on a live worker.  A live
-# worker answers within about 0.6 s: workers and edges reconnect every 0.1-0.5 s (+ libzmq's
-# jitter), the broker holds our SYNC until the worker's first message (its queued heartbeat,
-# sent as its connection comes up) and the worker answers from its loop.  1.5 s leaves a
-# loaded loop another 0.9 s, as the broker's placement does (three missed heartbeats).
+# worker answers within about half a second of our own reconnection: workers and edges lost the
+# broker together and retry every 0.1-0.5 s (+ libzmq's jitter), the broker holds our EDGE_SYNC
+# until the worker's first message (its queued heartbeat, sent as its connection comes up) and
+# the worker answers from its loop.  The rest is for a loaded loop: 1.5 s is also how long the
+# broker's placement trusts a silent worker (three missed heartbeats).
 SYNC_ANSWER_TIMEOUT = 1.5
 
 
@@ -486,7 +487,7 @@ class EdgeHub:
             loop.call_later(SYNC_ANSWER_TIMEOUT, self._sync_overdue)
 
     def _sync_overdue(self) -> None:
-        """Give up on the workers that have not answered the edge's SYNC in time: their channels
+        """Give up on the workers that have not answered the edge's EDGE_SYNC in time: their channels
         get phx_error, as for WORKER_DOWN, and each a TERMINATE, so a worker that was only slow
         (a blocked loop) ends the instances the clients are rejoining elsewhere.  Its own SYNC,
         when it comes, would end them too (the edge answers TERMINATE for what it no longer

@@ -42,6 +42,9 @@ STATS = {
                     "Connections closed by a \"disconnect\" broadcast to their socket id"),
     "foreign_frames": ("zchannels_edge_foreign_frames",
                        "Bus frames about a channel from a peer that does not hold it, dropped"),
+    "sync_timeouts": ("zchannels_edge_sync_timeouts",
+                      "Workers taken for gone (their channels errored) for saying nothing within "
+                      "1.5 s of the edge's channel list after a broker restart or a bus silence"),
     "status_refused": ("zchannels_edge_status_refused",
                        "Status page requests and zchannels:status joins refused (wrong, missing "
                        "or no status token)"),

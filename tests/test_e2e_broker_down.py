@@ -36,7 +36,8 @@ def joined_events(client, chan: str) -> list[dict]:
 
 
 @pytest.mark.timeout(90)
-def test_a_worker_killed_while_the_broker_is_down_is_settled_soon_after_the_restart(cluster_factory, js_client):
+def test_a_worker_killed_while_the_broker_is_down_is_settled_soon_after_the_restart(
+        cluster_factory, js_client):
     cluster = cluster_factory(edges=1, workers=2)
     client = js_client("c")
     assert client.connect(cluster.ws_urls[0], {"user": "c"}, rejoinAfterMs=200)["status"] == "open"
@@ -97,7 +98,8 @@ def test_a_broker_restart_with_every_worker_alive_errors_no_channel(cluster_fact
 
 
 @pytest.mark.timeout(90)
-def test_a_worker_too_slow_to_answer_after_the_restart_has_the_errored_instances_ended(cluster_factory, js_client):
+def test_a_worker_too_slow_to_answer_after_the_restart_has_the_errored_instances_ended(
+        cluster_factory, js_client):
     cluster = cluster_factory(edges=1, workers=2)
     watcher, victim = terminations_watcher_and_victim(js_client, cluster.ws_urls[0], cluster.ws_urls[0])
     slow = victim.push("c", "pid")["response"]["pid"]
@@ -108,6 +110,7 @@ def test_a_worker_too_slow_to_answer_after_the_restart_has_the_errored_instances
         victim.wait_event({"type": "chan_error", "chan": "c"}, timeout=10)
     finally:
         os.kill(slow, signal.SIGCONT)
+    assert "said nothing for 1.5s after the bus came back" in cluster.edge_procs[0].stderr_text()
     # The instance the client gave up on ends in the slow worker (terminate runs) ...
     event = watcher.wait_event({"type": "message", "chan": "t", "event": "terminated"}, timeout=15)
     assert "closed" in event["payload"]["reason"]
