@@ -66,6 +66,10 @@ CHANNEL_ERROR = b"!"    # [CHANNEL_ERROR, dest, conn_id, topic, join_ref]  -> ph
 # After a broker restart (a new broker_instance): the worker's channels on that edge,
 # (conn_id, topic, join_ref) triples packed into one frame, to settle messages the restart lost.
 SYNC = b"Y"             # [SYNC, dest, channels]
+# edge -> worker, back on the bus after a silence or with a new broker: every channel the edge
+# has (joined or joining), packed like SYNC; the worker ends its instances of that edge not
+# listed and answers with its SYNC.  A kind of its own, so each kind keeps one sender role.
+EDGE_SYNC = b"Z"        # [EDGE_SYNC, dest, channels]
 
 # edge -> edge: a LongPoll request that reached an edge other than the one holding its
 # session (non-sticky load balancing), relayed to the holder, and the holder's answer
@@ -87,10 +91,10 @@ ROLE_WORKER = b"W"
 FRAME_COUNTS = {
     CONNECT: 4, JOIN: 8, IN: 9, LEAVE: 6, TERMINATE: 6,
     CONNECT_REPLY: 5, JOIN_REPLY: 9, REPLY: 9, PUSH: 8,
-    CHANNEL_CLOSE: 5, CHANNEL_ERROR: 5, SYNC: 3,
+    CHANNEL_CLOSE: 5, CHANNEL_ERROR: 5, SYNC: 3, EDGE_SYNC: 3,
     LP_REQUEST: 8, LP_RESPONSE: 5,
 }
-EDGE_TO_WORKER = frozenset((CONNECT, JOIN, IN, LEAVE, TERMINATE))
+EDGE_TO_WORKER = frozenset((CONNECT, JOIN, IN, LEAVE, TERMINATE, EDGE_SYNC))
 WORKER_TO_EDGE = frozenset((CONNECT_REPLY, JOIN_REPLY, REPLY, PUSH, CHANNEL_CLOSE, CHANNEL_ERROR, SYNC))
 EDGE_TO_EDGE = frozenset((LP_REQUEST, LP_RESPONSE))
 # The role that may send each point-to-point kind: the broker drops the others, and an

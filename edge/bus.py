@@ -23,6 +23,9 @@ HEARTBEAT_INTERVAL = 0.5
 # past it; see edge/hub.py for what the edge does when the silence lasts.
 BUS_DOWN_AFTER = 2.0
 BROKER_SILENCE_WARNING = BUS_DOWN_AFTER   # the name POST /api/broadcast's 503 text uses
+# A new broker instance seen this soon after the bus came back from a silence is the same event
+# (the new broker's first frames to us can be parked ones, then its heartbeat names it).
+SAME_RETURN = 0.5
 HWM = 200_000
 
 
@@ -32,6 +35,9 @@ class EdgeBus:
                  on_broadcast: Callable[[list[bytes]], None],
                  load: Callable[[], int],
                  on_bus_state: Callable[[bool], None] = lambda up: None):
+        """``on_bus_state(False)``: the bus is down (BUS_DOWN_AFTER of silence).
+        ``on_bus_state(True)``: it is back after a silence or with a new broker instance (a
+        restart, however short): messages in flight then may have been lost."""
         self.edge_id = edge_id
         self.ctx = zmq.Context.instance()
         # NODROP on the PUB: a full queue fails the send (counted), so POST /api/broadcast can
@@ -46,6 +52,8 @@ class EdgeBus:
         self._load = load
         self._last_broker = asyncio.get_running_loop().time()
         self._broker_silent = False
+        self.broker_instance = b""      # named in the broker's heartbeats; new after a restart
+        self._back_at = -SAME_RETURN
         self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeats())
         self.send = self.dealer.send
 
@@ -63,14 +71,32 @@ class EdgeBus:
         silence, self._last_broker = now - self._last_broker, now
         # Also after a silence the heartbeat loop has not flagged yet: the connection may
         # have been remade, and messages lost, all the same.
-        if self._broker_silent or silence > BUS_DOWN_AFTER:
+        back = self._broker_silent or silence > BUS_DOWN_AFTER
+        if frames[0] == wire.HEARTBEAT:
+            back = self._new_instance(frames, now) or back
+        if back:
             if self._broker_silent:
                 log.info("broker reachable again")
             self._broker_silent = False
+            self._back_at = now
             self._on_bus_state(True)
         if frames[0] == wire.HEARTBEAT:
             return
         self._on_direct(frames)
+
+    def _new_instance(self, frames: list[bytes], now: float) -> bool:
+        """Whether this heartbeat names a broker other than the one we knew: it restarted, and
+        what was in flight through the old one may be lost, even if the gap was too short to
+        count as a silence."""
+        instance = frames[1] if len(frames) > 1 else b""
+        if not instance or instance == self.broker_instance:
+            return False
+        known, self.broker_instance = self.broker_instance, instance
+        if not known:
+            return False
+        log.info("new broker instance %s (was %s)", instance.decode(errors="replace"),
+                 known.decode(errors="replace"))
+        return now - self._back_at > SAME_RETURN
 
     async def _heartbeats(self) -> None:
         while True:

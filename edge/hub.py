@@ -18,7 +18,7 @@ import orjson
 
 from broker import wire
 from edge.bus import EdgeBus
-from edge.connection import JOINED, ChannelRef, Connection, ref_bytes, ref_of
+from edge.connection import EMPTY, JOINED, ChannelRef, Connection, ref_bytes, ref_of
 from edge.drain import drain
 from edge.fastlane import FastLane
 from edge.lphub import LongPollHub
@@ -38,6 +38,17 @@ CLOSE_GOING_AWAY = 1001
 # Longer than a plain broker restart (~1-2 s of silence), which must cost no channel.
 BUS_LOSS_TIMEOUT = 5.0
 BUS_LOSS_DRAIN = 2.0
+# After a broker restart (or a silence) the edge lists its channels to every worker it has had
+# channels on, and a live worker answers at once with its own list.  One holding channels of
+# ours that has said nothing this long after is taken for dead (it died while the broker was
+# down, so the new broker never heard of it and would report it only when its 3 s warm-up
+# ends): its channels get phx_error and phoenix.js rejoins them on a live worker.  A live
+# worker answers within about half a second of our own reconnection: workers and edges lost the
+# broker together and retry every 0.1-0.5 s (+ libzmq's jitter), the broker holds our EDGE_SYNC
+# until the worker's first message (its queued heartbeat, sent as its connection comes up) and
+# the worker answers from its loop.  The rest is for a loaded loop: 1.5 s is also how long the
+# broker's placement trusts a silent worker (three missed heartbeats).
+SYNC_ANSWER_TIMEOUT = 1.5
 
 
 @dataclass
@@ -76,6 +87,7 @@ class EdgeHub:
         self.connections: dict[bytes, Connection] = {}
         self.worker_channels: dict[bytes, set[ChannelRef]] = {}
         self.known_workers: set[bytes] = set()   # every worker that holds or held a channel of ours
+        self.sync_waiting: dict[bytes, float] = {}   # worker -> deadline of its answer (_sync_workers)
         self.fastlane = FastLane(self.disconnect_socket_id)
         self._ids = itertools.count(1)
         self._rpc: dict[bytes, asyncio.Future] = {}
@@ -85,7 +97,7 @@ class EdgeHub:
                       "bad_frames": 0, "rate_limited": 0, "rate_limit_closes": 0, "disconnects": 0,
                       "foreign_frames": 0, "status_refused": 0,
                       "bus_loss_closes": 0, "connect_retries": 0, "join_retries": 0,
-                      "late_joins_ended": 0}
+                      "late_joins_ended": 0, "sync_timeouts": 0}
         self.replacer = Replacer(self)   # connects and joins sent again when their worker is silent
         self.status_access.stats = self.stats   # page and join refusals, counted together
         # Bytes of unfinished WebSocket messages beyond each connection's free share (wsproto)
@@ -247,6 +259,8 @@ class EdgeHub:
             if frames[1][:1] != wire.SENDER_ROLE[kind]:   # the broker checks it too
                 self._foreign(frames, "its sender's role may not send this kind")
                 return
+            if self.sync_waiting:
+                self.sync_waiting.pop(frames[1], None)   # any word from a worker is its answer
             try:
                 handler(frames)
             except (UnicodeDecodeError, ValueError) as exc:
@@ -386,6 +400,27 @@ class EdgeHub:
             ch = conn.channels.get(fields[1].decode()) if conn is not None else None
             if ch is not None and ch.join_ref == ref_of(fields[2]):
                 conn.join_failed(ch, ref_of(fields[3]))
+        elif kind == wire.IN and dest and len(fields) >= 4:
+            # A push to a worker the broker does not know (it died while the broker was down,
+            # say): the channel gets phx_error with the rest of that worker's, and this push
+            # an error reply, even if its ref had left the pending list.
+            conn = self.connections.get(fields[0])
+            ch = conn.channels.get(fields[1].decode()) if conn is not None else None
+            if ch is not None and ch.worker == dest and ref_bytes(ch.join_ref) == fields[2] and fields[3]:
+                if ch.pending is None:
+                    ch.pending = {}
+                ch.pending[fields[3]] = None
+            self.worker_down(dest)
+        elif kind == wire.LEAVE and len(fields) >= 4:
+            # The edge forgot the channel when it sent the leave; the worker that would have
+            # answered it (ok, then phx_close) is gone, so the edge answers for it.
+            conn = self.connections.get(fields[0])
+            if conn is not None:
+                topic, join_ref = fields[1].decode(), ref_of(fields[2])
+                conn.reply(join_ref, ref_of(fields[3]), topic, "ok", EMPTY)
+                conn.send(conn.serializer.encode_close(join_ref, topic))
+            if dest:
+                self.worker_down(dest)
         elif dest:
             # The worker holding a channel is gone: same as the broker's notice.
             self.worker_down(dest)
@@ -416,6 +451,7 @@ class EdgeHub:
     def worker_down(self, worker: bytes) -> None:
         self.worker_downs.setdefault(worker, time.time())
         self.known_workers.discard(worker)
+        self.sync_waiting.pop(worker, None)
         chans = self.worker_channels.pop(worker, None)
         if not chans:
             return
@@ -461,19 +497,51 @@ class EdgeHub:
             self._bus_loss = asyncio.get_running_loop().call_later(delay, self._bus_lost)
 
     def _sync_workers(self) -> None:
-        """Back on the bus after a silence (a cut link, a broker restart): messages may have been
-        lost both ways, as in a broker restart (see _on_sync).  Tell every worker we have had
-        channels on which channels we have (joined or joining, anywhere); each ends those of ours
-        it holds that we do not list (our TERMINATE was lost) and answers with its own SYNC, which
-        errors here those it no longer has (its close was lost)."""
-        if not self.known_workers:
+        """Back on the bus after a silence (a cut link) or with a new broker instance: messages
+        may have been lost both ways, as in a broker restart (see _on_sync).  Tell every worker we
+        have had channels on which channels we have (joined or joining, anywhere); each ends those
+        of ours it holds that we do not list (our TERMINATE was lost) and answers with its own
+        SYNC, which errors here those it no longer has (its close was lost).  A worker holding
+        channels of ours that sends nothing within SYNC_ANSWER_TIMEOUT is taken for dead
+        (_sync_overdue)."""
+        workers = self.known_workers | self.worker_channels.keys()
+        if not workers:
             return
         ours = wire.pack_channel_list([(conn.conn_id, ch.topic.encode(), ref_bytes(ch.join_ref))
                                        for conn in self.connections.values()
                                        for ch in conn.channels.values()])
-        for worker in self.known_workers:
-            self.bus_send([wire.SYNC, worker, ours])
-        log.info("back on the bus: told %d worker(s) which channels this edge has", len(self.known_workers))
+        for worker in workers:
+            self.bus_send([wire.EDGE_SYNC, worker, ours])
+        log.info("back on the bus: told %d worker(s) which channels this edge has", len(workers))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SYNC_ANSWER_TIMEOUT
+        # A second round before the first one's answers keeps the first deadline: the same
+        # worker is no more likely to be alive for being asked twice.
+        waiting = self.sync_waiting
+        asked = [w for w in self.worker_channels if waiting.setdefault(w, deadline) == deadline]
+        if asked:
+            loop.call_later(SYNC_ANSWER_TIMEOUT, self._sync_overdue)
+
+    def _sync_overdue(self) -> None:
+        """Give up on the workers that have not answered the edge's EDGE_SYNC in time: their channels
+        get phx_error, as for WORKER_DOWN, and each a TERMINATE, so a worker that was only slow
+        (a blocked loop) ends the instances the clients are rejoining elsewhere.  Its own SYNC,
+        when it comes, would end them too (the edge answers TERMINATE for what it no longer
+        has), so either way no instance is left behind."""
+        now = asyncio.get_running_loop().time()
+        for worker in [w for w, deadline in self.sync_waiting.items() if deadline <= now + 0.01]:
+            del self.sync_waiting[worker]
+            chans = self.worker_channels.pop(worker, None)
+            if not chans:
+                continue
+            self.stats["sync_timeouts"] += 1
+            log.warning("worker %s said nothing for %.1fs after the bus came back: taking it for "
+                        "gone, phx_error to %d channel(s)", worker.decode(errors="replace"),
+                        SYNC_ANSWER_TIMEOUT, len(chans))
+            for ch in chans:
+                self.bus_send([wire.TERMINATE, worker, ch.conn.conn_id, ch.topic.encode(),
+                               ref_bytes(ch.join_ref), b"closed"])
+            self._error_channels(chans)
 
     def _bus_lost(self) -> None:
         """The bus has been down for bus_loss_timeout: send the clients elsewhere (unless it

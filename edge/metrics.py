@@ -52,6 +52,9 @@ STATS = {
     "late_joins_ended": ("zchannels_edge_late_joins_ended",
                          "Join oks that came after their channel stopped waiting (the client "
                          "left, or a copy sent again was answered first); the instance was ended"),
+    "sync_timeouts": ("zchannels_edge_sync_timeouts",
+                      "Workers taken for gone (their channels errored) for saying nothing within "
+                      "1.5 s of the edge's channel list after a broker restart or a bus silence"),
     "status_refused": ("zchannels_edge_status_refused",
                        "Status page requests and zchannels:status joins refused (wrong, missing "
                        "or no status token)"),

@@ -81,7 +81,7 @@ class Worker(ChannelHost):
             wire.HEARTBEAT: self.on_heartbeat, wire.EDGE_DOWN: self.on_edge_down,
             wire.WORKER_DOWN: self.on_worker_down,
             wire.UNROUTABLE: self.on_unroutable, wire.EVICTED: self.on_evicted,
-            wire.SYNC: self.on_edge_sync,
+            wire.EDGE_SYNC: self.on_edge_sync,
         }
 
     # --- bus input --------------------------------------------------------------------
