@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
 CLOSE_GOING_AWAY = 1001
+LOST_IN_OUTAGE = b'{"reason":"lost in a bus outage"}'
 # Clients of an edge cut off from the bus would only see their pushes stall (the edge answers
 # their heartbeats itself): after this long without the broker they are closed with 1012, over
 # BUS_LOSS_DRAIN seconds, and reconnect through the load balancer to an edge that has the bus.
@@ -49,6 +50,11 @@ BUS_LOSS_DRAIN = 2.0
 # the worker answers from its loop.  The rest is for a loaded loop: 1.5 s is also how long the
 # broker's placement trusts a silent worker (three missed heartbeats).
 SYNC_ANSWER_TIMEOUT = 1.5
+# A push that was in flight when the bus went down may have died with the broker or the link.
+# One still unanswered this long after the bus is back gets an error reply, so the client hears
+# of it before phoenix.js's own 10 s timeout: a worker answers a healthy push in milliseconds,
+# and a reply delayed by the outage itself comes within a second of the reconnection.
+OUTAGE_REPLY_AFTER = 4.0
 
 
 @dataclass
@@ -97,7 +103,8 @@ class EdgeHub:
                       "bad_frames": 0, "rate_limited": 0, "rate_limit_closes": 0, "disconnects": 0,
                       "foreign_frames": 0, "status_refused": 0,
                       "bus_loss_closes": 0, "connect_retries": 0, "join_retries": 0,
-                      "late_joins_ended": 0, "sync_timeouts": 0}
+                      "late_joins_ended": 0, "sync_timeouts": 0,
+                      "outage_replies": 0}
         self.replacer = Replacer(self)   # connects and joins sent again when their worker is silent
         self.status_access.stats = self.stats   # page and join refusals, counted together
         # Bytes of unfinished WebSocket messages beyond each connection's free share (wsproto)
@@ -512,6 +519,10 @@ class EdgeHub:
                                        for ch in conn.channels.values()])
         for worker in workers:
             self.bus_send([wire.EDGE_SYNC, worker, ours])
+        in_flight = [(conn, ch, list(ch.pending)) for conn in self.connections.values()
+                     for ch in conn.channels.values() if ch.pending]
+        if in_flight:
+            asyncio.get_running_loop().call_later(OUTAGE_REPLY_AFTER, self._answer_lost_pushes, in_flight)
         log.info("back on the bus: told %d worker(s) which channels this edge has", len(workers))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SYNC_ANSWER_TIMEOUT
@@ -521,6 +532,24 @@ class EdgeHub:
         asked = [w for w in self.worker_channels if waiting.setdefault(w, deadline) == deadline]
         if asked:
             loop.call_later(SYNC_ANSWER_TIMEOUT, self._sync_overdue)
+
+    def _answer_lost_pushes(self, in_flight) -> None:
+        """Pushes that were waiting when the bus came back and are still unanswered now: lost in
+        the outage, or their handler takes longer than OUTAGE_REPLY_AFTER (its late reply is then
+        one phoenix.js ignores).  Either way the client gets an error reply instead of a timeout."""
+        answered = 0
+        for conn, ch, refs in in_flight:
+            if conn.closed or conn.channels.get(ch.topic) is not ch or not ch.pending:
+                continue
+            for ref in refs:
+                if ref in ch.pending:
+                    del ch.pending[ref]
+                    conn.reply(ch.join_ref, ref_of(ref), ch.topic, "error", LOST_IN_OUTAGE)
+                    answered += 1
+        if answered:
+            self.stats["outage_replies"] += answered
+            log.warning("%d push(es) sent before the bus outage still unanswered %.0fs after it: "
+                        "answered with an error", answered, OUTAGE_REPLY_AFTER)
 
     def _sync_overdue(self) -> None:
         """Give up on the workers that have not answered the edge's EDGE_SYNC in time: their channels

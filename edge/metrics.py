@@ -52,6 +52,8 @@ STATS = {
     "late_joins_ended": ("zchannels_edge_late_joins_ended",
                          "Join oks that came after their channel stopped waiting (the client "
                          "left, or a copy sent again was answered first); the instance was ended"),
+    "outage_replies": ("zchannels_edge_outage_replies",
+                       "Pushes still unanswered 4 s after a bus outage ended, answered with an error"),
     "sync_timeouts": ("zchannels_edge_sync_timeouts",
                       "Workers taken for gone (their channels errored) for saying nothing within "
                       "1.5 s of the edge's channel list after a broker restart or a bus silence"),

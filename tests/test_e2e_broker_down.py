@@ -97,6 +97,32 @@ def test_a_broker_restart_with_every_worker_alive_errors_no_channel(cluster_fact
         assert not client.find({"type": "socket_close"}), "a client lost its connection"
 
 
+@pytest.mark.timeout(60)
+def test_a_push_still_unanswered_after_a_broker_restart_gets_an_error_reply_not_a_timeout(
+        cluster_factory, js_client):
+    """What a push lost in flight with the broker looks like, made certain with a push its handler
+    never answers (noreply): once the bus is back, it is answered with an error after
+    OUTAGE_REPLY_AFTER (4 s), well before phoenix.js's 10 s timeout, and the channel lives on."""
+    cluster = cluster_factory(edges=1, workers=1)
+    client = js_client("c")
+    assert client.connect(cluster.ws_urls[0], {"user": "c"}, frames=True)["status"] == "open"
+    assert client.join("c", f"echo:{uid()}")["status"] == "ok"
+    outcome: dict = {}
+    pusher = threading.Thread(target=lambda: outcome.update(
+        client.push("c", "noreply", {}, timeout_ms=10_000)), daemon=True)
+    pusher.start()
+    wait_until(lambda: any(f[3] == "noreply" for f in client.wire("out")), timeout=5)
+    sent = time.monotonic()
+    # A reply to a later push on the same socket: the edge has the noreply push pending.
+    assert client.push("c", "ping", {"before": 1})["status"] == "ok"
+    cluster.restart_broker(down_s=1.0)
+    pusher.join(12)
+    assert outcome == {"status": "error", "response": {"reason": "lost in a bus outage"}}
+    assert time.monotonic() - sent < 9
+    assert client.push("c", "ping", {"after": 1}) == {"status": "ok", "response": {"after": 1}}
+    assert not client.find({"type": "chan_error"})
+
+
 @pytest.mark.timeout(90)
 def test_a_worker_too_slow_to_answer_after_the_restart_has_the_errored_instances_ended(
         cluster_factory, js_client):
