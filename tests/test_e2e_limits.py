@@ -7,18 +7,14 @@ Whatever one connection does, another one on the same edge keeps being served in
 """
 from __future__ import annotations
 
-import base64
 import json
-import os
-import socket
-import struct
 import time
 import urllib.request
 import uuid
-from urllib.parse import urlsplit
 
 import pytest
 
+from tests.blockingws import BlockingWS
 from tests.conftest import wait_until
 from tests.rawws import RawWS
 
@@ -159,74 +155,17 @@ def test_longpoll_posts_are_rate_limited_per_line(rate_cluster):
 
 # ---- slow consumers ----------------------------------------------------------------------------
 
-class HandWS:
-    """A WebSocket client written out by hand on a blocking socket with a small receive buffer,
-    so that the test can stop reading (the kernel then stops taking the edge's writes) and
+class HandWS(BlockingWS):
+    """A client that can stop reading (the kernel then stops taking the edge's writes) and
     resume later."""
 
     def __init__(self, http_url: str, name: str):
-        parts = urlsplit(http_url)
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.settimeout(10)
-        self.sock.connect((parts.hostname, parts.port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET /socket/websocket?vsn=2.0.0&user={name} HTTP/1.1\r\n"
-                           f"Host: {parts.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        self.buf = bytearray()
-        while b"\r\n\r\n" not in self.buf:
-            self._fill()
-        head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        self.buf = bytearray(rest)
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError("the edge closed the connection")
-        self.buf += data
-
-    def send(self, opcode: int, payload: bytes) -> None:
-        mask = os.urandom(4)
-        n = len(payload)
-        head = bytes([0x80 | opcode]) + (bytes([0x80 | n]) if n < 126 else struct.pack("!BH", 0x80 | 126, n))
-        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-    def send_json(self, value) -> None:
-        self.send(0x1, json.dumps(value).encode())
-
-    def recv_frame(self) -> tuple[int, bytes]:
-        while True:
-            buf = self.buf
-            if len(buf) >= 2:
-                n, head = buf[1] & 0x7F, 2
-                if n == 126 and len(buf) >= 4:
-                    n, head = struct.unpack("!H", buf[2:4])[0], 4
-                elif n == 127 and len(buf) >= 10:
-                    n, head = struct.unpack("!Q", buf[2:10])[0], 10
-                if n < 126 or head > 2:
-                    if len(buf) >= head + n:
-                        frame = buf[0] & 0x0F, bytes(buf[head:head + n])
-                        del buf[:head + n]
-                        return frame
-            self._fill()
+        super().__init__(http_url, name, rcvbuf=4096)
 
     def join(self, topic: str) -> None:
         self.send_json(["1", "1", topic, "phx_join", {}])
         opcode, payload = self.recv_frame()
         assert opcode == 1 and json.loads(payload)[4]["status"] == "ok", payload
-
-    def read_until_closed(self) -> int | None:
-        """Drain until the connection ends: (EOF or reset) -> None, unless the close frame came
-        first -> its code."""
-        try:
-            while True:
-                opcode, payload = self.recv_frame()
-                if opcode == 0x8:
-                    return int.from_bytes(payload[:2], "big")
-        except (EOFError, ConnectionResetError):
-            return None
 
 
 def log_count(cluster, text: str) -> int:

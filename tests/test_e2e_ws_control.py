@@ -9,20 +9,17 @@ edge process's VmRSS from /proc.
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 import socket
-import struct
 import threading
 import time
 import urllib.request
-from urllib.parse import urlsplit
 
 import pytest
-from tornado.util import _websocket_mask as mask_bytes
 
 from edge.wsproto import YIELD_EVERY
+from tests.blockingws import BlockingWS, client_frame as frame
 from tests.conftest import wait_until
 
 MB = 1 << 20
@@ -59,62 +56,11 @@ def edge_rss(cluster) -> int:
     raise AssertionError("no VmRSS")
 
 
-def frame(opcode: int, payload: bytes, fin: bool = True, length: int | None = None) -> bytes:
-    """A masked client frame; `length` may announce more payload than is given."""
-    n = len(payload) if length is None else length
-    first = (0x80 if fin else 0) | opcode
-    if n < 126:
-        head = bytes((first, 0x80 | n))
-    elif n < 65536:
-        head = struct.pack("!BBH", first, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", first, 0x80 | 127, n)
-    key = os.urandom(4)
-    return head + key + mask_bytes(key, payload)
-
-
-class RawSock:
-    """A WebSocket client on a plain blocking socket: the test decides when (and whether) it
-    reads.  `rcvbuf` shrinks the receive buffer so that not reading stalls the edge's writes."""
+class RawSock(BlockingWS):
+    """A client that decides when (and whether) it reads."""
 
     def __init__(self, cluster, name: str, rcvbuf: int | None = None):
-        parts = urlsplit(cluster.http_urls[0])
-        self.sock = socket.socket()
-        if rcvbuf:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(10)
-        self.sock.connect((parts.hostname, parts.port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET /socket/websocket?vsn=2.0.0&user={name} HTTP/1.1\r\n"
-                           f"Host: {parts.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        self.buf = bytearray()
-        while b"\r\n\r\n" not in self.buf:
-            self._fill()
-        head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        self.buf = bytearray(rest)
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError("the edge closed the connection")
-        self.buf += data
-
-    def recv_frame(self) -> tuple[int, bytes]:
-        while True:
-            buf = self.buf
-            if len(buf) >= 2:
-                n, head = buf[1] & 0x7F, 2
-                if n == 126 and len(buf) >= 4:
-                    n, head = struct.unpack("!H", buf[2:4])[0], 4
-                elif n == 127 and len(buf) >= 10:
-                    n, head = struct.unpack("!Q", buf[2:10])[0], 10
-                if (n < 126 or head > 2) and len(buf) >= head + n:
-                    got = buf[0] & 0x0F, bytes(buf[head:head + n])
-                    del buf[:head + n]
-                    return got
-            self._fill()
+        super().__init__(cluster.http_urls[0], name, rcvbuf)
 
     def heartbeat(self, ref: str) -> float:
         """Round trip of a Phoenix heartbeat, in seconds (pongs and other frames skipped)."""
@@ -125,18 +71,7 @@ class RawSock:
             if opcode == 0x1 and json.loads(payload)[1] == ref:
                 return time.monotonic() - start
 
-    def read_until_cut(self) -> int | None:
-        """Read until the connection ends; the close code if a close frame came, else None."""
-        try:
-            while True:
-                opcode, payload = self.recv_frame()
-                if opcode == 0x8:
-                    return int.from_bytes(payload[:2], "big")
-        except (EOFError, ConnectionResetError):
-            return None
-
-    def close(self) -> None:
-        self.sock.close()
+    read_until_cut = BlockingWS.read_until_closed
 
 
 def flood(sock: socket.socket, chunk: bytes, stop: threading.Event, outcome: dict,

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import socket
 import struct
 import weakref
 
 import pytest
 import uvloop
-from tornado.util import _websocket_mask as unmask
 
 from broker import wire
 from edge import wsproto
@@ -24,22 +22,9 @@ from edge.connection import Connection
 from edge.hub import EdgeHub, Limits
 from edge.serializer import V2
 from edge.wsproto import WebSocketProtocol
+from tests.blockingws import client_frame as masked
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def masked(opcode: int, payload: bytes, fin: bool = True, length: int | None = None) -> bytes:
-    """A client frame; `length` may announce more payload than is given (an unfinished frame)."""
-    n = len(payload) if length is None else length
-    first = (0x80 if fin else 0) | opcode
-    if n < 126:
-        head = bytes((first, 0x80 | n))
-    elif n < 65536:
-        head = struct.pack("!BBH", first, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", first, 0x80 | 127, n)
-    key = os.urandom(4)
-    return head + key + unmask(key, payload)
 
 
 def server_frames(data: bytes) -> list[tuple[int, bytes]]:
