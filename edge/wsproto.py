@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 CLOSE_NORMAL = 1000
 CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED = 1003
 CLOSE_BAD_DATA = 1007
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -336,8 +335,7 @@ class WebSocketProtocol(asyncio.Protocol):
             binary = opcode == OP_BINARY
             log.info("conn %s: closing, undecodable %s frame: %s", conn.label,
                      "binary" if binary else "text", exc)
-            code = CLOSE_UNSUPPORTED if binary and not serializer.supports_binary else CLOSE_BAD_DATA
-            return self._fail(code, str(exc))
+            return self._fail(CLOSE_BAD_DATA, str(exc))
         conn.handle(msg)
 
     def _fail(self, code: int, reason: str) -> None:

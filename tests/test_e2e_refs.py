@@ -64,6 +64,6 @@ def test_v1_binary_frame_that_is_not_json_closes_only_that_connection(cluster):
     with RawWS.connect(cluster.raw_url(0, vsn="1.0.0")) as bad, \
             RawWS.connect(cluster.raw_url(0, vsn="1.0.0")) as good:
         bad.send_binary(b"\x00\x01 not json")
-        assert bad.wait_closed(5)
+        assert bad.wait_closed(5) and bad.close_code == 1007
         good.send_json({"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": 5})
         assert good.recv_json(5)["ref"] == 5
