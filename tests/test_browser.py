@@ -40,3 +40,31 @@ def test_chat_page_websocket_tab_and_longpoll_tab_see_each_other_and_who_is_onli
     assert shown["longpoll_requests"] > 0, "the LongPoll tab never used /socket/longpoll"
     for name in ("chat-websocket-tab.png", "chat-longpoll-tab.png"):
         assert (ARTIFACTS / name).stat().st_size > 1000
+
+
+@pytest.mark.timeout(120)
+def test_guide_page_round_trips_a_message_between_an_anonymous_tab_and_a_tab_with_a_user_token():
+    """examples/guide's own page, as `zchannels dev examples/guide/channels.py` serves it."""
+    from workers.token import sign
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    secret = "the guide's secret_key_base, for the browser test"
+    cluster = Cluster(app="examples/guide/channels.py", edges=1, workers=2,
+                      edge_args=["--static", "examples/guide/static"],
+                      env={"ZCHANNELS_SECRET_KEY_BASE": secret})
+    try:
+        run = subprocess.run(["node", "tests/js/browser_guide.js", cluster.http_urls[0], str(ARTIFACTS),
+                              sign(secret, "user socket", 42)],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=90)
+        assert run.returncode == 0, f"browser run failed:\n{run.stderr[-3000:]}\n{cluster.stderr()}"
+        shown = json.loads(run.stdout.strip().splitlines()[-1])
+    finally:
+        cluster.stop()
+        cluster.cleanup()
+    for tab in ("anonymous_tab", "user_tab"):
+        # The guide's line: `[${Date()}] ${payload.body}`, one per message, each once.
+        texts = [item.split("] ", 1)[1] for item in shown[tab]]
+        assert texts == ["hello from the anonymous tab", "hello from the user tab"], shown[tab]
+        assert all(item.startswith("[") for item in shown[tab])
+        assert [line for line in shown["console"][tab] if line.startswith("Joined successfully")]
+    assert shown["input_after_enter"] == ""
+    assert (ARTIFACTS / "guide-anonymous-tab.png").stat().st_size > 1000
