@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from edge.lpsession import MAX_LINES
-from tests.rawws import RawWS
+from tests.rawws import HandshakeRefused, RawWS
 from tests.test_e2e_longpoll import NDJSON, http, lp_url
 
 pytestmark = pytest.mark.timeout(60)
@@ -202,3 +202,19 @@ def test_v1_frames_never_carry_join_ref_and_pushes_and_broadcasts_carry_null_ref
         got = [recv(ws), recv(ws)]
         assert {f["event"] for f in got} == {"phx_reply", "phx_close"}
     assert {"phx_reply", "pushed", "bcast", "phx_error", "phx_close"} <= set(seen)
+
+
+# ---- a vsn that is not a string (Phoenix 1.8.6, #6662) ----------------------------------------------
+
+@pytest.mark.parametrize("query", ["vsn%5B%5D=2.0.0", "vsn%5Ba%5D=1"])
+def test_a_vsn_that_is_not_a_string_is_refused_not_crashed_on(cluster, query):
+    """socket.ex connect/2 negotiates only `when is_binary(vsn)`; anything else is refused
+    (WebSocket 403, LongPoll {"status":403}), and the edge carries on."""
+    with pytest.raises(HandshakeRefused) as refused:
+        RawWS.connect(f"{cluster.ws_urls[0]}/websocket?{query}")
+    assert refused.value.code == 403
+    status, _headers, body = http(lp_url(cluster.http_urls[0], f"{query}&"))
+    assert (status, json.loads(body)) == (200, {"status": 403})
+    with RawWS.connect(cluster.raw_url(0)) as ws:
+        ws.send_json([None, "1", "phoenix", "heartbeat", {}])
+        assert ws.recv_json(5)[1] == "1"
