@@ -8,8 +8,10 @@ hand in decoded ``Message``s and expose ``send(data, binary)``,
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 import orjson
@@ -32,6 +34,12 @@ LOST = b'{"reason":"channel lost"}'
 MAX_PENDING_REPLIES = 64     # refs remembered per channel for the error replies of a lost one
 MAX_BUFFERED_WHILE_JOINING = 100
 MAX_TOPIC_BYTES = 255
+# Messages that arrive while a join of the connection is pending wait for its reply (see
+# Connection.handle), at most this many and, each batch, at most this long: a join is answered
+# (ok, error, or "no worker available") within a few seconds, and a client pipelining more than
+# this behind one join is not waiting for it.  Past either bound they go on without it.
+MAX_HELD = 256
+MAX_HOLD_SECONDS = 5.0
 
 JOINING, JOINED = 0, 1
 
@@ -62,9 +70,19 @@ class ChannelRef:
         self.orphan: bytes | None = None
 
 
+class Held:
+    """Messages read while a join was pending, in order, and the timer that bounds their wait."""
+    __slots__ = ("messages", "timer")
+
+    def __init__(self, timer: asyncio.TimerHandle):
+        self.messages: deque[Message] = deque()
+        self.timer = timer
+
+
 class Connection:
     __slots__ = ("hub", "serializer", "transport", "socket_json", "label", "conn_id", "origin",
-                 "channels", "last_recv", "closed", "fmt_key", "id_key", "bucket", "__weakref__")
+                 "channels", "last_recv", "closed", "fmt_key", "id_key", "bucket",
+                 "awaiting", "held", "__weakref__")
 
     def __init__(self, hub: "EdgeHub", serializer, transport, socket_json: bytes, label: str):
         self.hub = hub
@@ -80,6 +98,8 @@ class Connection:
         self.fmt_key = (serializer, transport.frame_kind)
         self.id_key = socket_id_key(socket_json)     # the socket id's topic key, for "disconnect"
         self.bucket = bucket_for(hub.limits.max_rate, hub.limits.max_burst, self.last_recv)
+        self.awaiting: ChannelRef | None = None   # the join whose reply the next message waits for
+        self.held: Held | None = None
 
     # --- writing --------------------------------------------------------------
     def send(self, encoded: tuple[bytes, bool]) -> None:
@@ -94,8 +114,23 @@ class Connection:
 
     # --- reading ----------------------------------------------------------------
     def handle(self, msg: Message) -> None:
+        """One decoded client message, from either transport.
+
+        While a join of this connection is pending, later messages wait for its reply, as in
+        Phoenix, whose socket process runs a join to its reply before it reads the next
+        message (Phoenix.Socket.__in__ -> Phoenix.Channel.Server.join/4 blocks in `receive`).
+        So the replies to a LongPoll POST, or to frames pipelined on a WebSocket, come back
+        in the order of their messages even where the edge answers by itself (heartbeats,
+        unmatched topics, rate limits) and the join goes to a worker.  Joins of one
+        connection therefore run one after the other, as in Phoenix."""
         now = self.last_recv = time.monotonic()
         self.hub.frames_in += 1
+        if self.awaiting is not None:
+            self.hold(msg)
+            return
+        self.dispatch(msg, now)
+
+    def dispatch(self, msg: Message, now: float) -> None:
         event = msg.event
         if event == "heartbeat" and msg.topic == "phoenix":
             self.reply(None, msg.ref, "phoenix", "ok", EMPTY)
@@ -142,6 +177,47 @@ class Connection:
                      self.bucket.rate, self.bucket.burst)
         return False
 
+    # --- messages waiting for a pending join ------------------------------------------
+    def hold(self, msg: Message) -> None:
+        held = self.held
+        if held is None:
+            timer = asyncio.get_running_loop().call_later(MAX_HOLD_SECONDS, self.stop_holding)
+            held = self.held = Held(timer)
+        elif len(held.messages) >= MAX_HELD:
+            self.order_given_up(f"{MAX_HELD} messages are waiting for it")
+            self.dispatch(msg, time.monotonic())   # handled now, out of order
+            return
+        held.messages.append(msg)
+
+    def release(self) -> None:
+        """The awaited join is answered (its reply written): handle what waited for it, in
+        order, until one of those is a join that is pending in turn."""
+        self.awaiting = None
+        held, self.held = self.held, None
+        if held is None:
+            return
+        held.timer.cancel()
+        messages = held.messages
+        while messages and not self.closed:
+            self.dispatch(messages.popleft(), time.monotonic())
+            if self.awaiting is not None and messages:   # the rest waits for that join
+                held.timer = asyncio.get_running_loop().call_later(MAX_HOLD_SECONDS, self.stop_holding)
+                self.held = held
+                return
+
+    def stop_holding(self) -> None:
+        """MAX_HOLD_SECONDS passed and the awaited join is still unanswered."""
+        self.order_given_up(f"it is unanswered after {MAX_HOLD_SECONDS:g}s")
+        self.release()
+
+    def order_given_up(self, why: str) -> None:
+        stats = self.hub.stats
+        n = stats["order_given_up"] = stats.get("order_given_up", 0) + 1
+        if n <= 20 or n % 1000 == 0:
+            ch = self.awaiting
+            log.info("conn %s: messages no longer wait for the join of %.60r: %s (%d so far)",
+                     self.label, ch.topic if ch is not None else "", why, n)
+
     def join(self, msg: Message) -> None:
         topic = msg.topic
         if "\x00" in topic or len(topic.encode()) > MAX_TOPIC_BYTES:
@@ -159,6 +235,8 @@ class Connection:
         if old is not None:
             ch.replaces = old.join_ref
             self.hub.drop_channel(old, reason=b"duplicate_join")
+        if self.awaiting is None or self.awaiting is old:
+            self.awaiting = ch
         self.channels[topic] = ch
         self.hub.subscribe(ch)
         self.hub.send_join(ch, [wire.JOIN, b"", self.conn_id, topic.encode(),
@@ -182,6 +260,8 @@ class Connection:
             # Still joining: answer for the channel; a late join ok gets terminated.
             self.reply(ch.join_ref, msg.ref, msg.topic, "ok", EMPTY)
             self.send(self.serializer.encode_close(ch.join_ref, msg.topic))
+            if self.awaiting is ch:   # (a leave read past MAX_HELD): its reply will never come
+                self.release()
 
     def push_in(self, msg: Message) -> None:
         ch = self.channels.get(msg.topic)
@@ -239,6 +319,8 @@ class Connection:
         buffered, ch.buffered = ch.buffered, None
         for msg in buffered or ():
             self.push_in(msg) if status == "ok" else self.reply(None, msg.ref, topic, "error", UNMATCHED)
+        if self.awaiting is ch:
+            self.release()
 
     def channel_gone(self, topic: str, join_ref: str | None, error: bool) -> None:
         """A worker closed (phx_close) or lost (phx_error) a channel instance."""
@@ -261,6 +343,8 @@ class Connection:
         for ref in pending or ():
             self.reply(ch.join_ref, ref_of(ref), ch.topic, "error", LOST)
         self.send(self.serializer.encode_error(ch.join_ref, ch.topic))
+        if self.awaiting is ch:   # lost while joining (the broker evicted this edge)
+            self.release()
 
     def join_failed(self, ch: ChannelRef, ref: str | None) -> None:
         """The broker could not place the join (no live worker): the client gets the error
@@ -283,6 +367,10 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        self.awaiting = None
+        held, self.held = self.held, None
+        if held is not None:
+            held.timer.cancel()
         for ch in list(self.channels.values()):
             self.hub.drop_channel(ch, reason=b"closed")
         self.channels.clear()

@@ -164,11 +164,13 @@ def test_a_closed_connection_is_freed_at_once_with_the_gc_off(loop_kind):
         hub = make_hub()
         proto, conn, client = await open_pair(hub)
         client.sendall(masked(0x1, b'["1","1","room:a","phx_join",{}]')
-                       + masked(0x1, b'["2","2","room:b","phx_join",{}]'))   # b stays joining
-        while len(conn.channels) < 2:
+                       + masked(0x1, b'["2","2","room:b","phx_join",{}]')    # b stays joining
+                       + masked(0x1, b'[null,"3","phoenix","heartbeat",{}]'))   # waits for b
+        while not conn.channels:
             await asyncio.sleep(0.005)
         ch = conn.channels["room:a"]
-        conn.joined(ch, b"Wtest", "1", "ok", b"{}", b"[]")
+        conn.joined(ch, b"Wtest", "1", "ok", b"{}", b"[]")   # b's join goes out, as in Phoenix
+        assert len(conn.channels) == 2 and conn.held is not None
         await asyncio.get_running_loop().sock_sendall(client, masked(0x2, b"\x00" * 512_000, length=900_000))
         while len(proto.buf) < 512_000:
             await asyncio.sleep(0.005)
