@@ -212,7 +212,7 @@ class Connection:
 
     def order_given_up(self, why: str) -> None:
         stats = self.hub.stats
-        n = stats["order_given_up"] = stats.get("order_given_up", 0) + 1
+        n = stats["order_given_up"] = stats["order_given_up"] + 1
         if n <= 20 or n % 1000 == 0:
             ch = self.awaiting
             log.info("conn %s: messages no longer wait for the join of %.60r: %s (%d so far)",

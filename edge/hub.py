@@ -104,7 +104,7 @@ class EdgeHub:
                       "foreign_frames": 0, "status_refused": 0,
                       "bus_loss_closes": 0, "connect_retries": 0, "join_retries": 0,
                       "late_joins_ended": 0, "sync_timeouts": 0,
-                      "outage_replies": 0}
+                      "outage_replies": 0, "order_given_up": 0}
         self.replacer = Replacer(self)   # connects and joins sent again when their worker is silent
         self.status_access.stats = self.stats   # page and join refusals, counted together
         # Bytes of unfinished WebSocket messages beyond each connection's free share (wsproto)

@@ -52,6 +52,9 @@ STATS = {
     "late_joins_ended": ("zchannels_edge_late_joins_ended",
                          "Join oks that came after their channel stopped waiting (the client "
                          "left, or a copy sent again was answered first); the instance was ended"),
+    "order_given_up": ("zchannels_edge_order_given_up",
+                       "Messages handled out of order: over 256 waiting behind a pending join, or "
+                       "a join unanswered for 5 s"),
     "outage_replies": ("zchannels_edge_outage_replies",
                        "Pushes still unanswered 4 s after a bus outage ended, answered with an error"),
     "sync_timeouts": ("zchannels_edge_sync_timeouts",
