@@ -41,6 +41,7 @@ closed connection's memory until a garbage collection.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 from typing import TYPE_CHECKING
 
@@ -87,7 +88,7 @@ class WebSocketProtocol(asyncio.Protocol):
     __slots__ = ("hub", "make_connection", "handshake", "transport", "conn", "buf", "fragments",
                  "fragment_opcode", "fragment_size", "closing", "failed", "paused", "lost",
                  "write_blocked", "pong", "close_timer", "ignored", "max_size", "max_outbound", "budget",
-                 "drawn", "hold_over", "__weakref__")
+                 "drawn", "hold_over", "utf8", "__weakref__")
 
     def __init__(self, hub: "EdgeHub", make_connection, handshake: bytes):
         self.hub = hub
@@ -101,6 +102,9 @@ class WebSocketProtocol(asyncio.Protocol):
         self.fragments: bytearray | None = None
         self.fragment_opcode = 0
         self.fragment_size = 0
+        # A fragmented text message is checked fragment by fragment (RFC 6455 §8.1: fail fast);
+        # a single-frame one only by its decoder, once.
+        self.utf8: codecs.IncrementalDecoder | None = None
         self.closing = False
         self.failed = False       # bad input: stop reading altogether
         self.paused = False       # yielded to other connections; a _resume is scheduled
@@ -204,8 +208,7 @@ class WebSocketProtocol(asyncio.Protocol):
             if not b1 & 0x80:
                 self._fail(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
                 return
-            if b0 & 0x70:
-                self._fail(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension agreed)")
+            if b0 & 0x70 and not self._reserved_bits(b0):
                 return
             if length + self.fragment_size > self.max_size:
                 self._fail(CLOSE_TOO_BIG, f"message over {self.max_size} bytes")
@@ -242,6 +245,12 @@ class WebSocketProtocol(asyncio.Protocol):
             pong, self.pong = self.pong, None
             self.send_prebuilt(build_control(OP_PONG, pong))
 
+    def _reserved_bits(self, b0: int) -> bool:
+        """RSV1-3 set on a frame: with no extension agreed, a protocol error (RFC 6455 §5.2).
+        Returns whether the frame may be read on (``wsdeflate`` accepts RSV1 on some)."""
+        self._fail(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension agreed)")
+        return False
+
     def _hold(self, held: int) -> None:
         """Draw from or give back to the edge's budget so this connection holds `held` bytes."""
         budget = self.budget
@@ -269,7 +278,7 @@ class WebSocketProtocol(asyncio.Protocol):
         """Nothing more from this client is read: its unread bytes and fragments go now."""
         memtrim.freed(len(self.buf) + self.fragment_size)
         self.buf.clear()
-        self.fragments, self.fragment_size = None, 0
+        self.fragments, self.fragment_size, self.utf8 = None, 0, None
         self._give_back()
 
     def _assemble(self, opcode: int, fin: int, payload: bytes) -> tuple[int, bytes] | None:
@@ -278,40 +287,75 @@ class WebSocketProtocol(asyncio.Protocol):
             if fragments is None:
                 self._fail(CLOSE_PROTOCOL_ERROR, "continuation frame without a first frame")
                 return None
+            if self.utf8 is not None and not self._valid_utf8(payload, fin):
+                return None
             fragments += payload
             self.fragment_size += len(payload)
             if not fin:
                 return None
-            self.fragments, self.fragment_size = None, 0
+            self.fragments, self.fragment_size, self.utf8 = None, 0, None
             return self.fragment_opcode, bytes(fragments)
         if opcode not in (OP_TEXT, OP_BINARY):
-            self._fail(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+            self._fail(CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode}")
             return None
         if self.fragments is not None:
             self._fail(CLOSE_PROTOCOL_ERROR, "new message before the fragmented one ended")
             return None
         if not fin:
+            if opcode == OP_TEXT:
+                self.utf8 = codecs.getincrementaldecoder("utf-8")()
+                if not self._valid_utf8(payload, 0):
+                    return None
             self.fragments, self.fragment_opcode = bytearray(payload), opcode
             self.fragment_size = len(payload)
             return None
         return opcode, payload
 
+    def _valid_utf8(self, payload: bytes, fin: int) -> bool:
+        """One fragment of a text message: invalid UTF-8 fails the connection now (1007), not
+        when the message is complete (RFC 6455 §8.1; Autobahn 6.4)."""
+        try:
+            self.utf8.decode(payload, bool(fin))
+        except UnicodeDecodeError as exc:
+            self.hub.stats["bad_frames"] += 1
+            log.info("conn %s: closing, invalid UTF-8 in a text fragment: %s",
+                     self.conn.label if self.conn else "?", exc.reason)
+            self._fail(CLOSE_BAD_DATA, "invalid UTF-8 in a text message")
+            return False
+        return True
+
     def _control(self, opcode: int, fin: int, payload: bytes) -> None:
+        if opcode > OP_PONG:
+            return self._fail(CLOSE_PROTOCOL_ERROR, f"reserved control opcode {opcode}")
         if not fin or len(payload) > 125:
             return self._fail(CLOSE_PROTOCOL_ERROR, "fragmented or oversize control frame")
         if opcode == OP_CLOSE:
             if not self.closing:  # the client started the closing handshake: echo its code
-                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else CLOSE_NORMAL
-                self.close(code if valid_close_code(code) else CLOSE_PROTOCOL_ERROR)
+                self._answer_close(payload)
             self.transport.close()
-        elif opcode > OP_PONG:
-            self._fail(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
         elif self.closing:
             self._ignore()
         # A ping or an unsolicited pong takes a token like a message; a ping within the rate
         # is answered after the batch, with the latest one's payload (RFC 6455 §5.5.3).
         elif self.conn.control_in() and opcode == OP_PING:
             self.pong = payload
+
+    def _answer_close(self, payload: bytes) -> None:
+        """The client's close frame: no body is answered 1000, a well-formed one with its own
+        code; a one-byte body or a code no peer may send 1002, a reason that is not UTF-8 1007
+        (RFC 6455 §5.5.1, §7.4; Autobahn 7.3, 7.5, 7.9)."""
+        if not payload:
+            return self.close(CLOSE_NORMAL)
+        code = int.from_bytes(payload[:2], "big")
+        if len(payload) < 2 or not valid_close_code(code):
+            self.hub.stats["bad_frames"] += 1
+            return self.close(CLOSE_PROTOCOL_ERROR, "malformed close frame")
+        try:
+            payload[2:].decode()
+        except UnicodeDecodeError:
+            self.hub.stats["bad_frames"] += 1
+            return self.close(CLOSE_BAD_DATA, "close reason is not UTF-8")
+        self.close(code)
 
     def _ignore(self) -> None:
         """A frame after a close frame.  A client answers ours with its own close frame; one
