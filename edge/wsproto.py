@@ -349,12 +349,15 @@ class WebSocketProtocol(asyncio.Protocol):
         code = int.from_bytes(payload[:2], "big")
         if len(payload) < 2 or not valid_close_code(code):
             self.hub.stats["bad_frames"] += 1
-            return self.close(CLOSE_PROTOCOL_ERROR, "malformed close frame")
+            return self._fail(CLOSE_PROTOCOL_ERROR,
+                              f"malformed close frame ({len(payload)} bytes, code {code})")
         try:
             payload[2:].decode()
         except UnicodeDecodeError:
             self.hub.stats["bad_frames"] += 1
-            return self.close(CLOSE_BAD_DATA, "close reason is not UTF-8")
+            log.info("conn %s: closing with %d: close reason is not UTF-8",
+                     self.conn.label if self.conn else "?", CLOSE_BAD_DATA)
+            return self._fail(CLOSE_BAD_DATA, "close reason is not UTF-8")
         self.close(code)
 
     def _ignore(self) -> None:
