@@ -131,6 +131,11 @@ class DeflateWebSocketProtocol(WebSocketProtocol):
             self.inflater = None
         return super()._assemble(opcode, fin, payload)
 
+    def _check_partial(self, buf: bytearray, pos: int, start: int, end: int, b0: int):
+        if self.rsv1 or self.inflater is not None:
+            return None                 # compressed bytes: checked once inflated
+        return super()._check_partial(buf, pos, start, end, b0)
+
     def _inflate(self, payload: bytes, fin: int) -> bytes | None:
         room = self.max_size - self.fragment_size
         try:

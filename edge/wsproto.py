@@ -88,7 +88,7 @@ class WebSocketProtocol(asyncio.Protocol):
     __slots__ = ("hub", "make_connection", "handshake", "transport", "conn", "buf", "fragments",
                  "fragment_opcode", "fragment_size", "closing", "failed", "paused", "lost",
                  "write_blocked", "pong", "close_timer", "ignored", "max_size", "max_outbound", "budget",
-                 "drawn", "hold_over", "utf8", "__weakref__")
+                 "drawn", "hold_over", "utf8", "partial", "__weakref__")
 
     def __init__(self, hub: "EdgeHub", make_connection, handshake: bytes):
         self.hub = hub
@@ -105,6 +105,8 @@ class WebSocketProtocol(asyncio.Protocol):
         # A fragmented text message is checked fragment by fragment (RFC 6455 §8.1: fail fast);
         # a single-frame one only by its decoder, once.
         self.utf8: codecs.IncrementalDecoder | None = None
+        # ... and a text frame still arriving, as far as it came: (decoder, bytes checked)
+        self.partial: tuple[codecs.IncrementalDecoder, int] | None = None
         self.closing = False
         self.failed = False       # bad input: stop reading altogether
         self.paused = False       # yielded to other connections; a _resume is scheduled
@@ -190,6 +192,7 @@ class WebSocketProtocol(asyncio.Protocol):
         pos = 0
         handled = 0
         end = len(buf)
+        partial = None
         # (pause_writing stops reading; it also closes, so the rest of this batch is ignored)
         while end - pos >= 2 and not self.failed:
             b0, b1 = buf[pos], buf[pos + 1]
@@ -215,6 +218,8 @@ class WebSocketProtocol(asyncio.Protocol):
                 return
             start = pos + head + 4
             if end - start < length:
+                if b0 & 0x0F < OP_BINARY and end > start:    # a text frame (or a fragment) so far
+                    partial = self._check_partial(buf, pos, start, end, b0)
                 break
             payload = unmask(bytes(buf[pos + head:start]), bytes(buf[start:start + length]))
             pos = start + length
@@ -234,6 +239,7 @@ class WebSocketProtocol(asyncio.Protocol):
                 self.transport.pause_reading()
                 asyncio.get_running_loop().call_soon(self._resume)
                 break
+        self.partial = partial
         if self.failed:
             return
         del buf[:pos]
@@ -278,7 +284,7 @@ class WebSocketProtocol(asyncio.Protocol):
         """Nothing more from this client is read: its unread bytes and fragments go now."""
         memtrim.freed(len(self.buf) + self.fragment_size)
         self.buf.clear()
-        self.fragments, self.fragment_size, self.utf8 = None, 0, None
+        self.fragments, self.fragment_size, self.utf8, self.partial = None, 0, None, None
         self._give_back()
 
     def _assemble(self, opcode: int, fin: int, payload: bytes) -> tuple[int, bytes] | None:
@@ -311,18 +317,49 @@ class WebSocketProtocol(asyncio.Protocol):
             return None
         return opcode, payload
 
+    def _check_partial(self, buf: bytearray, pos: int, start: int, end: int, b0: int):
+        """A text frame not fully arrived: its UTF-8 so far, checked now (Autobahn 6.4.3: fail
+        fast inside a frame too).  The frame is whole-checked again when complete (by the
+        serializer or the message's decoder); this only fails earlier.  Returns the state to
+        keep for the frame's next bytes, or None.  At ``pos`` 0 the frame is the one checked
+        in the last batch, if any: an incomplete frame is always left at the buffer's start."""
+        if self.closing:
+            return None
+        partial = self.partial if pos == 0 else None
+        if partial is None:
+            if b0 & 0x0F == OP_CONT and self.utf8 is None:
+                return None                       # a binary message's fragment
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            if b0 & 0x0F == OP_CONT:
+                decoder.setstate(self.utf8.getstate())
+            partial = decoder, 0
+        decoder, checked = partial
+        got = end - start
+        if got > checked:
+            key = bytes(buf[start - 4:start])
+            turn = checked % 4
+            try:
+                decoder.decode(unmask(key[turn:] + key[:turn], bytes(buf[start + checked:end])))
+            except UnicodeDecodeError as exc:
+                self._bad_utf8(exc)
+                return None
+        return decoder, got
+
     def _valid_utf8(self, payload: bytes, fin: int) -> bool:
         """One fragment of a text message: invalid UTF-8 fails the connection now (1007), not
         when the message is complete (RFC 6455 §8.1; Autobahn 6.4)."""
         try:
             self.utf8.decode(payload, bool(fin))
         except UnicodeDecodeError as exc:
-            self.hub.stats["bad_frames"] += 1
-            log.info("conn %s: closing, invalid UTF-8 in a text fragment: %s",
-                     self.conn.label if self.conn else "?", exc.reason)
-            self._fail(CLOSE_BAD_DATA, "invalid UTF-8 in a text message")
+            self._bad_utf8(exc)
             return False
         return True
+
+    def _bad_utf8(self, exc: UnicodeDecodeError) -> None:
+        self.hub.stats["bad_frames"] += 1
+        log.info("conn %s: closing with %d, invalid UTF-8 in a text message: %s",
+                 self.conn.label if self.conn else "?", CLOSE_BAD_DATA, exc.reason)
+        self._fail(CLOSE_BAD_DATA, "invalid UTF-8 in a text message")
 
     def _control(self, opcode: int, fin: int, payload: bytes) -> None:
         if opcode > OP_PONG:

@@ -117,3 +117,50 @@ def test_rsv1_without_an_agreed_extension_fails_1002():
     frame[0] |= 0x40
     _conn, transport = feed([bytes(frame)])
     assert close_code(transport.written) == 1002
+
+
+def test_invalid_utf8_inside_one_frame_fails_before_the_frame_ends():
+    """Autobahn 6.4.3: one text frame sent in chops; the chop with the invalid bytes fails it."""
+    body = '[null,"1","phoenix","heartbeat",{"s":"κόσμε'.encode() + b"\xf4\x90\x80\x80" + b'"}]'
+    frame = masked(body)
+    cut = len(frame) - len(body) + body.index(b"\xf4")
+    _conn, transport = feed([frame[:cut]])
+    assert not transport.closed                            # valid so far: waits for more
+    _conn, transport = feed([frame[:cut], frame[cut:cut + 2]])
+    assert close_code(transport.written) == 1007 and transport.closed
+
+
+def test_a_text_frame_arriving_byte_by_byte_is_checked_and_delivered_whole():
+    body = '[null,"1","phoenix","heartbeat",{"s":"€ 𝄞 ☃ é"}]'.encode()
+    frame = masked(body)
+    conn, transport = feed([frame[i:i + 1] for i in range(len(frame))])
+    assert [m.payload for m in conn.messages] == [{"s": "€ 𝄞 ☃ é"}] and not transport.closed
+
+
+def test_a_continuation_arriving_in_chops_goes_on_from_the_fragments_before_it():
+    body = '[null,"1","phoenix","heartbeat",{"s":"€€"}]'.encode()
+    cut = body.index("€".encode()) + 2                      # the first fragment ends mid-character
+    second = masked(body[cut:], opcode=0)
+    conn, transport = feed([masked(body[:cut], fin=False), second[:7], second[7:]])
+    assert [m.payload for m in conn.messages] == [{"s": "€€"}] and not transport.closed
+    bad = masked(b"\x41" + body[cut + 1:], opcode=0)        # not the continuation byte expected
+    _conn, transport = feed([masked(body[:cut], fin=False), bad[:8]])
+    assert close_code(transport.written) == 1007
+
+
+def test_the_next_frame_is_not_checked_as_the_rest_of_the_last():
+    """A frame checked while it arrived, then completed at the end of a read: the following
+    frame, arriving in pieces from the buffer's start too, is checked from its own first byte."""
+    first = masked('[null,"1","phoenix","heartbeat",{"s":"€"}]'.encode())
+    cut = len(first) - len('€"}]'.encode()) + 1             # leaves the check inside the euro sign
+    second = masked(b'[null,"2","phoenix","heartbeat",{"s":"abcdefghijklmnopqrstuvwxyz"}]')
+    for chunks in ([first[:cut], first[cut:], second[:-3]],      # the next read starts with it
+                   [first[:cut], first[cut:] + second[:-3]]):    # the same read completes the first
+        conn, transport = feed(chunks)
+        assert [m.payload for m in conn.messages] == [{"s": "€"}] and not transport.closed
+
+
+def test_a_binary_frame_in_chops_is_not_checked_as_utf8():
+    frame = masked(b"\xff\xfe\xfd" * 50, opcode=0x2)
+    _conn, transport = feed([frame[:40], frame[40:80]])
+    assert not transport.closed and close_code(transport.written) is None
