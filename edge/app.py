@@ -122,7 +122,8 @@ async def serve(args, origin_check: OriginCheck) -> int:
                     longpoll_window=window,
                     longpoll_inactivity=args.longpoll_inactivity or 1.5 * window,
                     max_inbound_buffered=getattr(args, "max_inbound_buffered",
-                                                 Limits.max_inbound_buffered))
+                                                 Limits.max_inbound_buffered),
+                    compress=getattr(args, "compress", False))
     hub = EdgeHub(args.bus, limits, origin_check=origin_check,
                   status_access=StatusAccess.from_options(getattr(args, "status_token", None)),
                   bus_loss_timeout=getattr(args, "bus_loss_timeout", BUS_LOSS_TIMEOUT))

@@ -69,6 +69,7 @@ class Limits:
     longpoll_window: float = 10.0        # longest a LongPoll GET is held
     longpoll_inactivity: float = 15.0    # a LongPoll session nobody polled for this long ends
     max_inbound_buffered: int = 64 * 1_048_576   # unfinished inbound WebSocket messages, whole edge
+    compress: bool = False               # offer permessage-deflate to WebSocket clients (wsdeflate)
 
 
 class ConnectRefused(Exception):

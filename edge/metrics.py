@@ -22,7 +22,8 @@ from tornado import web
 if TYPE_CHECKING:
     from edge.hub import EdgeHub
 
-TRANSPORTS = {"ws": "websocket", "longpoll": "longpoll"}   # Connection.transport.frame_kind -> label
+TRANSPORTS = {"ws": "websocket", "ws-deflate": "websocket",   # Connection.transport.frame_kind -> label
+              "longpoll": "longpoll"}
 
 # hub.stats key -> (metric name without _total, help)
 STATS = {

@@ -22,6 +22,7 @@ from edge.connection import Connection
 from edge.handshake import connect_info, origin_allowed
 from edge.hub import ConnectRefused, EdgeHub
 from edge.params import decode_params
+from edge.wsdeflate import DeflateWebSocketProtocol, negotiate
 from edge.wsproto import WebSocketProtocol
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,14 @@ class WebSocketUpgrade(web.RequestHandler):
                     f"Sec-WebSocket-Accept: {accept_value(key)}\r\n")
         if protocol:
             response += f"Sec-WebSocket-Protocol: {protocol}\r\n"
-        await self.hand_over((response + "\r\n").encode(), serializer, socket_json)
+        deflate = negotiate(headers.get("Sec-WebSocket-Extensions", "")) if self.hub.limits.compress else None
+        if deflate:
+            response += f"Sec-WebSocket-Extensions: {deflate}\r\n"
+        await self.hand_over((response + "\r\n").encode(), serializer, socket_json,
+                             DeflateWebSocketProtocol if deflate else WebSocketProtocol)
 
-    async def hand_over(self, handshake: bytes, serializer, socket_json: bytes) -> None:
+    async def hand_over(self, handshake: bytes, serializer, socket_json: bytes,
+                        protocol_class: type[WebSocketProtocol] = WebSocketProtocol) -> None:
         """Move the TCP connection from Tornado to a WebSocketProtocol on the loop."""
         stream = self.detach()
         label = self.request.remote_ip
@@ -122,4 +128,4 @@ class WebSocketUpgrade(web.RequestHandler):
 
         loop = asyncio.get_running_loop()
         await loop.connect_accepted_socket(
-            lambda: WebSocketProtocol(hub, make_connection, handshake), sock=sock)
+            lambda: protocol_class(hub, make_connection, handshake), sock=sock)

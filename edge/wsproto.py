@@ -9,9 +9,10 @@ other connections get their turn.
 
 Pings and pongs cost the edge a turn like messages do, so they take a token of the
 connection's rate limit (``Connection.control_in``); a ping over the limit goes
-unanswered and a client that keeps going is closed 1008.  Only the latest ping of
-a read batch is answered (RFC 6455 §5.5.3 allows that), so a ping flood makes at
-most one pong per ``YIELD_EVERY`` frames.
+unanswered and a client that keeps going is closed 1008.  A ping within the limit is
+answered at once, so its pong goes out before anything the frames after it cause (the
+Autobahn|Testsuite checks that order, and answers to every ping, not only the latest
+that RFC 6455 §5.5.3 would allow).
 
 Writes go to ``transport.write``, which sends at once when nothing is queued;
 the fast lane writes the same prebuilt frame bytes to every subscriber.  A client
@@ -41,6 +42,7 @@ closed connection's memory until a garbage collection.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 from typing import TYPE_CHECKING
 
@@ -86,8 +88,8 @@ class WebSocketProtocol(asyncio.Protocol):
     frame_kind = "ws"
     __slots__ = ("hub", "make_connection", "handshake", "transport", "conn", "buf", "fragments",
                  "fragment_opcode", "fragment_size", "closing", "failed", "paused", "lost",
-                 "write_blocked", "pong", "close_timer", "ignored", "max_size", "max_outbound", "budget",
-                 "drawn", "hold_over", "__weakref__")
+                 "write_blocked", "close_timer", "ignored", "max_size", "max_outbound", "budget",
+                 "drawn", "hold_over", "utf8", "partial", "__weakref__")
 
     def __init__(self, hub: "EdgeHub", make_connection, handshake: bytes):
         self.hub = hub
@@ -101,12 +103,16 @@ class WebSocketProtocol(asyncio.Protocol):
         self.fragments: bytearray | None = None
         self.fragment_opcode = 0
         self.fragment_size = 0
+        # A fragmented text message is checked fragment by fragment (RFC 6455 §8.1: fail fast);
+        # a single-frame one only by its decoder, once.
+        self.utf8: codecs.IncrementalDecoder | None = None
+        # ... and a text frame still arriving, as far as it came: (decoder, bytes checked)
+        self.partial: tuple[codecs.IncrementalDecoder, int] | None = None
         self.closing = False
         self.failed = False       # bad input: stop reading altogether
         self.paused = False       # yielded to other connections; a _resume is scheduled
         self.lost = False
         self.write_blocked = False  # over --max-outbound unsent: reading stops until it drains
-        self.pong: bytes | None = None  # payload of the latest ping of this read batch
         self.close_timer: asyncio.TimerHandle | None = None
         self.ignored = 0          # frames read after a close frame
         self.max_size = hub.limits.max_frame_size
@@ -139,7 +145,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.lost = True
         memtrim.freed(len(self.buf) + self.fragment_size)
         self.buf = bytearray()
-        self.fragments, self.fragment_size, self.pong = None, 0, None
+        self.fragments, self.fragment_size = None, 0
         self._give_back()
         if self.close_timer is not None:
             self.close_timer.cancel()
@@ -186,6 +192,7 @@ class WebSocketProtocol(asyncio.Protocol):
         pos = 0
         handled = 0
         end = len(buf)
+        partial = None
         # (pause_writing stops reading; it also closes, so the rest of this batch is ignored)
         while end - pos >= 2 and not self.failed:
             b0, b1 = buf[pos], buf[pos + 1]
@@ -204,14 +211,15 @@ class WebSocketProtocol(asyncio.Protocol):
             if not b1 & 0x80:
                 self._fail(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
                 return
-            if b0 & 0x70:
-                self._fail(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension agreed)")
+            if b0 & 0x70 and not self._reserved_bits(b0):
                 return
             if length + self.fragment_size > self.max_size:
                 self._fail(CLOSE_TOO_BIG, f"message over {self.max_size} bytes")
                 return
             start = pos + head + 4
             if end - start < length:
+                if b0 & 0x0F < OP_BINARY and end > start:    # a text frame (or a fragment) so far
+                    partial = self._check_partial(buf, pos, start, end, b0)
                 break
             payload = unmask(bytes(buf[pos + head:start]), bytes(buf[start:start + length]))
             pos = start + length
@@ -231,6 +239,7 @@ class WebSocketProtocol(asyncio.Protocol):
                 self.transport.pause_reading()
                 asyncio.get_running_loop().call_soon(self._resume)
                 break
+        self.partial = partial
         if self.failed:
             return
         del buf[:pos]
@@ -238,9 +247,12 @@ class WebSocketProtocol(asyncio.Protocol):
             self._hold(end - pos + self.fragment_size)
             if self.failed:
                 return
-        if self.pong is not None:
-            pong, self.pong = self.pong, None
-            self.send_prebuilt(build_control(OP_PONG, pong))
+
+    def _reserved_bits(self, b0: int) -> bool:
+        """RSV1-3 set on a frame: with no extension agreed, a protocol error (RFC 6455 §5.2).
+        Returns whether the frame may be read on (``wsdeflate`` accepts RSV1 on some)."""
+        self._fail(CLOSE_PROTOCOL_ERROR, "reserved bits set (no extension agreed)")
+        return False
 
     def _hold(self, held: int) -> None:
         """Draw from or give back to the edge's budget so this connection holds `held` bytes."""
@@ -269,7 +281,7 @@ class WebSocketProtocol(asyncio.Protocol):
         """Nothing more from this client is read: its unread bytes and fragments go now."""
         memtrim.freed(len(self.buf) + self.fragment_size)
         self.buf.clear()
-        self.fragments, self.fragment_size = None, 0
+        self.fragments, self.fragment_size, self.utf8, self.partial = None, 0, None, None
         self._give_back()
 
     def _assemble(self, opcode: int, fin: int, payload: bytes) -> tuple[int, bytes] | None:
@@ -278,40 +290,109 @@ class WebSocketProtocol(asyncio.Protocol):
             if fragments is None:
                 self._fail(CLOSE_PROTOCOL_ERROR, "continuation frame without a first frame")
                 return None
+            if self.utf8 is not None and not self._valid_utf8(payload, fin):
+                return None
             fragments += payload
             self.fragment_size += len(payload)
             if not fin:
                 return None
-            self.fragments, self.fragment_size = None, 0
+            self.fragments, self.fragment_size, self.utf8 = None, 0, None
             return self.fragment_opcode, bytes(fragments)
         if opcode not in (OP_TEXT, OP_BINARY):
-            self._fail(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+            self._fail(CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode}")
             return None
         if self.fragments is not None:
             self._fail(CLOSE_PROTOCOL_ERROR, "new message before the fragmented one ended")
             return None
         if not fin:
+            if opcode == OP_TEXT:
+                self.utf8 = codecs.getincrementaldecoder("utf-8")()
+                if not self._valid_utf8(payload, 0):
+                    return None
             self.fragments, self.fragment_opcode = bytearray(payload), opcode
             self.fragment_size = len(payload)
             return None
         return opcode, payload
 
+    def _check_partial(self, buf: bytearray, pos: int, start: int, end: int, b0: int):
+        """A text frame not fully arrived: its UTF-8 so far, checked now (Autobahn 6.4.3: fail
+        fast inside a frame too).  The frame is whole-checked again when complete (by the
+        serializer or the message's decoder); this only fails earlier.  Returns the state to
+        keep for the frame's next bytes, or None.  At ``pos`` 0 the frame is the one checked
+        in the last batch, if any: an incomplete frame is always left at the buffer's start."""
+        if self.closing:
+            return None
+        partial = self.partial if pos == 0 else None
+        if partial is None:
+            if b0 & 0x0F == OP_CONT and self.utf8 is None:
+                return None                       # a binary message's fragment
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            if b0 & 0x0F == OP_CONT:
+                decoder.setstate(self.utf8.getstate())
+            partial = decoder, 0
+        decoder, checked = partial
+        got = end - start
+        if got > checked:
+            key = bytes(buf[start - 4:start])
+            turn = checked % 4
+            try:
+                decoder.decode(unmask(key[turn:] + key[:turn], bytes(buf[start + checked:end])))
+            except UnicodeDecodeError as exc:
+                self._bad_utf8(exc)
+                return None
+        return decoder, got
+
+    def _valid_utf8(self, payload: bytes, fin: int) -> bool:
+        """One fragment of a text message: invalid UTF-8 fails the connection now (1007), not
+        when the message is complete (RFC 6455 §8.1; Autobahn 6.4)."""
+        try:
+            self.utf8.decode(payload, bool(fin))
+        except UnicodeDecodeError as exc:
+            self._bad_utf8(exc)
+            return False
+        return True
+
+    def _bad_utf8(self, exc: UnicodeDecodeError) -> None:
+        self.hub.stats["bad_frames"] += 1
+        log.info("conn %s: closing with %d, invalid UTF-8 in a text message: %s",
+                 self.conn.label if self.conn else "?", CLOSE_BAD_DATA, exc.reason)
+        self._fail(CLOSE_BAD_DATA, "invalid UTF-8 in a text message")
+
     def _control(self, opcode: int, fin: int, payload: bytes) -> None:
+        if opcode > OP_PONG:
+            return self._fail(CLOSE_PROTOCOL_ERROR, f"reserved control opcode {opcode}")
         if not fin or len(payload) > 125:
             return self._fail(CLOSE_PROTOCOL_ERROR, "fragmented or oversize control frame")
         if opcode == OP_CLOSE:
             if not self.closing:  # the client started the closing handshake: echo its code
-                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else CLOSE_NORMAL
-                self.close(code if valid_close_code(code) else CLOSE_PROTOCOL_ERROR)
+                self._answer_close(payload)
             self.transport.close()
-        elif opcode > OP_PONG:
-            self._fail(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
         elif self.closing:
             self._ignore()
         # A ping or an unsolicited pong takes a token like a message; a ping within the rate
-        # is answered after the batch, with the latest one's payload (RFC 6455 §5.5.3).
+        # is answered now, before what the frames after it cause.
         elif self.conn.control_in() and opcode == OP_PING:
-            self.pong = payload
+            self.send_prebuilt(build_control(OP_PONG, payload))
+
+    def _answer_close(self, payload: bytes) -> None:
+        """The client's close frame: no body is answered 1000, a well-formed one with its own
+        code; a one-byte body or a code no peer may send 1002, a reason that is not UTF-8 1007
+        (RFC 6455 §5.5.1, §7.4; Autobahn 7.3, 7.5, 7.9)."""
+        if not payload:
+            return self.close(CLOSE_NORMAL)
+        code = int.from_bytes(payload[:2], "big")
+        if len(payload) < 2 or not valid_close_code(code):
+            self.hub.stats["bad_frames"] += 1
+            return self._fail(CLOSE_PROTOCOL_ERROR,
+                              f"malformed close frame ({len(payload)} bytes, code {code})")
+        try:
+            payload[2:].decode()
+        except UnicodeDecodeError:
+            self.hub.stats["bad_frames"] += 1
+            log.info("conn %s: closing with %d: close reason is not UTF-8",
+                     self.conn.label if self.conn else "?", CLOSE_BAD_DATA)
+            return self._fail(CLOSE_BAD_DATA, "close reason is not UTF-8")
+        self.close(code)
 
     def _ignore(self) -> None:
         """A frame after a close frame.  A client answers ours with its own close frame; one

@@ -28,7 +28,7 @@ def client_frame(opcode: int, payload: bytes, fin: bool = True, length: int | No
 
 
 class BlockingWS:
-    def __init__(self, http_url: str, name: str, rcvbuf: int | None = None):
+    def __init__(self, http_url: str, name: str, rcvbuf: int | None = None, extensions: str = ""):
         parts = urlsplit(http_url)
         self.sock = socket.socket()
         if rcvbuf:
@@ -38,12 +38,15 @@ class BlockingWS:
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall((f"GET /socket/websocket?vsn=2.0.0&user={name} HTTP/1.1\r\n"
                            f"Host: {parts.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                           + (f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else "")
+                           + "\r\n").encode())
         self.buf = bytearray()
         while b"\r\n\r\n" not in self.buf:
             self._fill()
         head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101"), head
+        self.response_head = head.decode("latin-1")
         self.buf = bytearray(rest)
 
     def _fill(self) -> None:
@@ -59,6 +62,11 @@ class BlockingWS:
         self.send(0x1, json.dumps(value).encode())
 
     def recv_frame(self) -> tuple[int, bytes]:
+        first, payload = self.recv_whole_frame()
+        return first & 0x0F, payload
+
+    def recv_whole_frame(self) -> tuple[int, bytes]:
+        """The next frame as (its first byte: FIN, RSV bits and opcode, its payload)."""
         while True:
             buf = self.buf
             if len(buf) >= 2:
@@ -68,7 +76,7 @@ class BlockingWS:
                 elif n == 127 and len(buf) >= 10:
                     n, head = struct.unpack("!Q", buf[2:10])[0], 10
                 if (n < 126 or head > 2) and len(buf) >= head + n:
-                    got = buf[0] & 0x0F, bytes(buf[head:head + n])
+                    got = buf[0], bytes(buf[head:head + n])
                     del buf[:head + n]
                     return got
             self._fill()

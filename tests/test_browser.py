@@ -68,3 +68,21 @@ def test_guide_page_round_trips_a_message_between_an_anonymous_tab_and_a_tab_wit
         assert [line for line in shown["console"][tab] if line.startswith("Joined successfully")]
     assert shown["input_after_enter"] == ""
     assert (ARTIFACTS / "guide-anonymous-tab.png").stat().st_size > 1000
+
+
+@pytest.mark.timeout(120)
+def test_chromium_agrees_permessage_deflate_and_shows_a_compressed_broadcast():
+    """Edge with --compress: Chromium's offer is agreed (no context takeover either way) and a
+    1 KB chat line broadcast through the fast lane's compressed frame reaches both tabs."""
+    cluster = Cluster(app="examples/chat/channels.py", edges=1, workers=1,
+                      edge_args=["--static", "examples/chat/static", "--compress"])
+    try:
+        run = subprocess.run(["node", "tests/js/browser_deflate.js", cluster.http_urls[0]],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=90)
+        assert run.returncode == 0, f"browser run failed:\n{run.stderr[-3000:]}\n{cluster.stderr()}"
+        shown = json.loads(run.stdout.strip().splitlines()[-1])
+    finally:
+        cluster.stop()
+        cluster.cleanup()
+    agreed = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    assert shown["extensions"] == [agreed, agreed] and shown["shown"] and shown["length"] > 1000

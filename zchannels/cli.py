@@ -131,6 +131,9 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
                         "arrived, fragments) the edge holds for all connections together, beyond "
                         "64 KiB each; a connection that would go over is closed with 1013 "
                         "(default: %(default)s)")
+    p.add_argument("--compress", action="store_true",
+                   help="offer permessage-deflate (RFC 7692) to WebSocket clients: a broadcast is "
+                        "compressed once for all the clients that accept it (default: off)")
     p.add_argument("--max-channels", type=int, default=100,
                    help="joined channels per connection (default: %(default)s)")
     p.add_argument("--max-outbound", type=int, default=4 * 1_048_576, metavar="BYTES",

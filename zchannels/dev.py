@@ -107,6 +107,8 @@ def main(args) -> int:
                      "--longpoll-window", str(args.longpoll_window), *bus_limit, *client_curve, *level]
         if args.allowed_origins:
             edge_args += ["--allowed-origins", args.allowed_origins]
+        if getattr(args, "compress", False):
+            edge_args.append("--compress")
         if getattr(args, "api_key", None):
             edge_args += ["--api-key", args.api_key]
         if args.longpoll_inactivity is not None:

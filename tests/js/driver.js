@@ -135,7 +135,8 @@ const commands = {
     };
     s.onOpen(() => {
       if (socket !== s) return;
-      emit({ type: "socket_open" });
+      // extensions: what the WebSocket agreed (e.g. permessage-deflate), "" for none or LongPoll
+      emit({ type: "socket_open", extensions: (s.conn && typeof s.conn.extensions === "string") ? s.conn.extensions : "" });
       answer("open");
     });
     s.onError((err) => {
