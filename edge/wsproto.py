@@ -9,10 +9,12 @@ other connections get their turn.
 
 Pings and pongs cost the edge a turn like messages do, so they take a token of the
 connection's rate limit (``Connection.control_in``); a ping over the limit goes
-unanswered and a client that keeps going is closed 1008.  A ping within the limit is
-answered at once, so its pong goes out before anything the frames after it cause (the
-Autobahn|Testsuite checks that order, and answers to every ping, not only the latest
-that RFC 6455 §5.5.3 would allow).
+unanswered and a client that keeps going is closed 1008.  Pings that follow each other
+are answered with one pong, for the latest of them (RFC 6455 §5.5.3 allows that), so a
+ping flood makes at most one pong per ``YIELD_EVERY`` frames; that pong goes out before
+the next data or close frame is handled and at the end of the read batch, so it still
+comes before anything the frames after the pings cause (the order the Autobahn|Testsuite
+checks).
 
 Writes go to ``transport.write``, which sends at once when nothing is queued;
 the fast lane writes the same prebuilt frame bytes to every subscriber.  A client
@@ -89,7 +91,7 @@ class WebSocketProtocol(asyncio.Protocol):
     __slots__ = ("hub", "make_connection", "handshake", "transport", "conn", "buf", "fragments",
                  "fragment_opcode", "fragment_size", "closing", "failed", "paused", "lost",
                  "write_blocked", "close_timer", "ignored", "max_size", "max_outbound", "budget",
-                 "drawn", "hold_over", "utf8", "partial", "__weakref__")
+                 "drawn", "hold_over", "utf8", "partial", "pong", "__weakref__")
 
     def __init__(self, hub: "EdgeHub", make_connection, handshake: bytes):
         self.hub = hub
@@ -115,6 +117,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.write_blocked = False  # over --max-outbound unsent: reading stops until it drains
         self.close_timer: asyncio.TimerHandle | None = None
         self.ignored = 0          # frames read after a close frame
+        self.pong: bytes | None = None   # payload of the latest of the pings just read
         self.max_size = hub.limits.max_frame_size
         self.max_outbound = hub.limits.max_outbound
         self.budget: InboundBudget = hub.inbound_budget
@@ -145,7 +148,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self.lost = True
         memtrim.freed(len(self.buf) + self.fragment_size)
         self.buf = bytearray()
-        self.fragments, self.fragment_size = None, 0
+        self.fragments, self.fragment_size, self.pong = None, 0, None
         self._give_back()
         if self.close_timer is not None:
             self.close_timer.cancel()
@@ -225,8 +228,12 @@ class WebSocketProtocol(asyncio.Protocol):
             pos = start + length
             opcode = b0 & 0x0F
             if opcode >= OP_CLOSE:
+                if self.pong is not None and opcode == OP_CLOSE:
+                    self._send_pong()
                 self._control(opcode, b0 & 0x80, payload)
             elif not self.closing:
+                if self.pong is not None:
+                    self._send_pong()
                 message = self._assemble(opcode, b0 & 0x80, payload)
                 if message is not None:
                     self._deliver(*message)
@@ -242,6 +249,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self.partial = partial
         if self.failed:
             return
+        if self.pong is not None:
+            self._send_pong()
         del buf[:pos]
         if end - pos + self.fragment_size > self.hold_over:    # (end - pos: len(buf) now)
             self._hold(end - pos + self.fragment_size)
@@ -370,9 +379,14 @@ class WebSocketProtocol(asyncio.Protocol):
         elif self.closing:
             self._ignore()
         # A ping or an unsolicited pong takes a token like a message; a ping within the rate
-        # is answered now, before what the frames after it cause.
+        # is answered by the next _send_pong, unless another ping comes first.
         elif self.conn.control_in() and opcode == OP_PING:
-            self.send_prebuilt(build_control(OP_PONG, payload))
+            self.pong = payload
+
+    def _send_pong(self) -> None:
+        pong, self.pong = self.pong, None
+        if not self.closing and not self.failed:
+            self.send_prebuilt(build_control(OP_PONG, pong))
 
     def _answer_close(self, payload: bytes) -> None:
         """The client's close frame: no body is answered 1000, a well-formed one with its own

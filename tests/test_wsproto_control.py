@@ -110,20 +110,22 @@ loops = pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 
 
 @loops
-def test_every_ping_is_answered_in_order_before_what_follows_it(loop_kind):
-    """Autobahn 2.10 and 5.6: ten pings in one write get ten pongs; a ping between two fragments
-    of a heartbeat is answered before the heartbeat's reply."""
+def test_a_run_of_pings_gets_one_pong_before_what_follows_it(loop_kind):
+    """Pings that follow each other are answered once, for the latest (RFC 6455 §5.5.3); that
+    pong goes out before the next data frame is handled, so a ping between two fragments of a
+    heartbeat is answered before the heartbeat's reply (the order Autobahn 5.6 checks)."""
     async def main():
         hub = make_hub(max_rate=0)
         proto, _conn, client = await open_pair(hub)
         heartbeat = b'[null,"7","phoenix","heartbeat",{}]'
-        client.sendall(b"".join(masked(0x9, b"p%02d" % i) for i in range(50))
+        client.sendall(b"".join(masked(0x9, b"p%02d" % i) for i in range(12))
                        + masked(0x1, heartbeat[:9], fin=False) + masked(0x9, b"between")
                        + masked(0x0, heartbeat[9:]))
         data = await read_all(client, lambda d: b"phx_reply" in d)
         frames = server_frames(data)
-        assert [p for op, p in frames if op == 0xA] == [b"p%02d" % i for i in range(50)] + [b"between"]
-        assert frames[-1][0] == 0x1 and b'"7"' in frames[-1][1]
+        assert [p for op, p in frames if op == 0xA] == [b"p11", b"between"]
+        assert [op for op, _ in frames] == [0xA, 0xA, 0x1]
+        assert b'"7"' in frames[-1][1]
         client.close()
     run(loop_kind, main())
 
