@@ -1,5 +1,5 @@
 "use strict";
-// phoenix.js's `Presence.syncState` / `Presence.syncDiff` (npm phoenix 1.8.16,
+// phoenix.js's `Presence.syncState` / `Presence.syncDiff` (npm phoenix 1.8.17,
 // assets/js/phoenix/presence.js) for bench/presclient.js, with the same results, the same
 // callback calls in the same order and the same meta order, but without their JSON round-trip
 // clones: those clone every joined presence one by one (JSON.parse(JSON.stringify(...))), about

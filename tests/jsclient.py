@@ -1,6 +1,6 @@
 """A real phoenix.js client for the end-to-end tests, driven from Python.
 
-`JsClient` runs `node tests/js/driver.js` (phoenix 1.8.16 over the `ws` package) and talks to it
+`JsClient` runs `node tests/js/driver.js` (phoenix 1.8.17 over the `ws` package) and talks to it
 with one JSON object per line: commands go in on stdin, answers and events come back on stdout.
 Every method waits for the driver's answer with a deadline; everything the socket and its
 channels observe is kept in `events`, which tests query with `wait_event`.

@@ -1,4 +1,4 @@
-"""End to end with the real phoenix.js 1.8.16 client (and a raw WebSocket where phoenix.js cannot
+"""End to end with the real phoenix.js 1.8.17 client (and a raw WebSocket where phoenix.js cannot
 show the wire): broker + 2 edges + 2 workers running tests/apps/e2e_app.py.
 
 Each test uses its own topics, so they share one cluster per module. Numbers in the docstrings

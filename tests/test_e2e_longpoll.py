@@ -1,4 +1,4 @@
-"""LongPoll at /socket/longpoll, end to end: the real phoenix.js 1.8.16 `LongPoll` transport, and
+"""LongPoll at /socket/longpoll, end to end: the real phoenix.js 1.8.17 `LongPoll` transport, and
 raw HTTP where phoenix.js cannot show or steer the wire (exact bodies, held and superseded polls,
 malformed POSTs, one session's requests spread over several edges).
 

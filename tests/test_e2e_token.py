@@ -1,5 +1,5 @@
 """Phoenix.Token end to end: the chat example (examples/chat/channels.py) with
-ZCHANNELS_SECRET_KEY_BASE set, real phoenix.js 1.8.16 clients, broker + edge + 2 workers.
+ZCHANNELS_SECRET_KEY_BASE set, real phoenix.js 1.8.17 clients, broker + edge + 2 workers.
 
 The token travels in the connect params (`params: {token}`) or in phoenix.js's `authToken`
 option (a Sec-WebSocket-Protocol entry, PROTOCOL.md §1.4). A token that does not verify

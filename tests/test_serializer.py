@@ -1,6 +1,6 @@
 """The Phoenix client wire format (edge/serializer.py), tested from tables and properties.
 
-Expected frames come from PROTOCOL.md §2.2-2.4 (observed phoenix.js 1.8.16 traffic).
+Expected frames come from PROTOCOL.md §2.2-2.4 (observed phoenix.js 1.8.16 traffic; 1.8.17 sends the same).
 """
 from __future__ import annotations
 
