@@ -31,7 +31,8 @@ log = logging.getLogger("edge")
 
 # Refusals made by handlers from the headers, before reading a body (edge/httplimits.py has
 # the gate's own, edge/admission.py those at accept).
-HANDLER_REFUSAL_KINDS = ("longpoll_posts_refused", "api_key_refusals")
+HANDLER_REFUSAL_KINDS = ("longpoll_posts_refused", "api_key_refusals", "connect_refusals",
+                         "connect_unavailable")
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOENIX_JS_CANDIDATES = (
@@ -83,7 +84,7 @@ def make_app(hub: EdgeHub, static_dir: str | None = None, websocket: bool = True
     refusals = refusals or Refusals(hub.stats, HANDLER_REFUSAL_KINDS)
     routes: list = []
     if websocket:
-        routes.append((r"/socket/websocket", WebSocketUpgrade, {"hub": hub}))
+        routes.append((r"/socket/websocket", WebSocketUpgrade, {"hub": hub, "refused": refusals}))
     if longpoll:
         routes.append((r"/socket/longpoll", LongPollHandler, {"hub": hub, "refused": refusals}))
     js = phoenix_js_dir()

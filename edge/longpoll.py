@@ -142,13 +142,14 @@ class LongPollHandler(web.RequestHandler):
         vsn = params.get("vsn")
         serializer = serializers.serializer_for_vsn(vsn) if vsn is None or isinstance(vsn, str) else None
         if serializer is None:
-            log.info("refused %s: unsupported vsn %.40r", req.remote_ip, vsn)
+            self.refused("connect_refusals", "refused %s: unsupported vsn %.40r", req.remote_ip, vsn)
             self.finish(FORBIDDEN)
             return
         try:
             socket_json = await self.hub.connect(params, self.connect_info())
         except ConnectRefused as exc:
-            log.info("refused %s (longpoll): %s", req.remote_ip, exc)
+            self.refused("connect_unavailable" if exc.unavailable else "connect_refusals",
+                         "refused %s (longpoll): %s", req.remote_ip, exc)
             self.finish(UNAVAILABLE if exc.unavailable else FORBIDDEN)
             return
         if self.request.connection.stream.closed():

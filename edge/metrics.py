@@ -53,6 +53,10 @@ STATS = {
     "late_joins_ended": ("zchannels_edge_late_joins_ended",
                          "Join oks that came after their channel stopped waiting (the client "
                          "left, or a copy sent again was answered first); the instance was ended"),
+    "connect_refusals": ("zchannels_edge_connect_refusals",
+                         "Connects refused 403 (the app's connect, vsn, subprotocol, auth token)"),
+    "connect_unavailable": ("zchannels_edge_connect_unavailable",
+                            "Connects refused 503: no worker answered, or the bus is down"),
     "order_given_up": ("zchannels_edge_order_given_up",
                        "Messages handled out of order: over 256 waiting behind a pending join, or "
                        "a join unanswered for 5 s"),

@@ -52,8 +52,9 @@ def accept_value(key: str) -> str:
 
 
 class WebSocketUpgrade(web.RequestHandler):
-    def initialize(self, hub: EdgeHub) -> None:
+    def initialize(self, hub: EdgeHub, refused) -> None:
         self.hub = hub
+        self.refused = refused   # counted, one log line a second per kind (edge/admission.py)
 
     async def get(self) -> None:
         req = self.request
@@ -76,22 +77,24 @@ class WebSocketUpgrade(web.RequestHandler):
         vsn = params.get("vsn")
         serializer = serializers.serializer_for_vsn(vsn) if vsn is None or isinstance(vsn, str) else None
         if serializer is None:
-            log.info("refused %s: unsupported vsn %.40r", req.remote_ip, vsn)
+            self.refused("connect_refusals", "refused %s: unsupported vsn %.40r", req.remote_ip, vsn)
             raise web.HTTPError(403)
         try:
             protocols, auth_token = split_protocols(headers.get("Sec-WebSocket-Protocol", ""))
         except ValueError as exc:
-            log.info("refused %s: %s", req.remote_ip, exc)
+            self.refused("connect_refusals", "refused %s: %s", req.remote_ip, exc)
             raise web.HTTPError(403) from None
         # phoenix.js offers "phoenix" next to its auth token, and fails unless it is echoed.
         protocol = "phoenix" if "phoenix" in protocols else None
         if protocols and protocol is None:
-            log.info("refused %s: no supported subprotocol in %.80r", req.remote_ip, protocols)
+            self.refused("connect_refusals", "refused %s: no supported subprotocol in %.80r",
+                         req.remote_ip, protocols)
             raise web.HTTPError(403)
         try:
             socket_json = await self.hub.connect(params, connect_info(req, auth_token, "websocket"))
         except ConnectRefused as exc:
-            log.info("refused %s: %s", req.remote_ip, exc)
+            self.refused("connect_unavailable" if exc.unavailable else "connect_refusals",
+                         "refused %s: %s", req.remote_ip, exc)
             raise web.HTTPError(503 if exc.unavailable else 403) from None
         response = ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                     "Connection: Upgrade\r\n"

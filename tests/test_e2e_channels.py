@@ -7,6 +7,7 @@ refer to PROTOCOL.md §9 (conformance checklist) and §3.3 (S-rows).
 from __future__ import annotations
 
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -419,6 +420,20 @@ def test_refused_upgrade_is_http_403(cluster, params):
     with pytest.raises(HandshakeRefused) as info:
         RawWS.connect(url)
     assert info.value.code == 403
+
+
+def test_a_flood_of_refused_upgrades_is_counted_and_logged_once_a_second(cluster):
+    """Bad input costs a line a second, not a line a request: 40 refused connects in a burst."""
+    for _ in range(40):
+        with pytest.raises(HandshakeRefused):
+            RawWS.connect(cluster.raw_url(0, vsn="2.0.0", reject="1"))
+    scrape = urllib.request.urlopen(cluster.http_urls[0] + "/metrics", timeout=5).read().decode()
+    count = next(float(line.split()[-1]) for line in scrape.splitlines()
+                 if line.startswith("zchannels_edge_connect_refusals_total"))
+    assert count >= 40
+    lines = [line for line in cluster.edge_procs[0].stderr_text().splitlines()
+             if "refused" in line and "rejected" in line]
+    assert 1 <= len(lines) <= 10, lines
 
 
 def test_socket_ping_heartbeat_round_trip(js_client, cluster):
