@@ -32,7 +32,7 @@ log = logging.getLogger("edge")
 # Refusals made by handlers from the headers, before reading a body (edge/httplimits.py has
 # the gate's own, edge/admission.py those at accept).
 HANDLER_REFUSAL_KINDS = ("longpoll_posts_refused", "api_key_refusals", "connect_refusals",
-                         "connect_unavailable")
+                         "connect_unavailable", "origin_refusals")
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOENIX_JS_CANDIDATES = (

@@ -1,22 +1,19 @@
 """What both transports check and pass on when a client connects: origin, connect_info."""
 from __future__ import annotations
 
-import logging
-
 from tornado.httputil import HTTPServerRequest
 
 from edge.origin import OriginCheck
 
-log = logging.getLogger(__name__)
 
-
-def origin_allowed(check: OriginCheck, req: HTTPServerRequest) -> bool:
-    """The edge's check_origin policy applied to this request; a refusal is logged here."""
+def origin_allowed(check: OriginCheck, req: HTTPServerRequest, refused) -> bool:
+    """The edge's check_origin policy applied to this request; a refusal is counted and logged
+    (at most once a second) through ``refused`` (edge/admission.py ``Refusals``)."""
     origins = req.headers.get_list("Origin")
     if check.allows(origins, req.host_name):
         return True
-    log.info("refused %s: origin %.80r not allowed (allowed: %s)", req.remote_ip,
-             ", ".join(origins), check.describe())
+    refused("origin_refusals", "refused %s: origin %.80r not allowed (allowed: %s)", req.remote_ip,
+            ", ".join(origins), check.describe())
     return False
 
 

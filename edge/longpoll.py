@@ -61,7 +61,7 @@ class LongPollHandler(web.RequestHandler):
             self.set_status(400)
             self.clear_header("Content-Type")
             self.finish()
-        elif not origin_allowed(self.hub.origin_check, self.request):
+        elif not origin_allowed(self.hub.origin_check, self.request, self.refused):
             self.finish(FORBIDDEN)
         elif self.request.method == "POST":
             self._token = parse_token(self.session_token())

@@ -55,6 +55,9 @@ STATS = {
                          "left, or a copy sent again was answered first); the instance was ended"),
     "connect_refusals": ("zchannels_edge_connect_refusals",
                          "Connects refused 403 (the app's connect, vsn, subprotocol, auth token)"),
+    "origin_refusals": ("zchannels_edge_origin_refusals",
+                        "Upgrades (403) and LongPoll requests ({\"status\":403}) from an origin "
+                        "not allowed"),
     "connect_unavailable": ("zchannels_edge_connect_unavailable",
                             "Connects refused 503: no worker answered, or the bus is down"),
     "order_given_up": ("zchannels_edge_order_given_up",

@@ -71,7 +71,7 @@ class WebSocketUpgrade(web.RequestHandler):
             raise web.HTTPError(400, reason="Missing Sec-WebSocket-Key")
         if isinstance(req.connection.stream, SSLIOStream):
             raise web.HTTPError(501, reason="Terminate TLS in front of the edge")
-        if not origin_allowed(self.hub.origin_check, req):
+        if not origin_allowed(self.hub.origin_check, req, self.refused):
             raise web.HTTPError(403)
         params = decode_params(req.query)
         vsn = params.get("vsn")
