@@ -16,6 +16,7 @@ from broker.loopsock import LoopSocket
 from broker.router import Router
 from tests.conftest import Cluster, wait_until
 from tests.rawws import RawWS
+from tests.routerbus import RouterBus, pump
 from zchannels.cli import main as cli_main
 
 MB = 1024 * 1024
@@ -25,30 +26,9 @@ MB = 1024 * 1024
 
 @pytest.fixture
 def bus():
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.bind("inproc://bus-guard-test")
-    peers = []
-
-    def peer(peer_id: bytes, role: bytes | None = None) -> zmq.Socket:
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.ROUTING_ID, peer_id)
-        dealer.connect("inproc://bus-guard-test")
-        peers.append(dealer)
-        if role is not None:
-            dealer.send(wire.pack([wire.HEARTBEAT, role, b"0"]))
-        return dealer
-
-    yield sock, peer
-    for s in (*peers, sock):
-        s.close(0)
-    ctx.term()
-
-
-def pump(router: Router, sock: zmq.Socket, count: int) -> None:
-    for _ in range(count):
-        assert sock.poll(2000), "the router got nothing"
-        router.handle(sock.recv_multipart())
+    rb = RouterBus()
+    yield rb.sock, rb.peer
+    rb.close()
 
 
 def received(dealer: zmq.Socket, timeout_ms: int = 200) -> list[list[bytes]]:

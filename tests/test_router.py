@@ -8,32 +8,14 @@ import zmq
 
 from broker import router as router_mod, wire
 from broker.router import Router
+from tests.routerbus import RouterBus, pump
 
 
 @pytest.fixture
 def bus():
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.bind("inproc://router-test")
-    peers = []
-
-    def peer(peer_id: bytes) -> zmq.Socket:
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.ROUTING_ID, peer_id)
-        dealer.connect("inproc://router-test")
-        peers.append(dealer)
-        return dealer
-
-    yield sock, peer
-    for s in (*peers, sock):
-        s.close(0)
-    ctx.term()
-
-
-def pump(router: Router, sock: zmq.Socket, count: int) -> None:
-    for _ in range(count):
-        assert sock.poll(2000), "the router got nothing"
-        router.handle(sock.recv_multipart())
+    rb = RouterBus()
+    yield rb.sock, rb.peer
+    rb.close()
 
 
 def recv(dealer: zmq.Socket) -> list[bytes]:
