@@ -354,12 +354,14 @@ class EdgeHub:
         _, _worker, conn_id, topic_b, join_ref, ref, status, response, fmt = frames
         conn = self.connections.get(conn_id)
         if conn is not None:
-            topic = topic_b.decode()
-            if self._from_holder(frames, conn, topic, ref_of(join_ref)):
-                ch = conn.channels.get(topic)
-                if ch is not None and ch.pending:
+            topic, join_ref = topic_b.decode(), ref_of(join_ref)
+            ch = conn.channels.get(topic)
+            if ch is not None and ch.join_ref == join_ref and ch.worker == frames[1]:
+                if ch.pending:      # the common case, answered by the channel's own worker
                     ch.pending.pop(ref, None)
-                conn.reply(ref_of(join_ref), ref_of(ref), topic, status.decode(), response, fmt)
+            elif not self._from_holder(frames, conn, topic, join_ref):
+                return
+            conn.reply(join_ref, ref_of(ref), topic, status.decode(), response, fmt)
 
     def _on_push(self, frames):
         _, _worker, conn_id, topic_b, join_ref, event, payload, fmt = frames
