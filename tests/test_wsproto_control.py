@@ -21,6 +21,7 @@ from edge import wsproto
 from edge.connection import Connection
 from edge.hub import EdgeHub, Limits
 from edge.serializer import V2
+from edge.wsframe import build_frame
 from edge.wsproto import WebSocketProtocol
 from tests.blockingws import client_frame as masked
 
@@ -110,10 +111,10 @@ loops = pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 
 
 @loops
-def test_a_run_of_pings_gets_one_pong_before_what_follows_it(loop_kind):
-    """Pings that follow each other are answered once, for the latest (RFC 6455 §5.5.3); that
-    pong goes out before the next data frame is handled, so a ping between two fragments of a
-    heartbeat is answered before the heartbeat's reply (the order Autobahn 5.6 checks)."""
+def test_a_reading_client_gets_a_pong_per_ping_before_what_follows_it(loop_kind):
+    """Every ping is answered, in order, and before the frames after it are handled: a ping
+    between two fragments of a heartbeat is answered before the heartbeat's reply (the order
+    Autobahn 2.10 and 5.6 check)."""
     async def main():
         hub = make_hub(max_rate=0)
         proto, _conn, client = await open_pair(hub)
@@ -123,9 +124,31 @@ def test_a_run_of_pings_gets_one_pong_before_what_follows_it(loop_kind):
                        + masked(0x0, heartbeat[9:]))
         data = await read_all(client, lambda d: b"phx_reply" in d)
         frames = server_frames(data)
-        assert [p for op, p in frames if op == 0xA] == [b"p11", b"between"]
-        assert [op for op, _ in frames] == [0xA, 0xA, 0x1]
+        assert [p for op, p in frames if op == 0xA] == [b"p%02d" % i for i in range(12)] + [b"between"]
+        assert [op for op, _ in frames] == [0xA] * 13 + [0x1]
         assert b'"7"' in frames[-1][1]
+        client.close()
+    run(loop_kind, main())
+
+
+@loops
+def test_pings_get_one_pong_for_the_latest_while_our_frames_wait_unsent(loop_kind):
+    """While what the edge sent has not left (the client is not reading), a run of pings is
+    answered once, for the latest of them (RFC 6455 §5.5.3): unread pongs cannot pile up."""
+    async def main():
+        hub = make_hub(max_rate=0, max_outbound=16 * 1_048_576)
+        proto, _conn, client = await open_pair(hub)
+        backlog = build_frame(b"x" * 4_000_000)
+        proto.send_prebuilt(backlog)
+        assert proto.transport.get_write_buffer_size() > 0
+        heartbeat = b'[null,"7","phoenix","heartbeat",{}]'
+        client.sendall(b"".join(masked(0x9, b"p%02d" % i) for i in range(12)) + masked(0x1, heartbeat))
+        while proto.buf or not hub.frames_in:     # wait for the edge to have read them
+            await asyncio.sleep(0.005)
+        data = await read_all(client, lambda d: b"phx_reply" in d, timeout=15)
+        frames = server_frames(data)
+        assert frames[0] == (0x1, b"x" * 4_000_000)
+        assert frames[1:] == [(0xA, b"p11"), frames[-1]] and b'"7"' in frames[-1][1]
         client.close()
     run(loop_kind, main())
 
