@@ -19,7 +19,8 @@ import time
 
 import zmq
 
-from broker import router as router_mod, wire
+from broker import router as router_mod
+from bus import wire
 from broker.router import Router
 from tests.conftest import Proc
 

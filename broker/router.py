@@ -20,8 +20,8 @@ import time
 
 import zmq
 
-from broker import wire
-from broker.loopsock import LINK_TIMEOUT_MS
+from bus import wire
+from bus.loopsock import LINK_TIMEOUT_MS
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ HEARTBEAT_INTERVAL = 0.25   # broker -> peer probes; a probe to a vanished peer 
 # generous: a busy edge may not heartbeat for a few seconds, and a link between machines cut
 # for 10 s (plus ~1 s to reconnect) must not cost a worker or an edge its channels.
 PEER_LIVENESS = 15.0
-# A peer closes its connection only after this much silence on it (broker/loopsock.py), so a
+# A peer closes its connection only after this much silence on it (bus/loopsock.py), so a
 # connection that ends after a silence this long most likely died in a cut link, and the peer
 # is reconnecting; one that ends right after a word from its peer died with the process.
 CUT_SILENCE = LINK_TIMEOUT_MS / 1000

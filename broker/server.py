@@ -7,11 +7,11 @@ import signal
 
 import zmq
 
-from broker import curve, wire
+from bus import curve, wire
 from broker.busmonitor import BusMonitor
 from broker.fanout import Fanout
-from broker.logsetup import announce_ready, setup_logging
-from broker.loopsock import tune_link
+from bus.logsetup import announce_ready, setup_logging
+from bus.loopsock import tune_link
 from broker.router import PEER_LIVENESS, Router
 
 log = logging.getLogger("broker")

@@ -12,8 +12,8 @@ from pathlib import Path
 from tornado import web
 from tornado.netutil import bind_sockets
 
-from broker.logsetup import announce_ready, setup_logging
-from broker.loopsock import run_loop
+from bus.logsetup import announce_ready, setup_logging
+from bus.loopsock import run_loop
 from edge.accept import Acceptor
 from edge.admission import Admission, Refusals, raise_nofile_limit
 from edge.drain import drain, wait_closed

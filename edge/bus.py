@@ -12,8 +12,8 @@ from typing import Callable
 
 import zmq
 
-from broker import curve, wire
-from broker.loopsock import LoopSocket, connect_peer
+from bus import curve, wire
+from bus.loopsock import LoopSocket, connect_peer
 
 log = logging.getLogger(__name__)
 

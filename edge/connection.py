@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from broker import wire
+from bus import wire
 from edge.ratelimit import CLOSE_POLICY_VIOLATION, RATE_LIMITED, bucket_for
 from edge.serializer import Message
 

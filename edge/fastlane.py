@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable
 
-from broker import wire
+from bus import wire
 
 if TYPE_CHECKING:
     from edge.connection import ChannelRef, Connection

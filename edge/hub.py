@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from broker import wire
+from bus import wire
 from edge.bus import EdgeBus
 from edge.connection import EMPTY, JOINED, ChannelRef, Connection, ref_bytes, ref_of
 from edge.drain import drain

@@ -19,7 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from broker import wire
+from bus import wire
 from edge.connection import Connection
 from edge.lpsession import GONE, LongPollSession, SessionToken, make_token, parse_token
 

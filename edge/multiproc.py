@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from broker.logsetup import announce_ready
+from bus.logsetup import announce_ready
 
 log = logging.getLogger("edge")
 

@@ -1,6 +1,6 @@
 """POST /api/broadcast: publish to channel topics over HTTP, from any language or a shell.
 
-The same broadcasts a worker sends (``broker/wire.py`` BROADCAST), published through the
+The same broadcasts a worker sends (``bus/wire.py`` BROADCAST), published through the
 edge's own PUB socket to the broker, so they reach subscribers on every edge.  Off unless an
 API key is configured (``--api-key`` or ``ZCHANNELS_API_KEY``): then the route answers 404.
 
@@ -26,7 +26,7 @@ import logging
 import orjson
 from tornado import web
 
-from broker import wire
+from bus import wire
 from edge.bus import BROKER_SILENCE_WARNING
 
 log = logging.getLogger("edge")

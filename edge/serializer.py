@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import orjson
 
-JSON = b"j"     # payload bytes are JSON text (same values as broker.wire.JSON/BINARY)
+JSON = b"j"     # payload bytes are JSON text (same values as bus.wire.JSON/BINARY)
 BINARY = b"b"   # payload bytes are raw binary
 
 # V2 binary kind bytes (PROTOCOL.md §2.4).

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import orjson
 from tornado import web
 
-from broker import wire
+from bus import wire
 
 if TYPE_CHECKING:
     from edge.hub import EdgeHub

@@ -6,7 +6,7 @@ import itertools
 
 import zmq
 
-from broker import wire
+from bus import wire
 from broker.router import Router
 
 _names = itertools.count()

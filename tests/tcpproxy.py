@@ -3,7 +3,7 @@
 ``TcpProxy(targets)`` listens on a free loopback port and forwards each accepted connection to
 the next of ``targets`` in turn (one target: a plain link; several: a round-robin load balancer
 without health checks, like a bare TCP balancer in front of edges).  ``BusLink(bus)`` fronts a
-broker's three consecutive bus ports (broker/wire.py ``bus_endpoints``) with three proxies on
+broker's three consecutive bus ports (bus/wire.py ``bus_endpoints``) with three proxies on
 three consecutive ports, so a peer given ``link.bus`` reaches the broker only through it.
 
 Controls, callable from the test's thread:

@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 import zmq
 
-from broker import wire
-from broker.loopsock import LoopSocket
+from bus import wire
+from bus.loopsock import LoopSocket
 from broker.router import Router
 from tests.conftest import Cluster, wait_until
 from tests.rawws import RawWS

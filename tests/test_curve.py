@@ -21,7 +21,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from broker import curve, wire
+from bus import curve, wire
 from tests.conftest import ROOT, E2E_APP, LOG_LEVEL, Proc, wait_until
 from tests.rawws import RawWS
 

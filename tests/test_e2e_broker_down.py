@@ -153,7 +153,7 @@ class FakeWorker:
     def __init__(self, bus: str):
         import zmq
 
-        from broker import wire
+        from bus import wire
         self.zmq, self.wire = zmq, wire
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)

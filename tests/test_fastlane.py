@@ -1,7 +1,7 @@
 """The edge's fast lane on its own: broadcasts that reach a channel while its join is pending."""
 from __future__ import annotations
 
-from broker import wire
+from bus import wire
 from edge import fastlane as fastlane_mod
 from edge.connection import ChannelRef
 from edge.fastlane import FastLane

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from broker import router as router_mod, wire
+from broker import router as router_mod
+from bus import wire
 from broker.router import Router
 from tests.conftest import Cluster
 from tests.rawws import RawWS

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = textwrap.dedent("""
     import os, signal, sys, time
-    from broker.logsetup import setup_logging
+    from bus.logsetup import setup_logging
     from workers.supervisor import HANDLER_LOAD_ERROR, ConfigError, Supervisor
 
     mode, n, stuck, graceful, state = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), \\

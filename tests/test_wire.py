@@ -1,9 +1,9 @@
-"""The bus encoding (broker/wire.py) on its own."""
+"""The bus encoding (bus/wire.py) on its own."""
 from __future__ import annotations
 
 import pytest
 
-from broker import wire
+from bus import wire
 
 
 def test_sync_channel_list_round_trips_any_number_of_channels_and_rejects_garbage():

@@ -20,7 +20,7 @@ import orjson
 import pytest
 import zmq
 
-from broker import wire
+from bus import wire
 from tests.conftest import wait_until
 from workers.presence import PRESENCE_KEY
 

@@ -17,7 +17,7 @@ import zlib
 
 import pytest
 
-from broker import wire
+from bus import wire
 from edge import wsdeflate
 from edge.connection import ChannelRef
 from edge.fastlane import FastLane

@@ -16,7 +16,7 @@ import weakref
 import pytest
 import uvloop
 
-from broker import wire
+from bus import wire
 from edge import wsproto
 from edge.connection import Connection
 from edge.hub import EdgeHub, Limits

@@ -25,8 +25,8 @@ from typing import Any, Callable
 import orjson
 import zmq
 
-from broker import wire
-from broker.loopsock import LoopSocket
+from bus import wire
+from bus.loopsock import LoopSocket
 from workers import metrics
 from workers.api import BadReturn, Channel, Error, NoReply, Reply, Stop, Timer, check_result
 

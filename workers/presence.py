@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import orjson
 
-from broker import wire
+from bus import wire
 
 PRESENCE_TOPIC = "zchannels:presence"
 PRESENCE_KEY = wire.topic_key(PRESENCE_TOPIC)

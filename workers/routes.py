@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from broker import wire
+from bus import wire
 
 __all__ = ["Route", "AppLoadError", "load_app", "parse_spec", "check_pattern", "SYSTEM_PREFIX"]
 

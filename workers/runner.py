@@ -24,9 +24,9 @@ from typing import Callable
 import orjson
 import zmq
 
-from broker import curve, wire
-from broker.logsetup import announce_ready, setup_logging
-from broker.loopsock import LoopSocket, connect_peer
+from bus import curve, wire
+from bus.logsetup import announce_ready, setup_logging
+from bus.loopsock import LoopSocket, connect_peer
 from workers import api, metrics, presence
 from workers.api import Channel, Error, SocketState
 from workers.channels import _EMPTY_JSON, _ERROR, _OK, ChannelHost, ChannelProc, _maybe_await
@@ -39,7 +39,7 @@ HEARTBEAT_INTERVAL = 0.5     # seconds
 # Seconds without any frame from the broker (it probes every 0.25 s) before we say so, and after
 # which the link may have been cut and messages lost: once it answers again, channels are
 # settled with the edges as after a broker restart (sync_edges).  The bus sockets drop a
-# connection after 2 s of silence (broker/loopsock.py), so this catches every reconnect.
+# connection after 2 s of silence (bus/loopsock.py), so this catches every reconnect.
 BROKER_SILENT_WARNING = 2.0
 SHUTDOWN_GRACE = 2.0         # seconds for terminate() callbacks when the worker stops
 CLOSE_LINGER_MS = 500        # lets BYE and last broadcasts leave on a graceful stop

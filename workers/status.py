@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from broker import wire
+from bus import wire
 from workers.api import Channel, error, ok
 from workers.routes import Route
 

@@ -372,7 +372,7 @@ class Supervisor:
 
 def main(args) -> int:
     """`zchannels workers`: supervise `args.workers` runners for `args.app`."""
-    from broker.logsetup import setup_logging
+    from bus.logsetup import setup_logging
     log_format = getattr(args, "log_format", "text")
     setup_logging(args.log_level, "workers", log_format)
     if args.workers < 1:

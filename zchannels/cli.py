@@ -36,7 +36,7 @@ def _add_bus(p: argparse.ArgumentParser, curve: str = "client") -> None:
 
 def _load_curve(args: argparse.Namespace):
     """Read and check the key files before anything starts; edges and workers install theirs."""
-    from broker import curve
+    from bus import curve
     if args.command == "broker":
         keys = curve.load_server_keys(args.curve_secret, args.curve_clients)
     elif args.command == "dev":
@@ -50,7 +50,7 @@ def _load_curve(args: argparse.Namespace):
 
 
 def _add_bus_limit(p: argparse.ArgumentParser) -> None:
-    from broker.wire import DEFAULT_MAX_BUS_MESSAGE
+    from bus.wire import DEFAULT_MAX_BUS_MESSAGE
     p.add_argument("--max-bus-message", type=int, default=DEFAULT_MAX_BUS_MESSAGE, metavar="BYTES",
                    help="largest message on the bus (ZeroMQ MAXMSGSIZE of every bus socket): the "
                         "broker closes the connection of a peer that sends a larger one, and edges "
@@ -61,7 +61,7 @@ def _add_bus_limit(p: argparse.ArgumentParser) -> None:
 
 def _check_bus_limit(args: argparse.Namespace) -> str | None:
     """Install the bus message limit of this process; an error text if it cannot work."""
-    from broker import loopsock, wire
+    from bus import loopsock, wire
     limit = getattr(args, "max_bus_message", None)
     if limit is None:
         return None
@@ -248,7 +248,7 @@ def _add_worker_options(p: argparse.ArgumentParser) -> None:
 
 def _bus_problem(bus: str) -> str:
     """Why a worker could never connect to this --bus address; "" when it is well formed."""
-    from broker.wire import bus_endpoints
+    from bus.wire import bus_endpoints
     try:
         bus_endpoints(bus)
     except ValueError as exc:
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         if problem:   # before forking: a worker could never connect, so none is started
             print(f"zchannels workers: error: {problem}", file=sys.stderr)
             return 2
-    from broker.curve import CurveError
+    from bus.curve import CurveError
     try:
         args.curve = _load_curve(args)
     except CurveError as exc:

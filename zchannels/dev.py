@@ -20,7 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
-from broker.logsetup import setup_logging
+from bus.logsetup import setup_logging
 from edge.origin import OriginCheck
 
 log = logging.getLogger("dev")

@@ -3,7 +3,7 @@
 Workers broadcast from inside channel callbacks; everything else that wants to reach
 subscribed clients uses this client.  It is a ZeroMQ PUB socket connected to the broker's
 publish-in endpoint (``--bus`` port + 1), exactly like a worker's, sending the same
-``BROADCAST`` frames (``broker/wire.py``), so edges cannot tell the two apart::
+``BROADCAST`` frames (``bus/wire.py``), so edges cannot tell the two apart::
 
     from zchannels import Publisher
 
@@ -45,7 +45,7 @@ import orjson
 import zmq
 from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
-from broker import curve, wire
+from bus import curve, wire
 
 __all__ = ["Publisher", "AsyncPublisher", "PublishError", "DEFAULT_BUS", "SETTLE"]
 

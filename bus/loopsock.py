@@ -17,7 +17,7 @@ from typing import Callable
 
 import zmq
 
-from broker import curve, wire
+from bus import curve, wire
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-log = logging.getLogger("broker.curve")
+log = logging.getLogger("bus.curve")
 
 
 class CurveError(ValueError):
