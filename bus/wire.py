@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import NamedTuple
 
 import orjson
 
@@ -191,6 +192,266 @@ def check_frames(frames: list[bytes]) -> bytes:
     if len(frames) != expected:
         raise BusFrameError(f"bus kind {kind!r} needs {expected} frames, got {len(frames)}")
     return kind
+
+
+# --- one constructor and one parser per kind ------------------------------------------
+# A constructor returns the logical frames as sent, ``[kind, dest, *fields]``; the broker
+# delivers them as ``[kind, sender, *fields]``, which the kind's parser checks (frame
+# count) and names.  ``peer`` is the destination on the way in, the sender on the way out.
+# Nothing outside this module writes an envelope as a list literal.
+
+class Connect(NamedTuple):
+    peer: bytes
+    request_id: bytes       # the edge's id for this connect attempt
+    request: bytes          # JSON: params, connect_info, transport
+
+
+class Join(NamedTuple):
+    peer: bytes
+    conn_id: bytes
+    topic: bytes
+    join_ref: bytes
+    ref: bytes
+    socket: bytes           # JSON: the socket's id and assigns
+    payload: bytes          # JSON: the join's params
+
+
+class In(NamedTuple):
+    peer: bytes
+    conn_id: bytes
+    topic: bytes
+    join_ref: bytes
+    ref: bytes
+    event: bytes
+    payload: bytes
+    fmt: bytes
+
+
+class Leave(NamedTuple):
+    peer: bytes
+    conn_id: bytes
+    topic: bytes
+    join_ref: bytes
+    ref: bytes
+
+
+class Terminate(NamedTuple):
+    peer: bytes
+    conn_id: bytes
+    topic: bytes
+    join_ref: bytes
+    reason: bytes
+
+
+class ConnectReply(NamedTuple):
+    peer: bytes
+    request_id: bytes
+    status: bytes
+    body: bytes
+
+
+class JoinReply(NamedTuple):
+    peer: bytes
+    conn_id: bytes
+    topic: bytes
+    join_ref: bytes
+    ref: bytes
+    status: bytes
+    response: bytes
+    intercept: bytes        # JSON list of the events the channel intercepts
+
+
+class Reply(NamedTuple):
+    peer: bytes
+    conn_id: bytes
+    topic: bytes
+    join_ref: bytes
+    ref: bytes
+    status: bytes
+    response: bytes
+    fmt: bytes
+
+
+class Push(NamedTuple):
+    peer: bytes
+    conn_id: bytes
+    topic: bytes
+    join_ref: bytes
+    event: bytes
+    payload: bytes
+    fmt: bytes
+
+
+class ChannelEnd(NamedTuple):   # CHANNEL_CLOSE and CHANNEL_ERROR
+    peer: bytes
+    conn_id: bytes
+    topic: bytes
+    join_ref: bytes
+
+
+class ChannelList(NamedTuple):  # SYNC and EDGE_SYNC
+    peer: bytes
+    channels: set[tuple[bytes, bytes, bytes]]
+
+
+class LpRequest(NamedTuple):
+    peer: bytes
+    request_id: bytes
+    token: bytes
+    method: bytes
+    hold_ms: bytes
+    content_type: bytes
+    body: bytes
+
+
+class LpResponse(NamedTuple):
+    peer: bytes
+    request_id: bytes
+    status: bytes
+    body: bytes
+
+
+class Broadcast(NamedTuple):
+    key: bytes              # topic_key(topic)
+    event: bytes
+    origin: bytes
+    payload: bytes
+    fmt: bytes
+
+
+def connect(dest: bytes, request_id: bytes, request: bytes) -> list[bytes]:
+    return [CONNECT, dest, request_id, request]
+
+
+def join(dest: bytes, conn_id: bytes, topic: bytes, join_ref: bytes, ref: bytes,
+         socket: bytes, payload: bytes) -> list[bytes]:
+    return [JOIN, dest, conn_id, topic, join_ref, ref, socket, payload]
+
+
+def inbound(dest: bytes, conn_id: bytes, topic: bytes, join_ref: bytes, ref: bytes,
+            event: bytes, payload: bytes, fmt: bytes) -> list[bytes]:
+    """IN: a client's message for its channel's worker."""
+    return [IN, dest, conn_id, topic, join_ref, ref, event, payload, fmt]
+
+
+def leave(dest: bytes, conn_id: bytes, topic: bytes, join_ref: bytes, ref: bytes) -> list[bytes]:
+    return [LEAVE, dest, conn_id, topic, join_ref, ref]
+
+
+def terminate(dest: bytes, conn_id: bytes, topic: bytes, join_ref: bytes,
+              reason: bytes) -> list[bytes]:
+    return [TERMINATE, dest, conn_id, topic, join_ref, reason]
+
+
+def connect_reply(dest: bytes, request_id: bytes, status: bytes, body: bytes) -> list[bytes]:
+    return [CONNECT_REPLY, dest, request_id, status, body]
+
+
+def join_reply(dest: bytes, conn_id: bytes, topic: bytes, join_ref: bytes, ref: bytes,
+               status: bytes, response: bytes, intercept: bytes) -> list[bytes]:
+    return [JOIN_REPLY, dest, conn_id, topic, join_ref, ref, status, response, intercept]
+
+
+def reply(dest: bytes, conn_id: bytes, topic: bytes, join_ref: bytes, ref: bytes,
+          status: bytes, response: bytes, fmt: bytes) -> list[bytes]:
+    return [REPLY, dest, conn_id, topic, join_ref, ref, status, response, fmt]
+
+
+def push(dest: bytes, conn_id: bytes, topic: bytes, join_ref: bytes, event: bytes,
+         payload: bytes, fmt: bytes) -> list[bytes]:
+    return [PUSH, dest, conn_id, topic, join_ref, event, payload, fmt]
+
+
+def channel_close(dest: bytes, conn_id: bytes, topic: bytes, join_ref: bytes) -> list[bytes]:
+    return [CHANNEL_CLOSE, dest, conn_id, topic, join_ref]
+
+
+def channel_error(dest: bytes, conn_id: bytes, topic: bytes, join_ref: bytes) -> list[bytes]:
+    return [CHANNEL_ERROR, dest, conn_id, topic, join_ref]
+
+
+def sync(dest: bytes, channels) -> list[bytes]:
+    """SYNC: a worker's channels on one edge, (conn_id, topic, join_ref) triples."""
+    return [SYNC, dest, pack_channel_list(channels)]
+
+
+def edge_sync(dest: bytes, channels) -> list[bytes]:
+    return [EDGE_SYNC, dest, pack_channel_list(channels)]
+
+
+def lp_request(dest: bytes, request_id: bytes, token: bytes, method: bytes, hold_ms: bytes,
+               content_type: bytes, body: bytes) -> list[bytes]:
+    return [LP_REQUEST, dest, request_id, token, method, hold_ms, content_type, body]
+
+
+def lp_response(dest: bytes, request_id: bytes, status: bytes, body: bytes) -> list[bytes]:
+    return [LP_RESPONSE, dest, request_id, status, body]
+
+
+def heartbeat(role: bytes, load: bytes | None = None) -> list[bytes]:
+    """A peer's heartbeat to the broker, with its load (a worker's channel count) if any."""
+    return [HEARTBEAT, role] if load is None else [HEARTBEAT, role, load]
+
+
+def broker_heartbeat(instance: bytes) -> list[bytes]:
+    """The broker's heartbeat to a peer: its instance id, new after each broker restart."""
+    return [HEARTBEAT, instance]
+
+
+def bye(role: bytes) -> list[bytes]:
+    return [BYE, role]
+
+
+def worker_down(worker_id: bytes) -> list[bytes]:
+    return [WORKER_DOWN, worker_id]
+
+
+def edge_down(edge_id: bytes) -> list[bytes]:
+    return [EDGE_DOWN, edge_id]
+
+
+def evicted() -> list[bytes]:
+    return [EVICTED, b""]
+
+
+def unroutable(dest: bytes, kind: bytes, fields: list[bytes]) -> list[bytes]:
+    """The broker's answer to a message for a peer it does not know, with the message."""
+    return [UNROUTABLE, dest, kind, *fields]
+
+
+def _channel_list(frames: list[bytes]) -> ChannelList:
+    return ChannelList(frames[1], unpack_channel_list(frames[2]))
+
+
+_PARSERS = {
+    CONNECT: lambda f: Connect._make(f[1:]),
+    JOIN: lambda f: Join._make(f[1:]),
+    IN: lambda f: In._make(f[1:]),
+    LEAVE: lambda f: Leave._make(f[1:]),
+    TERMINATE: lambda f: Terminate._make(f[1:]),
+    CONNECT_REPLY: lambda f: ConnectReply._make(f[1:]),
+    JOIN_REPLY: lambda f: JoinReply._make(f[1:]),
+    REPLY: lambda f: Reply._make(f[1:]),
+    PUSH: lambda f: Push._make(f[1:]),
+    CHANNEL_CLOSE: lambda f: ChannelEnd._make(f[1:]),
+    CHANNEL_ERROR: lambda f: ChannelEnd._make(f[1:]),
+    SYNC: _channel_list,
+    EDGE_SYNC: _channel_list,
+    LP_REQUEST: lambda f: LpRequest._make(f[1:]),
+    LP_RESPONSE: lambda f: LpResponse._make(f[1:]),
+}
+
+
+def parse(frames: list[bytes]):
+    """A point-to-point message as delivered -> its kind's named tuple (``Reply``, ``Join``,
+    ...; ``peer`` is the sender).  BusFrameError for an unknown kind, a wrong frame count or
+    a malformed channel list."""
+    return _PARSERS[check_frames(frames)](frames)
+
+
+def parse_broadcast(frames: list[bytes]) -> Broadcast:
+    check_broadcast(frames)
+    return Broadcast(frames[0], *frames[2:])
 
 
 def broadcast_frames(topic: str, event: str, payload: bytes, fmt: bytes = JSON,
