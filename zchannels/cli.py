@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edge_options(p)
     _add_status(p, dev=True)
     _add_worker_options(p)
+    p.add_argument("--reload", action="store_true",
+                   help="watch the APP's Python files and roll the workers onto the new code "
+                        "when one changes (clients rejoin by themselves)")
     _add_log(p)
 
     p = sub.add_parser("publish", help="publish one broadcast to TOPIC on the bus and exit")

@@ -8,6 +8,9 @@ token from ``--status-token`` or env ZCHANNELS_STATUS_TOKEN, else a random one, 
 is printed with the page's URL and handed to the edge through its environment (not
 its command line, which other users of the machine can read).  ``--status-token off``
 turns the page off.
+
+With ``--reload`` the app's source files are watched (zchannels/reload.py) and a change
+rolls the workers onto the new code.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from bus.logsetup import setup_logging
 from edge.origin import OriginCheck
+from zchannels.reload import SourceWatcher, watched_root
 
 log = logging.getLogger("dev")
 
@@ -33,6 +37,16 @@ def status_token_of(args) -> str | None:
     if token == "off":
         return None
     return token or secrets.token_urlsafe(16)
+
+
+def _watcher(app: str) -> SourceWatcher | None:
+    root = watched_root(app)
+    if root is None:
+        log.warning("--reload: cannot find the source of %s; not watching", app)
+        return None
+    watcher = SourceWatcher(root)
+    log.info("--reload: watching %d Python file(s) under %s", len(watcher.seen), root)
+    return watcher
 
 
 class Child:
@@ -125,7 +139,13 @@ def main(args) -> int:
             log.info("zchannels dev running: open %s", http)
             if status_token:
                 log.info("status page: %s/status?status_token=%s", http, status_token)
+        watcher = _watcher(args.app) if getattr(args, "reload", False) else None
+        workers = children[1]
         while not stopping.is_set():
+            if watcher is not None and (changed := watcher.changed()):
+                log.info("reloading the workers: %s changed", ", ".join(changed[:5]) +
+                         (f" and {len(changed) - 5} more" if len(changed) > 5 else ""))
+                workers.proc.send_signal(signal.SIGHUP)
             for child in children:
                 code = child.proc.poll()
                 if code is not None:
