@@ -306,6 +306,7 @@ class Connection:
             except orjson.JSONDecodeError:
                 log.warning("worker %r sent a bad intercept list for %s", worker, topic)
             self.hub.remember_worker_channel(ch)
+            self.hub.joins += 1
             self.reply(ch.join_ref, ref, topic, "ok", response)
             self.hub.activate(ch)   # after the reply: broadcasts held meanwhile come next
         else:

@@ -111,9 +111,11 @@ class EdgeHub:
         # Bytes of unfinished WebSocket messages beyond each connection's free share (wsproto)
         self.inbound_budget = InboundBudget(limits.max_inbound_buffered, self.stats)
         # For the status page (edge/status.py): client frames in and out (fast-lane deliveries
-        # are counted by the fast lane), and workers reported gone: id -> time.time().
+        # are counted by the fast lane), joins answered ok, and workers reported gone:
+        # id -> time.time().
         self.frames_in = 0
         self.frames_out = 0
+        self.joins = 0
         self.bytes_out = 0      # for /metrics (edge/metrics.py); fast-lane bytes: fastlane.bytes_out
         self.worker_downs: dict[bytes, float] = {}
         self.status: EdgeStatus | None = None

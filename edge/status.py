@@ -2,11 +2,11 @@
 the page itself at ``/status``.
 
 Once a second the edge publishes what it knows about itself (connections, joined channels,
-its busiest topics, frame counters, workers the broker reported down) through its PUB
+its busiest topics, frame and join counters, workers the broker reported down) through its PUB
 socket, event ``"edge"``; workers publish theirs (workers/status.py).  The page
 (edge/static_status/status.html) is a phoenix.js client of this very system: it joins the
-topic, keeps the latest snapshot per process, drops processes silent for 5 s and derives
-rates from consecutive snapshots.  No process keeps a cluster-wide view, so nothing needs
+topic, keeps the latest snapshot per process, drops processes silent for 5 s, derives
+rates from consecutive snapshots and charts the cluster's totals over the last 5 minutes.  No process keeps a cluster-wide view, so nothing needs
 to agree: a dead process simply stops publishing.
 
 Topic names, ids and pids are for the operator only: the page and joins of the topic need
@@ -101,6 +101,7 @@ class EdgeStatus:
             "frames_in": hub.frames_in,
             "frames_out": hub.frames_out + hub.fastlane.deliveries,
             "deliveries": hub.fastlane.deliveries,
+            "joins": hub.joins,
             "worker_downs": [{"id": w.decode(errors="replace"), "at": at} for w, at in downs.items()],
             "stats": hub.stats,
         }

@@ -192,47 +192,97 @@ class LineReader:
                 return msg[key]
 
 
+LOAD_CLIENTS = 16
+LOAD_PERIOD_MS = 250    # each load client pushes "bcast" 4 times a second
+
+
+def read_json(reader: LineReader, proc: subprocess.Popen, key: str, timeout: float, cluster: Cluster):
+    """The next stdout JSON line of `proc` with `key`; on failure its stderr and the cluster's."""
+    try:
+        return reader.json_with(key, timeout)
+    except AssertionError as exc:
+        proc.kill()
+        raise AssertionError(f"{exc}\n{proc.stderr.read()[-3000:]}\n{cluster.stderr()}") from None
+
+
+def node(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(["node", *args], cwd=REPO_ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_charts_show_the_load(before: dict, later: dict) -> None:
+    """The page's chart history (window.statusHistory, read twice, 5 samples apart) during
+    the load: every series has a point per sample, and each chart drew them all."""
+    for charts in (before, later):
+        series = charts["series"]
+        assert len(series["t"]) >= 2
+        assert all(len(values) == len(series["t"]) for values in series.values()), series
+        assert {k: charts["drawn"][k] for k in ("connections", "joins", "messages")} == \
+            dict.fromkeys(("connections", "joins", "messages"), len(series["t"]))
+        last = {k: v[-1] for k, v in series.items()}
+        assert last["connections"] >= LOAD_CLIENTS + 1, series["connections"]   # + the page
+        assert last["frames_in"] > 0 and last["deliveries"] > 0, last
+        assert last["frames_out"] >= last["deliveries"] - 1e-6   # frames out count deliveries
+        # Each push is broadcast to all the load's clients, over both edges: the sum shows it.
+        assert last["deliveries"] > 2 * last["frames_in"], last
+        assert max(series["joins"]) > 0, series["joins"]
+        assert charts["legend"]["frames_in"] == last["frames_in"]
+        assert charts["legend"]["connections"] == last["connections"]
+    assert later["series"]["t"][-1] > before["series"]["t"][-1]
+    assert len(later["series"]["t"]) >= len(before["series"]["t"]) + 5
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
-@pytest.mark.timeout(120)
-def test_status_page_shows_the_cluster_and_a_worker_restart_live():
+@pytest.mark.timeout(150)
+def test_status_page_shows_the_cluster_charts_its_load_and_a_worker_restart_live():
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(edges=2, workers=2, env={"ZCHANNELS_STATUS_TOKEN": TOKEN})
-    browser = None
+    browser = load = None
     try:
-        browser = subprocess.Popen(
-            ["node", "tests/js/browser_status.js", cluster.http_urls[1], str(ARTIFACTS), "2", "2", TOKEN],
-            cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        browser = node("tests/js/browser_status.js", cluster.http_urls[1], str(ARTIFACTS), "2", "2", TOKEN)
         out = LineReader(browser)
-        try:
-            shown = out.json_with("shown", timeout=30)
-        except AssertionError:
-            browser.kill()
-            raise AssertionError(f"{browser.stderr.read()[-3000:]}\n{cluster.stderr()}") from None
+        shown = read_json(out, browser, "shown", 30, cluster)
         assert {e["edgeId"] for e in shown["edges"]} == set(cluster.edge_ids)
         pids = {int(r["pid"]) for r in cluster.worker_ready}
         assert {int(w["pid"]) for w in shown["workers"]} == pids
         assert shown["conn"] == "live"
         assert int(shown["cards"]["connections"]) >= 1   # the page's own
 
-        victim = int(cluster.worker_ready[0]["pid"])
-        os.kill(victim, signal.SIGKILL)
+        load = node("tests/js/status_load.js", str(LOAD_CLIENTS), str(LOAD_PERIOD_MS), "echo:status-load",
+                    *cluster.ws_urls)
+        load_out = LineReader(load)
+        assert read_json(load_out, load, "joined", 30, cluster) == LOAD_CLIENTS
+        browser.stdin.write(json.dumps({"load": LOAD_CLIENTS}) + "\n")
+        browser.stdin.flush()
+        before, later = read_json(out, browser, "charts", 40, cluster)
+        assert_charts_show_the_load(before, later)
+
+        # The worker dies under load: its channels rejoin on the other one.
+        victim = next(r for r in cluster.worker_ready if int(r["pid"]) == min(pids))
+        os.kill(int(victim["pid"]), signal.SIGKILL)
         new = cluster.wait_new_worker(pids, timeout=15)
-        browser.stdin.write(json.dumps({"killed": victim}) + "\n")
+        browser.stdin.write(json.dumps({"killed": int(victim["pid"])}) + "\n")
         browser.stdin.close()
-        try:
-            after = out.json_with("after", timeout=40)
-        except AssertionError:
-            browser.kill()
-            raise AssertionError(f"{browser.stderr.read()[-3000:]}\n{cluster.stderr()}") from None
+        after = read_json(out, browser, "after", 40, cluster)
         shown_pids = {int(w["pid"]) for w in after["workers"]}
-        assert victim not in shown_pids and int(new["pid"]) in shown_pids
-        assert any(f"pid {victim}" in e and "down" in e for e in after["events"]), after["events"]
+        assert int(victim["pid"]) not in shown_pids and int(new["pid"]) in shown_pids
+        assert any(f"pid {victim['pid']}" in e and "down" in e for e in after["events"]), after["events"]
         assert any(f"pid {new['pid']}" in e and "new worker" in e for e in after["events"]), after["events"]
+        restarts = after["charts"]["restarts"]
+        assert victim["id"] in {r["id"] for r in restarts if r["kind"] == "down"}, restarts
+        assert new["id"] in {r["id"] for r in restarts if r["kind"] == "up"}, restarts
+        assert after["charts"]["legend"]["down"] >= 1 and after["charts"]["legend"]["up"] >= 1
         assert browser.wait(10) == 0, browser.stderr.read()[-3000:]
+
+        load.stdin.close()
+        stopped = read_json(load_out, load, "stopped", 20, cluster)
+        assert stopped["ok"] > 0, stopped
+        assert load.wait(10) == 0, load.stderr.read()[-3000:]
     finally:
-        if browser is not None and browser.poll() is None:
-            browser.kill()
-            browser.wait(5)
+        for proc in (browser, load):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
         cluster.stop()
         cluster.cleanup()
     assert (ARTIFACTS / "status.png").stat().st_size > 1000
