@@ -58,9 +58,11 @@ REFUSAL_KINDS = ("header_timeouts", "body_timeouts", "body_too_large", "body_inf
 
 def longpoll_body_limit(max_frame_size: int) -> int:
     """Largest LongPoll POST body: a full batch of ``MAX_LINES`` frames of ``--max-frame-size``
-    (with their line ends), at most 8 MiB (Plug's default) but never less than one frame."""
+    (with their line ends), at most 8 MiB (Plug's default) but never less than one frame,
+    whose line is base64 (4/3 as long) when it is a binary frame."""
     batch = MAX_LINES * (max_frame_size + 2)
-    return max(max_frame_size + 2, min(batch, LONGPOLL_BODY_CEILING))
+    one_binary_line = 4 * -(-max_frame_size // 3) + 2
+    return max(one_binary_line, min(batch, LONGPOLL_BODY_CEILING))
 
 
 @dataclass

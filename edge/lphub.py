@@ -42,7 +42,7 @@ class LongPollHub:
         self.max_buffered_bytes = hub.limits.max_outbound
         self.sessions: dict[str, LongPollSession] = {}
         self.stats = {"sessions": 0, "expired": 0, "relayed": 0, "relay_timeouts": 0,
-                      "binary_dropped": 0, "bad_posts": 0}
+                      "not_utf8_dropped": 0, "bad_posts": 0}
         self._relays: dict[bytes, asyncio.Future] = {}
         self._relay_ids = itertools.count(1)
         self._serving: set[asyncio.Task] = set()

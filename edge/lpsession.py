@@ -2,11 +2,14 @@
 client polls over HTTP instead of holding a WebSocket (PROTOCOL.md §5).
 
 A WebSocket writes each frame as it is produced; a LongPoll client fetches them,
-so the session buffers every frame for the client as a ready-made JSON string
-literal (the response's ``messages`` are JSON strings holding V2 text frames)
-and hands the whole buffer to the next poll.  At most one poll waits at a time.
+so the session buffers every frame for the client as a ready-made JSON value and
+hands the whole buffer to the next poll.  At most one poll waits at a time.  An
+entry of the response's ``messages`` is a JSON string holding a text frame, or
+``{"binary": "<base64>"}`` holding a V2 binary frame (reply, push or broadcast),
+which is how phoenix.js 1.8.17 reads them (``longpoll.js`` ``decodeMessage``).
 POST bodies come in here too and go, decoded, to the same ``Connection.handle``
-a WebSocket frame goes to, so the channel rules exist once.
+a WebSocket frame goes to, so the channel rules exist once: a binary push
+arrives as a base64 line and reaches its handler as it would over a WebSocket.
 
 The session token names the edge holding the session, so any edge that gets a
 request can relay it there (``edge/lphub.py``); the random secret in it is what
@@ -47,7 +50,7 @@ POSTED = b'{"status":200}'
 # What woke a waiting poll.
 _DATA, _SUPERSEDED, _EXPIRED, _ENDED = "data", "superseded", "expired", "ended"
 
-_BINARY = object()   # prebuilt stand-in for a binary frame: LongPoll cannot carry one
+_UNSENDABLE = object()   # prebuilt stand-in for a text frame that is not UTF-8
 
 # "lp1." keeps the token apart from anything an app passes as its own `token` param (a
 # Phoenix.Token also has three dot-separated parts, but starts with "SFMy").
@@ -96,18 +99,37 @@ def decode_body(serializer, content_type: str, body: bytes, max_size: int) -> li
         line = line.removesuffix(b"\r")
         if not line:
             continue
-        if len(line) > max_size:
-            raise DecodeError(f"line {n} is {len(line)} bytes, more than the {max_size} allowed")
-        try:
-            # V1 clients have no binary frames, and their JSON objects start with "{".
-            if line[:1] == b"[" or not serializer.supports_binary:
+        # V1 clients have no binary frames, and their JSON objects start with "{".
+        if line[:1] == b"[" or not serializer.supports_binary:
+            if len(line) > max_size:
+                raise DecodeError(f"line {n} is {len(line)} bytes, more than the {max_size} allowed")
+            try:
                 messages.append(serializer.decode_text(line))
-            else:
-                raw = base64.b64decode(line + b"=" * (-len(line) % 4), validate=True)
-                messages.append(serializer.decode_binary(raw))
-        except (DecodeError, binascii.Error) as exc:
-            raise DecodeError(f"line {n}: {exc}") from None
+            except DecodeError as exc:
+                raise DecodeError(f"line {n}: {exc}") from None
+        else:
+            messages.append(decode_binary_line(serializer, line, n, max_size))
     return messages
+
+
+def decode_binary_line(serializer, line: bytes, n: int, max_size: int) -> Message:
+    """Line `n` of a POST that is not a text frame: standard base64 (phoenix.js
+    ``arrayBufferToBase64``) of a V2 binary push.  ``max_size`` bounds the decoded frame,
+    so a binary push may be as large over LongPoll as over a WebSocket."""
+    padding = 2 if line.endswith(b"==") else 1 if line.endswith(b"=") else 0
+    size = (len(line) - padding) * 3 // 4
+    if size > max_size:
+        raise DecodeError(f"line {n} is a binary frame of {size} bytes, more than the "
+                          f"{max_size} allowed")
+    try:
+        raw = base64.b64decode(line + b"=" * (-len(line) % 4), validate=True)
+    except binascii.Error as exc:
+        raise DecodeError(f"line {n} is neither a text frame (starting with '[') nor standard "
+                          f"base64 of a binary frame ({exc}); it starts {line[:20]!r}") from None
+    try:
+        return serializer.decode_binary(raw)
+    except DecodeError as exc:
+        raise DecodeError(f"line {n} (base64 of a binary frame): {exc}") from None
 
 
 class LongPollSession:
@@ -121,7 +143,7 @@ class LongPollSession:
         self.conn: "Connection | None" = None
         self.token: SessionToken | None = None
         self.token_json = b'""'
-        self.buffer: list[bytes] = []      # JSON string literals, ready to join into a response
+        self.buffer: list[bytes] = []      # JSON values, ready to join into a response
         self.buffered_bytes = 0
         self.waiter: asyncio.Future | None = None
         self.last_active = self.started = time.monotonic()
@@ -139,12 +161,14 @@ class LongPollSession:
     # --- the transport interface Connection and the fast lane write through ----------
     def prebuild(self, data: bytes, binary: bool) -> object:
         if binary:
-            return _BINARY
+            # phoenix.js 1.8.17 longpoll.js: `typeof(msg) === "string" ? msg :
+            # base64ToArrayBuffer(msg.binary)`.  The base64 alphabet needs no JSON escaping.
+            return b'{"binary":"' + base64.b64encode(data) + b'"}'
         try:
             return orjson.dumps(data.decode())
         except UnicodeDecodeError:
             log.warning("conn %s: frame is not UTF-8, not sent", self.conn.label)
-            return _BINARY
+            return _UNSENDABLE
 
     def send(self, data: bytes, binary: bool) -> None:
         self.send_prebuilt(self.prebuild(data, binary))
@@ -152,10 +176,8 @@ class LongPollSession:
     def send_prebuilt(self, item) -> None:
         if self.ended or self.ending:
             return
-        if item is _BINARY:
-            # Phoenix cannot put binary in a poll response either (PROTOCOL.md §2.5).
-            self.lp.stats["binary_dropped"] += 1
-            log.debug("conn %s: binary frame dropped, LongPoll carries text only", self.conn.label)
+        if item is _UNSENDABLE:
+            self.lp.stats["not_utf8_dropped"] += 1
             return
         self.buffer.append(item)
         self.buffered_bytes += len(item)

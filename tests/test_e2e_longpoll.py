@@ -89,6 +89,21 @@ def lp_url(http_url: str, query: str = "vsn=2.0.0") -> str:
     return f"{http_url}/socket/longpoll?{query}"
 
 
+def lp_entry(message):
+    """One of a poll response's `messages`: a text frame (a JSON string) as its JSON value, a
+    binary frame as bytes.  phoenix.js 1.8.17 reads any non-string entry as {"binary": base64}."""
+    if isinstance(message, str):
+        return json.loads(message)
+    assert isinstance(message, dict) and set(message) == {"binary"}, message
+    return base64.b64decode(message["binary"], validate=True)
+
+
+def bin_push(join_ref: str, ref: str, topic: str, event: str, payload: bytes) -> bytes:
+    """A client's V2 binary push (kind 0, PROTOCOL.md §2.4)."""
+    fields = [join_ref.encode(), ref.encode(), topic.encode(), event.encode()]
+    return bytes([0, *map(len, fields)]) + b"".join(fields) + payload
+
+
 class RawSession:
     """A LongPoll session driven by hand: created on one edge, requests to any edge."""
 
@@ -123,7 +138,7 @@ class RawSession:
             answer = self.poll(edge)
             assert answer["status"] in (200, 204), answer
             assert answer["token"] == self.token
-            frames += [json.loads(m) for m in answer["messages"]]
+            frames += [lp_entry(m) for m in answer["messages"]]
         return frames
 
     def join(self, topic: str, edge: str | None = None) -> str:
@@ -402,6 +417,121 @@ def test_post_lines_in_base64_are_binary_frames(js_client, cluster):
     assert [join_ref, "77", topic, "phx_reply", {"status": "ok", "response": {}}] in frames
     wait_until(lambda: ws.messages("a", "bcast"), 5)
     assert unb64(ws.messages("a", "bcast")[0]["payload"]) == b"\x01\x02\x03"
+
+
+# ---- binary frames -------------------------------------------------------------------------------
+
+def test_phoenix_js_binary_push_reply_and_broadcast_over_longpoll(js_client, cluster):
+    """§9.24 over LongPoll: an ArrayBuffer push goes out as a base64 line, reaches handle_in as
+    bytes, and the binary reply, server push and broadcast come back through the polls as
+    ArrayBuffers, next to text frames of the same session; binary broadcasts cross transports."""
+    topic = f"echo:{uid()}"
+    lp = lp_client(js_client, cluster.ws_urls[0], "lp")
+    ws = ws_client(js_client, cluster.ws_urls[1], "ws")
+    join_ref = lp.join("a", topic, on=["bcast", "pushed"])["join_ref"]
+    assert ws.join("a", topic, on=["bcast"])["status"] == "ok"
+
+    data = bytes(range(256)) * 4
+    mark = lp.mark()
+    answer = lp.push("a", "binary", binary=data)
+    assert answer["status"] == "ok" and unb64(answer["response"]) == data[::-1]
+    assert [(p["lines"], p["status"]) for p in lp.find({"type": "lp_post"}, mark)] == [(1, 200)]
+    assert any(isinstance(f, bytes) and f[0] == 1 and f.endswith(b"ok" + data[::-1])
+               for f in lp.wire("in"))                                  # a kind 1 reply frame
+    assert lp.push("a", "ping", {"text": "still"}) == {"status": "ok", "response": {"text": "still"}}
+
+    lp.push("a", "push", binary=b"\x00\x01bin", nowait=True)
+    msg = lp.wait_event({"type": "message", "event": "pushed"}, 5)
+    assert unb64(msg["payload"]) == b"\x00\x01bin"
+    assert (bytes([0, len(join_ref), len(topic), len("pushed")]) + join_ref.encode()
+            + topic.encode() + b"pushed\x00\x01bin") in lp.wire("in")
+
+    assert ws.push("a", "bcast", binary=b"\xffcast\x00")["status"] == "ok"
+    msg = lp.wait_event({"type": "message", "event": "bcast"}, 5)
+    assert unb64(msg["payload"]) == b"\xffcast\x00"
+    assert bytes([2, len(topic), len("bcast")]) + topic.encode() + b"bcast\xffcast\x00" in lp.wire("in")
+    assert lp.push("a", "bcast", binary=b"\x01from lp")["status"] == "ok"
+    wait_until(lambda: [unb64(p) for p in bcast_payloads(ws, "a")] == [b"\xffcast\x00", b"\x01from lp"], 5)
+    assert not lp.driver_errors()
+
+
+def test_binary_frames_reach_polls_as_base64_objects_on_any_edge(cluster):
+    """Poll responses carry a binary frame as {"binary": standard base64} (what phoenix.js
+    1.8.17 decodes), whether the session is on the polled edge or relayed to (§5.8); a POST may
+    mix text and base64 lines, handled in order."""
+    e0, e1 = cluster.http_urls
+    s = RawSession(e0)
+    topic = f"echo:{uid()}"
+    join_ref = s.join(topic)
+    data = bytes(range(256))
+
+    assert s.post(raw=base64.b64encode(bin_push(join_ref, "201", topic, "binary", data)),
+                  edge=e1) == (200, {"status": 200})
+    reply = (bytes([1, len(join_ref), 3, len(topic), 2]) + join_ref.encode() + b"201"
+             + topic.encode() + b"ok" + data[::-1])
+    assert reply in s.poll_until(lambda f: f == reply, edge=e1)
+
+    body = b"\n".join([
+        json.dumps([join_ref, "202", topic, "ping", {"n": "202"}]).encode(),
+        base64.b64encode(bin_push(join_ref, "203", topic, "bcast", b"\xff\x00cast")),
+        base64.b64encode(bin_push(join_ref, "204", topic, "push", b"\x00p"))])
+    assert s.post(raw=body) == (200, {"status": 200})
+    broadcast = bytes([2, len(topic), len("bcast")]) + topic.encode() + b"bcast\xff\x00cast"
+    push = (bytes([0, len(join_ref), len(topic), len("pushed")]) + join_ref.encode()
+            + topic.encode() + b"pushed\x00p")
+    frames = s.poll_until(lambda f: f == push)
+    if broadcast not in frames:   # it comes through the broker's fan-out, maybe after the rest
+        frames += s.poll_until(lambda f: f == broadcast)
+    ping_reply = [join_ref, "202", topic, "phx_reply", {"status": "ok", "response": {"n": "202"}}]
+    bcast_reply = [join_ref, "203", topic, "phx_reply", {"status": "ok", "response": {}}]
+    assert [f for f in frames if isinstance(f, list)] == [ping_reply, bcast_reply]
+    assert frames.index(push) > frames.index(bcast_reply)
+
+
+def test_malformed_binary_lines_get_400_and_one_log_line_on_any_edge(cluster):
+    """A line that is neither a text frame nor base64 of a well-formed binary push -> HTTP 400
+    naming the line, none of the body's lines run, and the holding edge logs one line."""
+    e0, e1 = cluster.http_urls
+    s = RawSession(e0)
+    topic = f"echo:{uid()}"
+    join_ref = s.join(topic)
+    text = json.dumps([join_ref, "301", topic, "ping", {"n": "301"}]).encode()
+    binary = base64.b64encode(bin_push(join_ref, "302", topic, "binary", b"\x01"))
+    max_frame = 1_048_576   # the edge's default --max-frame-size
+    cases = [
+        (text + b"\n!!not base64!!", "line 2 is neither a text frame"),
+        (binary + b"\nAAEC", "line 2 (base64 of a binary frame): binary push header needs 5 bytes"),
+        (base64.b64encode(bytes([1, 1, 1, 1, 1]) + b"abcd"), "unknown binary frame kind 1"),
+        (base64.b64encode(bytes([0, 9, 9, 9, 9]) + b"abc"), "declares 36 bytes of strings"),
+        (base64.b64encode(bytes([0, 1, 1, 1, 1]) + b"12\xfft"), "topic is not valid UTF-8"),
+        (base64.b64encode(bin_push(join_ref, "303", topic, "binary", bytes(max_frame))),
+         f"more than the {max_frame} allowed"),
+    ]
+    for n, (body, fragment) in enumerate(cases):
+        status, answer = s.post(raw=body, edge=(e0, e1)[n % 2])
+        assert (status, answer["status"]) == (400, 400) and fragment in answer["error"], answer
+    assert s.post([join_ref, "304", topic, "ping", {"n": "304"}]) == (200, {"status": 200})
+    frames = s.poll_until(lambda f: f[1] == "304")
+    assert not [f for f in frames if isinstance(f, list) and f[1] in ("301", "302", "303")]
+    assert not [f for f in frames if isinstance(f, bytes)]
+    sid = s.token.split(".")[2]
+    logged = [line for line in cluster.edge_procs[0].stderr_text().splitlines()
+              if f"#{sid}/lp: malformed LongPoll POST" in line]
+    assert len(logged) == len(cases), logged
+    assert f"#{sid}/lp" not in cluster.edge_procs[1].stderr_text()
+
+
+def test_binary_lines_count_toward_the_100_lines_of_a_post(cluster):
+    """§5.4: lines after the 100th are ignored, binary ones like text ones."""
+    s = RawSession(cluster.http_urls[0])
+    topic = f"echo:{uid()}"
+    join_ref = s.join(topic)
+    lines = [base64.b64encode(bin_push(join_ref, str(1000 + i), topic, "binary", bytes([i])))
+             for i in range(101)]
+    assert s.post(raw=b"\n".join(lines)) == (200, {"status": 200})
+    frames = s.ping(topic, join_ref)   # replies come in order: every one before the ping's is here
+    refs = [f[5 + f[1]:5 + f[1] + f[2]].decode() for f in frames if isinstance(f, bytes) and f[0] == 1]
+    assert refs == [str(1000 + i) for i in range(100)]
 
 
 # ---- transports and edges ----------------------------------------------------------------------
