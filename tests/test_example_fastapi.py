@@ -4,23 +4,22 @@ token the app rendered into its page (the `authToken` option).
 """
 from __future__ import annotations
 
-import itertools
 import json
 import signal
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import Cluster, wait_until
-from tests.webapps import PageData, WebSession, assert_connect_refused, start_web_app
-from workers.token import sign
+from tests.webapps import (CHROMIUM, WebSession, assert_connect_refused, bad_tokens, join_notifications,
+                           log_in, notify_until_received, run_pages_in_chromium, start_web_app)
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 SECRET = "fastapi-example-" + "s3cret" * 6
-SALT = "user socket"
 
 
 @pytest.fixture(scope="module")
@@ -44,90 +43,44 @@ def system():
         cluster.cleanup()
 
 
-def log_in(url: str, name: str) -> tuple[WebSession, PageData]:
-    session = WebSession(url)
-    form = session.get("/")
-    assert form.status == 200 and 'name="username"' in form.body
-    page = session.post("/login", {"username": name})
-    assert page.status == 200 and page.url.rstrip("/") == url, (page.status, page.url)
-    return session, PageData.parse(page.body)
-
-
-def joined(js_client, page: PageData, name: str):
-    client = js_client(name)
-    answer = client.connect(page.app["socket-url"], authToken=page.app["token"])
-    assert answer["status"] == "open", answer
-    joined = client.join("notes", f"notifications:{page.app['user']}", on=["notification"])
-    assert joined["status"] == "ok", joined
-    return client
-
-
-def notify_until_received(sender: WebSession, client, to: str) -> None:
-    """Publish probes through the app until one arrives: the channel's new subscription has
-    reached the app's publisher (a PUB socket sends only what is subscribed)."""
-    n = itertools.count()
-
-    def arrived() -> bool:
-        answer = sender.post("/notify", {"to": to, "body": f"probe {next(n)}"})
-        assert answer.status == 202, answer
-        return bool(client.messages("notes", "notification"))
-
-    wait_until(arrived, 10, interval=0.05, message="no probe notification arrived")
-
-
 @pytest.mark.timeout(60)
 def test_logged_in_user_joins_with_the_page_token_and_gets_what_the_app_publishes(system, js_client):
     cluster, url = system
-    _, page = log_in(url, "alice")
-    assert page.app["user"] == "alice"
-    assert page.app["socket-url"] == cluster.ws_urls[0]
+    alice = log_in(url, "alice")
+    assert alice.page.app["user"] == "alice"
+    assert alice.page.app["socket-url"] == cluster.ws_urls[0]
     phoenix_js = f"{cluster.http_urls[0]}/js/phoenix.js"
-    assert phoenix_js in page.scripts                  # the page loads phoenix.js from the edge
+    assert phoenix_js in alice.page.scripts            # the page loads phoenix.js from the edge
     with urllib.request.urlopen(phoenix_js, timeout=10) as resp:
         assert resp.status == 200 and b"authToken" in resp.read()
 
-    alice = joined(js_client, page, "alice")
-    bob, _ = log_in(url, "bob")
-    notify_until_received(bob, alice, "alice")
+    client = join_notifications(js_client, alice.page, "alice")
+    bob = log_in(url, "bob")
+    notify_until_received(bob, client, "alice")
     body = f"your export is ready {uuid.uuid4().hex[:8]}"
-    answer = bob.post("/notify", {"to": "alice", "body": body})
+    answer = bob.notify("alice", body)
     assert (answer.status, json.loads(answer.body)) == (202, {"published": True})
-    alice.wait_event({"type": "message", "chan": "notes", "event": "notification",
-                      "payload": {"from": "bob", "body": body}}, timeout=10)
+    client.wait_event({"type": "message", "chan": "notes", "event": "notification",
+                       "payload": {"from": "bob", "body": body}}, timeout=10)
 
 
 @pytest.mark.timeout(60)
 def test_a_users_token_does_not_join_another_users_notifications(system, js_client):
-    cluster, url = system
-    _, page = log_in(url, "carol")
+    _, url = system
+    carol = log_in(url, "carol")
     client = js_client("carol")
-    assert client.connect(page.app["socket-url"], authToken=page.app["token"])["status"] == "open"
+    assert client.connect(carol.page.app["socket-url"], authToken=carol.page.app["token"])["status"] == "open"
     answer = client.join("notes", "notifications:alice")
     assert (answer["status"], answer["response"]) == ("error", {"reason": "unauthorized"})
 
 
-def forged() -> str:
-    return sign("not the app's secret_key_base, forged", SALT, "alice")
-
-
-def tampered() -> str:
-    """A real token for "mallory" with its data swapped for "alice" (signature kept)."""
-    header, _, mac = sign(SECRET, SALT, "mallory").split(".")
-    return f"{header}.{sign(SECRET, SALT, 'alice').split('.')[1]}.{mac}"
-
-
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("kind, token, logged", [
-    ("absent", None, "token missing"),
-    ("forged", forged, "token invalid"),
-    ("tampered", tampered, "token invalid"),
-    ("wrong salt", lambda: sign(SECRET, "user auth", "alice"), "token invalid"),
-])
+@pytest.mark.parametrize("kind, token, logged", [pytest.param(*t, id=t[0]) for t in bad_tokens(SECRET)])
 def test_connect_refuses_a_forged_or_absent_token(system, js_client, kind, token, logged):
     cluster, _ = system
     before = len(cluster.supervisor.stderr_text())
-    opts = {} if token is None else {"authToken": token()}
-    assert_connect_refused(js_client(kind), cluster.ws_urls[0], **opts)
+    assert_connect_refused(js_client(kind), cluster.ws_urls[0],
+                           **({} if token is None else {"authToken": token}))
     wait_until(lambda: logged in cluster.supervisor.stderr_text()[before:], 5,
                message=lambda: cluster.supervisor.stderr_text()[before:][-2000:])
 
@@ -139,12 +92,23 @@ def test_bad_logins_and_notifications_get_clear_errors(system):
     refused = anonymous.post("/login", {"username": "no spaces allowed"})
     assert refused.status == 400 and "1 to 32 letters" in refused.body
     assert anonymous.post("/notify", {"to": "alice", "body": "hi"}).status == 401
-    dave, _ = log_in(url, "dave")
-    for fields, error in [({"to": "al ice", "body": "hi"}, "to must be a user name"),
-                          ({"to": "alice", "body": ""}, "body must be 1 to 500 characters"),
-                          ({"to": "alice", "body": "x" * 501}, "body must be 1 to 500 characters")]:
-        answer = dave.post("/notify", fields)
+    dave = log_in(url, "dave")
+    for to, body, error in [("al ice", "hi", "to must be a user name"),
+                            ("alice", "", "body must be 1 to 500 characters"),
+                            ("alice", "x" * 501, "body must be 1 to 500 characters")]:
+        answer = dave.notify(to, body)
         assert (answer.status, json.loads(answer.body)) == (400, {"error": error})
-    logged_out = dave.post("/logout", {})
+    logged_out = dave.session.post("/logout", {})
     assert logged_out.status == 200 and 'name="username"' in logged_out.body
-    assert dave.post("/notify", {"to": "alice", "body": "hi"}).status == 401
+    assert dave.notify("alice", "hi").status == 401
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
+def test_the_page_in_chromium_logs_in_joins_and_shows_notifications_sent_from_another_page(system):
+    _, url = system
+    shown = run_pages_in_chromium(url, "fastapi")
+    assert shown["alice"]["status"] == shown["bob"]["status"] == "joined"
+    assert "bob: hello alice, from bob's page" in shown["alice"]["notifications"]
+    assert "alice: a note to myself" in shown["alice"]["notifications"]
+    assert shown["bob"]["notifications"] == []        # published to alice only

@@ -5,21 +5,34 @@
 - `WebSession` is one browser's cookie jar over real HTTP: GET pages, POST forms.
 - `PageData` is what a test needs from a rendered page: the `data-*` attributes of `#app`
   (user, token, socket URL), the script sources and the CSRF inputs.
+- `log_in`, `join_notifications`, `notify_until_received` and `bad_tokens` are the steps both
+  examples share: the same pages, the same `notifications:<user>` channel, the same token.
 - `assert_connect_refused` proves that phoenix.js never gets a connection open.
+- `run_pages_in_chromium` drives the example's own page in two headless Chromium browsers
+  (tests/js/browser_webapp.js).
 """
 from __future__ import annotations
 
 import http.cookiejar
+import itertools
+import json
+import os
 import re
+import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
-from tests.conftest import Proc
+from tests.conftest import ROOT, Proc, wait_until
+from workers.token import sign
 
 HTTP_TIMEOUT = 10.0
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = ROOT / "tests" / "artifacts"
+SALT = "user socket"
+CSRF_FIELD = "csrfmiddlewaretoken"   # Django's; a page without it posts without it
 
 
 def start_web_app(module: str, *args: str, env: dict[str, str], started: str,
@@ -113,3 +126,82 @@ def assert_connect_refused(client, url: str, **opts) -> None:
     closes = client.wait_events({"type": "socket_close"}, 3, timeout=10)
     assert all(close["code"] == 1006 for close in closes), closes   # refused at the upgrade
     assert client.find({"type": "socket_open"}) == []
+
+
+# ---- the steps both examples share ----------------------------------------------------------
+
+@dataclass
+class LoggedIn:
+    session: WebSession
+    page: PageData
+
+    def notify(self, to: str, body: str) -> Response:
+        """Submit the page's notify form (with its CSRF field, if it has one)."""
+        fields = {"to": to, "body": body}
+        if CSRF_FIELD in self.page.inputs:
+            fields[CSRF_FIELD] = self.page.inputs[CSRF_FIELD]
+        return self.session.post("/notify", fields)
+
+
+def login_form(session: WebSession) -> dict[str, str]:
+    """GET / without a session: the login form; returns its hidden fields (CSRF)."""
+    form = session.get("/")
+    assert form.status == 200 and 'name="username"' in form.body, (form.status, form.body[:500])
+    inputs = PageData.parse(form.body).inputs
+    return {CSRF_FIELD: inputs[CSRF_FIELD]} if CSRF_FIELD in inputs else {}
+
+
+def log_in(url: str, name: str) -> LoggedIn:
+    """Log in as `name` through the login form; the redirect lands on the page with the token."""
+    session = WebSession(url)
+    page = session.post("/login", {"username": name, **login_form(session)})
+    assert page.status == 200 and page.url.rstrip("/") == url, (page.status, page.url, page.body[:500])
+    return LoggedIn(session, PageData.parse(page.body))
+
+
+def join_notifications(js_client, page: PageData, name: str):
+    """phoenix.js as the page does it: `new Socket(socketUrl, {authToken: token})`, then join
+    `notifications:<user>` (channel object "notes") listening for "notification"."""
+    client = js_client(name)
+    answer = client.connect(page.app["socket-url"], authToken=page.app["token"])
+    assert answer["status"] == "open", answer
+    joined = client.join("notes", f"notifications:{page.app['user']}", on=["notification"])
+    assert joined["status"] == "ok", joined
+    return client
+
+
+def notify_until_received(sender: LoggedIn, client, to: str) -> None:
+    """Publish probes through the app until one arrives: the channel's new subscription has
+    reached the app's publisher (a PUB socket sends only what is subscribed)."""
+    n = itertools.count()
+
+    def arrived() -> bool:
+        answer = sender.notify(to, f"probe {next(n)}")
+        assert answer.status == 202, answer
+        return bool(client.messages("notes", "notification"))
+
+    wait_until(arrived, 10, interval=0.05, message="no probe notification arrived")
+
+
+def bad_tokens(secret: str) -> list[tuple[str, str | None, str]]:
+    """(kind, token or None for no token, what the worker logs when it refuses it)."""
+    def tampered() -> str:   # a real token for "mallory" with the data of one for "alice"
+        header, _, mac = sign(secret, SALT, "mallory").split(".")
+        return f"{header}.{sign(secret, SALT, 'alice').split('.')[1]}.{mac}"
+
+    return [
+        ("absent", None, "token missing"),
+        ("forged", sign("not the app's secret_key_base, forged", SALT, "alice"), "token invalid"),
+        ("tampered", tampered(), "token invalid"),
+        ("wrong salt", sign(secret, "user auth", "alice"), "token invalid"),
+    ]
+
+
+def run_pages_in_chromium(url: str, name: str) -> dict:
+    """Alice and Bob log in on the example's page in Chromium and notify each other through
+    it; returns what each page shows (status, notifications).  Screenshot in tests/artifacts/."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    run = subprocess.run(["node", "tests/js/browser_webapp.js", url, str(ARTIFACTS), name],
+                         cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert run.returncode == 0, f"browser run failed:\n{run.stderr[-3000:]}"
+    return json.loads(run.stdout.strip().splitlines()[-1])
