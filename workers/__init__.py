@@ -5,10 +5,40 @@ see ``workers.api`` for the manual.  ``presence_list(topic)`` and the channel me
 ``track``/``update``/``untrack`` are
 Presence (``workers.presence``).  ``sign_token`` / ``verify_token`` / ``TokenError`` are
 Phoenix.Token (``workers.token``), for ``connect`` handlers and the web apps minting tokens.
+
+The package is typed (``py.typed``): mypy and pyright check a handler module against it.
+The payload types (``workers.payload``) and result types (``workers.results``) are
+importable from here too::
+
+    from workers import (Channel, HandlerResult, JoinResult, JSON, JSONObject, Payload,
+                         Socket, SocketState, error, noreply, ok, reply)
+
+    class RoomChannel(Channel):
+        def join(self, topic: str, payload: JSON, socket: SocketState) -> JoinResult:
+            return ok() if topic == "room:lobby" else error({"reason": "unauthorized"})
+
+        async def handle_in(self, event: str, payload: Payload,
+                            socket: SocketState) -> HandlerResult:
+            if isinstance(payload, dict):          # a client may push any JSON, or bytes
+                return reply("ok", {"echo": payload.get("body")})
+            return noreply()
+
+    socket = Socket()
+    socket.channel("room:*", RoomChannel)
+
+    @socket.connect
+    def connect(params: JSONObject, socket: SocketState,
+                connect_info: JSONObject) -> SocketState | bool:
+        return socket.assign(user=params.get("user", "anonymous"))
+
+``handle_out`` and ``handle_info`` return an ``OutResult``; ``Channel`` declares every
+callback's result as ``MaybeAwaitable[...]`` so that an override may be ``def`` or
+``async def``.
 """
 from workers.api import (
     BadReturn,
     Channel,
+    ConnectResult,
     Socket,
     SocketState,
     Timer,
@@ -19,11 +49,17 @@ from workers.api import (
     reply,
     stop,
 )
-from workers.presence import presence_list
+from workers.payload import JSON, Binary, BroadcastPayload, JSONObject, OutPayload, Payload
+from workers.presence import PresenceEntry, PresenceState, presence_list
+from workers.results import HandlerResult, JoinResult, MaybeAwaitable, OutResult
 from workers.routes import AppLoadError, load_app
 from workers.token import TokenError, sign as sign_token, verify as verify_token
 
 __all__ = [
     "Channel", "Socket", "SocketState", "Timer", "ok", "error", "reply", "noreply", "stop",
     "broadcast", "presence_list", "BadReturn", "AppLoadError", "load_app", "sign_token", "verify_token", "TokenError",
+    # types
+    "JSON", "JSONObject", "Binary", "Payload", "BroadcastPayload", "OutPayload",
+    "JoinResult", "HandlerResult", "OutResult", "MaybeAwaitable", "ConnectResult",
+    "PresenceEntry", "PresenceState",
 ]

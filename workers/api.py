@@ -76,17 +76,25 @@ Return shapes, per callback:
 ``join`` returned ``error(...)`` and when the worker stops, or the reason given to
 ``stop(...)``.  It is not called after a crash, nor for a duplicate join of the same
 topic on the same connection (Phoenix semantics).
+
+Type hints: ``workers`` ships them (``py.typed``); the ``workers`` package docstring shows
+a typed handler.  ``Channel`` declares each callback's result as ``MaybeAwaitable[...]``
+(``def`` or ``async def``), so a ``def`` override returning ``super().handle_in(...)``
+declares that type too.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable, Generator, Mapping
+from typing import Any, ClassVar, TypeAlias, TypeVar
 
 import orjson
 
+from workers.payload import JSON, BroadcastPayload, JSONObject, OutPayload, Payload
 from workers.presence import PresenceMixin
 from workers.results import (  # noqa: F401  (re-exported: the handler API in one place)
-    BadReturn, Error, NoReply, Ok, Reply, Stop, check_result, error, noreply, ok, reply, stop,
+    BadReturn, Error, HandlerResult, JoinResult, MaybeAwaitable, NoReply, Ok, OutResult, Reply,
+    Stop, check_result, error, noreply, ok, reply, stop,
 )
 from workers.routes import SYSTEM_PREFIX, Route
 
@@ -94,7 +102,9 @@ log = logging.getLogger("zchannels.worker")
 
 __all__ = [
     "Channel", "Socket", "SocketState", "Timer", "ok", "error", "reply", "noreply", "stop",
-    "broadcast", "BadReturn",
+    "broadcast", "BadReturn", "Ok", "Error", "Reply", "NoReply", "Stop",
+    "JoinResult", "HandlerResult", "OutResult", "MaybeAwaitable", "ConnectResult",
+    "ConnectHandler", "IdHandler",
 ]
 
 
@@ -112,15 +122,15 @@ class SocketState:
     """
     __slots__ = ("assigns", "id", "topic", "join_ref", "ref")
 
-    def __init__(self, assigns: dict | None = None, id: str | None = None,
-                 topic: str | None = None, join_ref: str | None = None):
-        self.assigns = {} if assigns is None else assigns
+    def __init__(self, assigns: JSONObject | None = None, id: str | None = None,
+                 topic: str | None = None, join_ref: JSON = None):
+        self.assigns: dict[str, Any] = {} if assigns is None else assigns
         self.id = id
         self.topic = topic
         self.join_ref = join_ref
-        self.ref: str | None = None
+        self.ref: JSON = None
 
-    def assign(self, mapping: dict | None = None, /, **values: Any) -> "SocketState":
+    def assign(self, mapping: Mapping[str, Any] | None = None, /, **values: Any) -> "SocketState":
         """Merge values into ``assigns`` and return this socket (``return socket.assign(x=1)``)."""
         if mapping:
             self.assigns.update(mapping)
@@ -129,6 +139,16 @@ class SocketState:
 
     def __repr__(self) -> str:
         return f"SocketState(topic={self.topic!r}, id={self.id!r}, assigns={self.assigns!r})"
+
+
+#: What ``connect`` returns: the socket or True to accept; False, None or ``error(...)`` to refuse.
+ConnectResult: TypeAlias = SocketState | bool | Error | None
+#: ``connect(params, socket, connect_info)``, ``def`` or ``async def``.
+ConnectHandler: TypeAlias = Callable[[JSONObject, SocketState, JSONObject], MaybeAwaitable[ConnectResult]]
+#: ``id(socket)``: the socket id topic, or None.
+IdHandler: TypeAlias = Callable[[SocketState], str | None]
+_ConnectFn = TypeVar("_ConnectFn", bound=ConnectHandler)
+_IdFn = TypeVar("_IdFn", bound=IdHandler)
 
 
 class Socket:
@@ -150,10 +170,11 @@ class Socket:
 
     def __init__(self) -> None:
         self.routes: list[Route] = []
-        self.connect_handler: Callable | None = None
-        self.id_handler: Callable | None = None
+        self.connect_handler: ConnectHandler | None = None
+        self.id_handler: IdHandler | None = None
 
-    def channel(self, pattern: str, channel: type["Channel"], *, assigns: dict | None = None) -> None:
+    def channel(self, pattern: str, channel: type["Channel"], *,
+                assigns: JSONObject | None = None) -> None:
         """Route ``pattern`` to ``channel``: an exact topic, or a prefix ending in one ``*``.
 
         The first declared route that matches a topic wins.  ``assigns`` are merged into
@@ -178,7 +199,7 @@ class Socket:
                 return route
         return None
 
-    def connect(self, fn: Callable) -> Callable:
+    def connect(self, fn: _ConnectFn) -> _ConnectFn:
         """Decorator: ``fn(params, socket, connect_info)`` runs once per client connection.
 
         ``params`` are the client's connect params (``new Socket(url, {params})``),
@@ -191,7 +212,7 @@ class Socket:
         self.connect_handler = fn
         return fn
 
-    def id(self, fn: Callable) -> Callable:
+    def id(self, fn: _IdFn) -> _IdFn:
         """Decorator: ``fn(socket)`` returns the socket id (a string) or None.
 
         Broadcasting ``"disconnect"`` to that id closes every connection carrying it.
@@ -206,8 +227,8 @@ class _Sent:
     """What push/broadcast return: nothing to wait for, yet ``await`` on it is allowed."""
     __slots__ = ()
 
-    def __await__(self):
-        return iter(())
+    def __await__(self) -> Generator[None, None, None]:
+        yield from ()
 
 
 SENT = _Sent()
@@ -217,7 +238,7 @@ class Timer:
     """Handle of a ``send_after`` message; ``cancel()`` it before it is delivered."""
     __slots__ = ("handle", "_owner")
 
-    def __init__(self, handle: Any, owner: set):
+    def __init__(self, handle: Any, owner: set["Timer"]):
         self.handle = handle
         self._owner = owner
 
@@ -226,7 +247,7 @@ class Timer:
         self._owner.discard(self)
 
 
-def _encode_payload(what: str, payload: Any) -> tuple[bytes, bytes]:
+def _encode_payload(what: str, payload: object) -> tuple[bytes, bytes]:
     # Server pushes and broadcasts are JSON objects or binary (PROTOCOL §4.5).
     if isinstance(payload, dict):
         return orjson.dumps(payload), b"j"
@@ -257,7 +278,7 @@ class Channel(PresenceMixin):
     from ``handle_info`` right after each join, and phoenix.js ``Presence`` stays in sync.
     """
 
-    intercept: list[str] = []
+    intercept: ClassVar[list[str] | tuple[str, ...]] = []
 
     # Set by the worker runtime before __init__ (see workers/runner.py).
     topic: str
@@ -269,45 +290,47 @@ class Channel(PresenceMixin):
 
     # -- callbacks (override) --
 
-    def join(self, topic: str, payload: Any, socket: SocketState) -> Ok | Error:
+    def join(self, topic: str, payload: JSON, socket: SocketState) -> MaybeAwaitable[JoinResult]:
         """Authorise the client to join ``topic``: return ``ok()``, ``ok(dict)`` or ``error(dict)``."""
         raise NotImplementedError(f"{type(self).__name__} must define join(self, topic, payload, socket)")
 
-    def handle_in(self, event: str, payload: Any, socket: SocketState) -> Reply | NoReply | Stop:
+    def handle_in(self, event: str, payload: Payload,
+                  socket: SocketState) -> MaybeAwaitable[HandlerResult]:
         """A client push: ``payload`` is the decoded JSON, or ``bytes`` for a binary frame."""
         raise NotImplementedError(f"{type(self).__name__} has no handle_in for event {event!r}")
 
-    def handle_out(self, event: str, payload: Any, socket: SocketState) -> NoReply | Stop:
+    def handle_out(self, event: str, payload: OutPayload,
+                   socket: SocketState) -> MaybeAwaitable[OutResult]:
         """An intercepted broadcast on this topic; by default it is pushed unchanged."""
         self.push(event, payload)
         return noreply()
 
-    def handle_info(self, msg: Any, socket: SocketState) -> NoReply | Stop:
+    def handle_info(self, msg: Any, socket: SocketState) -> MaybeAwaitable[OutResult]:
         """A message from ``self.send(msg)`` or ``self.send_after(ms, msg)``."""
         log.warning("%s for %s got a message but defines no handle_info: %r",
                     type(self).__name__, self.topic, msg)
         return noreply()
 
-    def terminate(self, reason: Any, socket: SocketState) -> Any:
+    def terminate(self, reason: Any, socket: SocketState) -> object:
         """The channel is ending (see the module docs for the reasons); the return value is ignored."""
 
     # -- actions --
 
-    def push(self, event: str, payload: dict | bytes) -> _Sent:
+    def push(self, event: str, payload: BroadcastPayload) -> _Sent:
         """Send ``event`` to this channel's client only. Not allowed inside ``join``."""
         proc = self._joined("push")
         data, fmt = _encode_payload("push", payload)
         proc.worker.push(proc, _check_event("push", event), data, fmt)
         return SENT
 
-    def broadcast(self, event: str, payload: dict | bytes) -> _Sent:
+    def broadcast(self, event: str, payload: BroadcastPayload) -> _Sent:
         """Send ``event`` to every subscriber of this topic, this client included."""
         proc = self._joined("broadcast")
         data, fmt = _encode_payload("broadcast", payload)
         proc.worker.publish(self.topic, _check_event("broadcast", event), data, fmt, b"")
         return SENT
 
-    def broadcast_from(self, event: str, payload: dict | bytes) -> _Sent:
+    def broadcast_from(self, event: str, payload: BroadcastPayload) -> _Sent:
         """Like ``broadcast``, except to this channel's own client."""
         proc = self._joined("broadcast_from")
         data, fmt = _encode_payload("broadcast_from", payload)
@@ -324,7 +347,8 @@ class Channel(PresenceMixin):
         """Deliver ``msg`` to ``handle_info`` in ``ms`` milliseconds; returns a cancellable Timer."""
         if self._proc is None:
             raise RuntimeError("send_after() needs a channel run by a worker")
-        return self._proc.worker.send_after(self._proc, ms, msg)
+        timer: Timer = self._proc.worker.send_after(self._proc, ms, msg)
+        return timer
 
     def _joined(self, what: str) -> Any:
         proc = self._proc
@@ -347,7 +371,7 @@ class Channel(PresenceMixin):
 _runtime: Any = None
 
 
-def broadcast(topic: str, event: str, payload: dict | bytes) -> _Sent:
+def broadcast(topic: str, event: str, payload: BroadcastPayload) -> _Sent:
     """Broadcast ``event`` to every subscriber of any ``topic``, from any callback.
 
     Outside a worker process, use the publisher client instead.

@@ -35,14 +35,17 @@ the leave diff (and a join diff if that owner comes back after a bus outage).
 from __future__ import annotations
 
 import base64
+import builtins
 import itertools
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeAlias, TypedDict
 
 import orjson
 
 from bus import wire
+from workers.payload import JSONObject
 
 PRESENCE_TOPIC = "zchannels:presence"
 PRESENCE_KEY = wire.topic_key(PRESENCE_TOPIC)
@@ -53,7 +56,18 @@ OWNER_TIMEOUT = 2.5     # seconds of silence after which an owner's entries are 
 _counter = itertools.count()
 _tracker: "Tracker | None" = None   # this worker process's tracker (set by workers/runner.py)
 
-Presences = dict  # {key: {phx_ref: meta}}
+Presences: TypeAlias = dict[str, dict[str, JSONObject]]  # {key: {phx_ref: meta}}
+
+
+class PresenceEntry(TypedDict):
+    """One key of a presence list: every meta tracked under it, each with its ``"phx_ref"``."""
+    metas: list[JSONObject]
+
+
+#: What ``presence_list`` returns (phoenix.js ``Presence``'s state): ``{key: {"metas": [...]}}``.
+PresenceState: TypeAlias = dict[str, PresenceEntry]
+#: ``update``'s meta: a new meta, or a function from the old meta to the new one.
+MetaUpdate: TypeAlias = JSONObject | Callable[[JSONObject], JSONObject]
 
 
 def new_ref() -> str:
@@ -63,7 +77,7 @@ def new_ref() -> str:
     return base64.urlsafe_b64encode(raw).decode()
 
 
-def shape(entries: Presences) -> dict:
+def shape(entries: Presences) -> PresenceState:
     """{key: {ref: meta}} -> the Phoenix shape {key: {"metas": [meta, ...]}} (empty keys skipped)."""
     return {key: {"metas": list(metas.values())} for key, metas in entries.items() if metas}
 
@@ -73,7 +87,7 @@ def merge_into(target: Presences, entries: Presences) -> None:
         target.setdefault(key, {}).update(metas)
 
 
-def remove_from(target: Presences, entries: Presences) -> None:
+def remove_from(target: Presences, entries: Mapping[str, Iterable[str]]) -> None:
     for key, metas in entries.items():
         have = target.get(key)
         if have is not None:
@@ -94,7 +108,7 @@ def entries_not_in(entries: Presences, other: Presences) -> Presences:
     return missing
 
 
-def apply_delta(replica: dict[str, Presences], topics: dict) -> None:
+def apply_delta(replica: dict[str, Presences], topics: dict[str, Any]) -> None:
     """Apply one owner's replicated ``delta`` (per topic: joins with metas, leaves as refs)."""
     for topic, diff in topics.items():
         entries = replica.setdefault(topic, {})
@@ -104,7 +118,7 @@ def apply_delta(replica: dict[str, Presences], topics: dict) -> None:
             del replica[topic]
 
 
-def _key(key: Any) -> str:
+def _key(key: object) -> str:
     if isinstance(key, bool) or not isinstance(key, (str, int)):
         raise TypeError(f"presence key must be a string or an int, got {key!r}")
     return str(key)
@@ -118,7 +132,7 @@ class Diff:
         self.joins: Presences = {}
         self.leaves: Presences = {}
 
-    def payload(self) -> dict:
+    def payload(self) -> dict[str, PresenceState]:
         return {"joins": shape(self.joins), "leaves": shape(self.leaves)}
 
 
@@ -126,7 +140,8 @@ class Tracker:
     """The presence table of one worker: its own entries plus a replica of every other owner's."""
 
     def __init__(self, me: bytes, publish: Callable[[str, str, bytes], None],
-                 call_later: Callable[[float, Callable], Any], clock: Callable[[], float] = time.monotonic):
+                 call_later: Callable[[float, Callable[[], object]], Any],
+                 clock: Callable[[], float] = time.monotonic):
         self.me = me.decode()
         self.publish, self.call_later, self.clock = publish, call_later, clock
         self.mine: dict[str, Presences] = {}                   # topic -> key -> ref -> meta
@@ -148,7 +163,7 @@ class Tracker:
 
     # --- the owner side (called by the Channel methods) --------------------------------
 
-    def track(self, proc: Any, key: Any, meta: dict | None) -> str:
+    def track(self, proc: Any, key: object, meta: JSONObject | None) -> str:
         key = _key(key)
         keys = self.by_proc.setdefault(proc, {})
         if key in keys:
@@ -156,9 +171,9 @@ class Tracker:
         meta = self._meta(meta)
         keys[key] = meta["phx_ref"]
         self._add(proc.topic, key, meta)
-        return meta["phx_ref"]
+        return keys[key]
 
-    def update(self, proc: Any, key: Any, meta: dict | Callable[[dict], dict]) -> str:
+    def update(self, proc: Any, key: object, meta: MetaUpdate) -> str:
         key = _key(key)
         ref = self.by_proc.get(proc, {}).get(key)
         if ref is None:
@@ -171,9 +186,9 @@ class Tracker:
         self._remove(proc.topic, key, old)
         self.by_proc[proc][key] = new["phx_ref"]
         self._add(proc.topic, key, new)
-        return new["phx_ref"]
+        return self.by_proc[proc][key]
 
-    def untrack(self, proc: Any, key: Any) -> bool:
+    def untrack(self, proc: Any, key: object) -> bool:
         ref = self.by_proc.get(proc, {}).pop(_key(key), None)
         if ref is None:
             return False
@@ -186,7 +201,7 @@ class Tracker:
         for key, ref in (keys or {}).items():
             self._remove(proc.topic, key, self.mine[proc.topic][key][ref])
 
-    def list(self, topic: str) -> dict:
+    def list(self, topic: str) -> PresenceState:
         if not self._catching_up:   # a handler run by the catch-up may list too: read once
             self._catching_up = True
             try:
@@ -200,7 +215,7 @@ class Tracker:
         return shape(merged)
 
     @staticmethod
-    def _meta(meta: Any) -> dict:
+    def _meta(meta: object) -> JSONObject:
         if meta is None:
             meta = {}
         if not isinstance(meta, dict):
@@ -210,13 +225,13 @@ class Tracker:
         meta["phx_ref"] = new_ref()
         return meta
 
-    def _add(self, topic: str, key: str, meta: dict) -> None:
+    def _add(self, topic: str, key: str, meta: JSONObject) -> None:
         self.mine.setdefault(topic, {}).setdefault(key, {})[meta["phx_ref"]] = meta
         for pending in (self.to_clients, self.to_replicas):
             pending.setdefault(topic, Diff()).joins.setdefault(key, {})[meta["phx_ref"]] = meta
         self._schedule()
 
-    def _remove(self, topic: str, key: str, meta: dict) -> None:
+    def _remove(self, topic: str, key: str, meta: JSONObject) -> None:
         remove_from(self.mine[topic], {key: {meta["phx_ref"]: meta}})
         if not self.mine[topic]:
             del self.mine[topic]
@@ -303,7 +318,7 @@ class Tracker:
         after ``owner`` died, knows nothing of its entries and is never chosen)."""
         return self.me <= min((o for o in self.heard if owner in self.knows.get(o, ())), default=self.me)
 
-    def expire(self) -> list[str]:
+    def expire(self) -> builtins.list[str]:
         """Drop owners silent for OWNER_TIMEOUT while the bus was up.  Silence is counted up to
         the last time our own state came back, not up to now: when the bus goes down, no owner
         comes closer to the timeout, whichever of us announced last before it went."""
@@ -331,7 +346,11 @@ class Tracker:
 class PresenceMixin:
     """``track`` / ``update`` / ``untrack`` / ``presence_list`` on a channel."""
 
-    def track(self, key: str | int, meta: dict | None = None) -> str:
+    # Provided by workers.api.Channel.
+    topic: str
+    _proc: Any
+
+    def track(self, key: str | int, meta: JSONObject | None = None) -> str:
         """Track ``key`` with ``meta`` on this channel's topic; returns the new ``phx_ref``.
 
         The entry lasts until ``untrack`` or the end of this channel.  Tracking a key this
@@ -339,7 +358,7 @@ class PresenceMixin:
         """
         return _runtime_tracker(self, "track").track(self._proc, key, meta)
 
-    def update(self, key: str | int, meta: dict | Callable[[dict], dict]) -> str:
+    def update(self, key: str | int, meta: MetaUpdate) -> str:
         """Replace the meta of a tracked ``key`` (a dict, or a function old meta -> new meta).
 
         Clients see one diff with ``key`` in both joins (new meta, with ``phx_ref_prev``) and
@@ -351,7 +370,7 @@ class PresenceMixin:
         """Stop tracking ``key`` for this channel; False if it was not tracked."""
         return _runtime_tracker(self, "untrack").untrack(self._proc, key)
 
-    def presence_list(self) -> dict:
+    def presence_list(self) -> PresenceState:
         """Everyone on this channel's topic: ``{key: {"metas": [...]}}`` (all workers)."""
         return presence_list(self.topic)
 
@@ -363,7 +382,7 @@ def _runtime_tracker(channel: Any, what: str) -> Tracker:
     return _tracker
 
 
-def presence_list(topic: str) -> dict:
+def presence_list(topic: str) -> PresenceState:
     """Everyone tracked on ``topic``, on every worker: ``{key: {"metas": [meta, ...]}}``.
 
     Push it as ``"presence_state"`` after each join; phoenix.js ``Presence`` needs it.

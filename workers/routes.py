@@ -11,9 +11,12 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bus import wire
+
+if TYPE_CHECKING:
+    from workers.api import Channel, Socket
 
 __all__ = ["Route", "AppLoadError", "load_app", "parse_spec", "check_pattern", "SYSTEM_PREFIX"]
 
@@ -35,7 +38,7 @@ class Route:
     """One ``socket.channel(pattern, Channel, assigns=...)`` declaration."""
     __slots__ = ("pattern", "channel", "assigns", "_prefix")
 
-    def __init__(self, pattern: str, channel: type, assigns: dict | None = None):
+    def __init__(self, pattern: str, channel: type[Channel], assigns: dict[str, Any] | None = None):
         self.pattern = check_pattern(pattern)
         self.channel = channel
         self.assigns = assigns or {}
@@ -114,7 +117,7 @@ def _import_module(spec: str, name: str) -> Any:
                            f"{type(exc).__name__}: {exc}") from exc
 
 
-def load_app(spec: str) -> Any:
+def load_app(spec: str) -> Socket:
     """Import the handler module named by ``spec`` and return its ``workers.Socket``.
 
     ``spec`` is ``package.module[:attr]`` or ``path/to/file.py[:attr]``; ``attr``

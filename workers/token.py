@@ -27,15 +27,19 @@ import hashlib
 import hmac
 import math
 import time
+from typing import Literal, TypeAlias
 
 from workers.etf import Atom, EtfError, decode, encode
 
-__all__ = ["sign", "verify", "TokenError", "INFINITY"]
+__all__ = ["sign", "verify", "TokenError", "INFINITY", "MaxAge"]
 
 #: ``max_age=INFINITY`` (or ``math.inf``): the token never expires, like ``max_age: :infinity``.
 INFINITY = Atom("infinity")
 
 DEFAULT_MAX_AGE = 86_400
+
+#: Seconds, or ``INFINITY`` (also ``math.inf`` or ``"infinity"``): a token never expires.
+MaxAge: TypeAlias = int | float | Atom | Literal["infinity"]
 _SIGN_HEADER = "SFMyNTY"                              # b64url("HS256")
 _HEADERS = {b"SFMyNTY": "sha256", b"SFMzODQ": "sha384", b"SFM1MTI": "sha512"}
 _KEY_DIGESTS = {"sha": "sha1", "sha1": "sha1", "sha224": "sha224", "sha256": "sha256",
@@ -53,7 +57,7 @@ class TokenError(Exception):
 
 
 def sign(secret_key_base: str | bytes, salt: str | bytes, data: object, *,
-         max_age: int | float | str = DEFAULT_MAX_AGE, signed_at: int | float | None = None,
+         max_age: MaxAge = DEFAULT_MAX_AGE, signed_at: int | float | None = None,
          key_iterations: int = 1000, key_length: int = 32, key_digest: str = "sha256") -> str:
     """Sign ``data`` like ``Phoenix.Token.sign(secret_key_base, salt, data, opts)``.
 
@@ -71,7 +75,7 @@ def sign(secret_key_base: str | bytes, salt: str | bytes, data: object, *,
 
 
 def verify(secret_key_base: str | bytes, salt: str | bytes, token: str | bytes | None, *,
-           max_age: int | float | str | None = None, key_iterations: int = 1000,
+           max_age: MaxAge | None = None, key_iterations: int = 1000,
            key_length: int = 32, key_digest: str = "sha256") -> object:
     """Return the data of a token made by ``sign`` (or Phoenix.Token) with this key and salt.
 
@@ -94,7 +98,7 @@ def verify(secret_key_base: str | bytes, salt: str | bytes, token: str | bytes |
         limit = _embedded_max_age(embedded)
     # The order of Plug.Crypto (PROTOCOL.md §7.4): :infinity is always valid, then a max_age
     # <= 0 has expired, then a token from the future is invalid, then the age is checked.
-    if limit is INFINITY:
+    if isinstance(limit, Atom):   # INFINITY, the only atom a max_age can be
         return data
     if limit <= 0:
         raise TokenError("expired")

@@ -39,7 +39,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, TypeAlias
 
 import orjson
 import zmq
@@ -47,7 +47,13 @@ from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
 from bus import curve, wire
 
-__all__ = ["Publisher", "AsyncPublisher", "PublishError", "DEFAULT_BUS", "SETTLE"]
+__all__ = ["Publisher", "AsyncPublisher", "PublishError", "Payload", "DEFAULT_BUS", "SETTLE"]
+
+#: What a broadcast carries: a JSON object (a dict with str keys), or bytes sent as a binary
+#: frame; ``workers.BroadcastPayload`` for handlers.
+Payload: TypeAlias = dict[str, Any] | bytes | bytearray | memoryview
+#: A key file's path (``curve_server_key=``, ``curve_secret=``).
+KeyPath: TypeAlias = str | os.PathLike[str]
 
 DEFAULT_BUS = "tcp://127.0.0.1:5570"
 SETTLE = 0.25   # seconds after connecting for the broker's subscription list to arrive
@@ -62,7 +68,7 @@ class PublishError(RuntimeError):
     """The bus cannot take the message: unreachable for too long, queue full, or closed."""
 
 
-def encode(topic: str, event: str, payload: dict | bytes) -> bytes:
+def encode(topic: str, event: str, payload: Payload) -> bytes:
     """One packed BROADCAST message; TypeError / ValueError for what no edge could deliver."""
     if not isinstance(topic, str) or not topic:
         raise TypeError(f"broadcast topic must be a non-empty string, got {topic!r}")
@@ -137,7 +143,7 @@ class _Link:
 
 class _Base:
     def __init__(self, bus: str, queue_size: int, unreachable_timeout: float,
-                 curve_server_key: str | os.PathLike | None, curve_secret: str | os.PathLike | None):
+                 curve_server_key: KeyPath | None, curve_secret: KeyPath | None):
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
         if unreachable_timeout < 0:
@@ -195,8 +201,8 @@ class Publisher(_Base):
     """
 
     def __init__(self, bus: str = DEFAULT_BUS, *, queue_size: int = 10_000,
-                 unreachable_timeout: float = 5.0, curve_server_key: str | os.PathLike | None = None,
-                 curve_secret: str | os.PathLike | None = None):
+                 unreachable_timeout: float = 5.0, curve_server_key: KeyPath | None = None,
+                 curve_secret: KeyPath | None = None):
         super().__init__(bus, queue_size, unreachable_timeout, curve_server_key, curve_secret)
         self._lock = threading.Lock()
         self._cond = threading.Condition()
@@ -222,7 +228,7 @@ class Publisher(_Base):
         finally:
             mon.close(linger=0)
 
-    def broadcast(self, topic: str, event: str, payload: dict | bytes) -> bool:
+    def broadcast(self, topic: str, event: str, payload: Payload) -> bool:
         """Send ``event`` with ``payload`` (dict -> JSON, bytes -> binary) to every subscriber
         of ``topic`` on every edge.
 
@@ -283,8 +289,8 @@ class AsyncPublisher(_Base):
     """
 
     def __init__(self, bus: str = DEFAULT_BUS, *, queue_size: int = 10_000,
-                 unreachable_timeout: float = 5.0, curve_server_key: str | os.PathLike | None = None,
-                 curve_secret: str | os.PathLike | None = None):
+                 unreachable_timeout: float = 5.0, curve_server_key: KeyPath | None = None,
+                 curve_secret: KeyPath | None = None):
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -292,7 +298,7 @@ class AsyncPublisher(_Base):
                                "(use Publisher elsewhere)") from None
         super().__init__(bus, queue_size, unreachable_timeout, curve_server_key, curve_secret)
         self._changed = asyncio.Event()
-        self._fd = self._monitor.getsockopt(zmq.FD)
+        self._fd = self._monitor.fileno()   # its zmq.FD
         self._loop.add_reader(self._fd, self._drain)
         self._loop.call_soon(self._drain)   # the descriptor is edge-triggered: look once now
 
@@ -307,7 +313,7 @@ class AsyncPublisher(_Base):
             self._link.on_event(parse_monitor_message(frames)["event"], time.monotonic())
             self._changed.set()
 
-    async def broadcast(self, topic: str, event: str, payload: dict | bytes) -> bool:
+    async def broadcast(self, topic: str, event: str, payload: Payload) -> bool:
         """As ``Publisher.broadcast``; never waits."""
         return self._send(encode(topic, event, payload))
 

@@ -13,7 +13,9 @@ import logging
 import os
 import time
 
-from workers import Channel, Socket, TokenError, error, noreply, ok, reply, verify_token
+from workers import (JSON, Channel, HandlerResult, JoinResult, JSONObject, OutPayload, OutResult,
+                     Payload, Socket, SocketState, TokenError, error, noreply, ok, reply,
+                     verify_token)
 
 log = logging.getLogger("chat")
 
@@ -29,7 +31,7 @@ class RoomChannel(Channel):
     # "user_joined" broadcasts go through handle_out, so each client can filter them.
     intercept = ["user_joined"]
 
-    def join(self, topic, payload, socket):
+    def join(self, topic: str, payload: JSON, socket: SocketState) -> JoinResult:
         if topic != "room:lobby":
             return error({"reason": "unauthorized"})
         params = payload if isinstance(payload, dict) else {}
@@ -45,7 +47,7 @@ class RoomChannel(Channel):
             self.send("track")
         return ok()
 
-    def handle_info(self, msg, socket):
+    def handle_info(self, msg: object, socket: SocketState) -> OutResult:
         if msg == "after_join":
             self.broadcast("user_joined", {"user": socket.assigns["user"]})
         if msg in ("after_join", "track"):
@@ -56,16 +58,19 @@ class RoomChannel(Channel):
             self.push("presence_state", self.presence_list())
         return noreply()
 
-    def handle_in(self, event, payload, socket):
+    def handle_in(self, event: str, payload: Payload, socket: SocketState) -> HandlerResult:
         if event == "new_msg":
+            if not isinstance(payload, dict):   # a crash, like a new_msg without "body"
+                raise TypeError(f"new_msg payload must be a JSON object, got {type(payload).__name__}")
             self.broadcast("new_msg", {"body": payload["body"], "user": socket.assigns["user"]})
             return noreply()
         if event == "ping":   # echo: the benchmarks measure push -> reply with it
             return reply("ok", payload)
         return reply("error", {"reason": f"unknown event {event}"})
 
-    def handle_out(self, event, payload, socket):
-        if payload.get("user") in socket.assigns["ignoring"]:
+    def handle_out(self, event: str, payload: OutPayload, socket: SocketState) -> OutResult:
+        # A binary broadcast names no user: nothing to filter.
+        if isinstance(payload, dict) and payload.get("user") in socket.assigns["ignoring"]:
             return noreply()   # filtered: this client never sees it
         self.push(event, payload)
         return noreply()
@@ -76,7 +81,7 @@ socket.channel("room:*", RoomChannel)
 
 
 @socket.connect
-def connect(params, socket, connect_info):
+def connect(params: JSONObject, socket: SocketState, connect_info: JSONObject) -> SocketState | bool:
     if SECRET_KEY_BASE is None:
         return socket.assign(user=params.get("user") or "anonymous")
     token = params.get("token") or connect_info.get("auth_token")

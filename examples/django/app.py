@@ -37,7 +37,7 @@ from pathlib import Path
 import django
 from django.conf import settings
 from django.core.wsgi import get_wsgi_application
-from django.http import JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import path
 from django.views.decorators.http import require_GET, require_POST
@@ -115,7 +115,7 @@ def publisher() -> Publisher:
 # --- views --------------------------------------------------------------------------------
 
 @require_GET
-def index(request):
+def index(request: HttpRequest) -> HttpResponse:
     user = request.session.get("user")
     if user is None:
         return render(request, "login.html")
@@ -125,7 +125,7 @@ def index(request):
 
 
 @require_POST
-def login(request):
+def login(request: HttpRequest) -> HttpResponse:
     username = request.POST.get("username", "").strip()
     if not USER_NAME.fullmatch(username):
         error = "A user name is 1 to 32 letters, digits, '.', '_' or '-'."
@@ -136,13 +136,13 @@ def login(request):
 
 
 @require_POST
-def logout(request):
+def logout(request: HttpRequest) -> HttpResponse:
     request.session.flush()
     return redirect("/")
 
 
 @require_POST
-def notify(request):
+def notify(request: HttpRequest) -> HttpResponse:
     user = request.session.get("user")
     if user is None:
         return JsonResponse({"error": "log in first"}, status=401)

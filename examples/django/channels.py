@@ -14,7 +14,8 @@ handlers, so nothing here handles client pushes.
 import logging
 import os
 
-from workers import Channel, Socket, TokenError, error, ok, reply, verify_token
+from workers import (JSON, Channel, HandlerResult, JoinResult, JSONObject, Payload, Socket,
+                     SocketState, TokenError, error, ok, reply, verify_token)
 
 log = logging.getLogger("django_example")
 
@@ -29,12 +30,12 @@ if len(SECRET_KEY_BASE.encode()) < 20:
 
 
 class NotificationChannel(Channel):
-    def join(self, topic, payload, socket):
+    def join(self, topic: str, payload: JSON, socket: SocketState) -> JoinResult:
         if topic == TOPIC_PREFIX + socket.assigns["user"]:
             return ok()
         return error({"reason": "unauthorized"})
 
-    def handle_in(self, event, payload, socket):
+    def handle_in(self, event: str, payload: Payload, socket: SocketState) -> HandlerResult:
         # The page only listens; notifications come from the web app's publisher.
         return reply("error", {"reason": f"unknown event {event}"})
 
@@ -44,7 +45,7 @@ socket.channel(TOPIC_PREFIX + "*", NotificationChannel)
 
 
 @socket.connect
-def connect(params, socket, connect_info):
+def connect(params: JSONObject, socket: SocketState, connect_info: JSONObject) -> SocketState | bool:
     token = connect_info.get("auth_token")     # phoenix.js's authToken option
     peer = (connect_info.get("peer_data") or {}).get("address")
     try:

@@ -26,12 +26,13 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, Form, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -73,7 +74,7 @@ templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI):
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # One publisher for the process, made inside the running loop (and so after any fork).
     publisher = AsyncPublisher(BUS)
     # A new publisher drops what it sends until the broker has told it the subscriptions.
@@ -92,7 +93,7 @@ app.add_middleware(SessionMiddleware,
 
 
 @app.get("/")
-async def index(request: Request):
+async def index(request: Request) -> Response:
     user = request.session.get("user")
     if user is None:
         return templates.TemplateResponse(request, "login.html", {"error": None})
@@ -102,7 +103,7 @@ async def index(request: Request):
 
 
 @app.post("/login")
-async def login(request: Request, username: Annotated[str, Form()] = ""):
+async def login(request: Request, username: Annotated[str, Form()] = "") -> Response:
     username = username.strip()
     if not USER_NAME.fullmatch(username):
         error = "A user name is 1 to 32 letters, digits, '.', '_' or '-'."
@@ -112,13 +113,14 @@ async def login(request: Request, username: Annotated[str, Form()] = ""):
 
 
 @app.post("/logout")
-async def logout(request: Request):
+async def logout(request: Request) -> RedirectResponse:
     request.session.clear()
     return RedirectResponse("/", status_code=303)
 
 
 @app.post("/notify")
-async def notify(request: Request, to: Annotated[str, Form()] = "", body: Annotated[str, Form()] = ""):
+async def notify(request: Request, to: Annotated[str, Form()] = "",
+                 body: Annotated[str, Form()] = "") -> JSONResponse:
     user = request.session.get("user")
     if user is None:
         return JSONResponse({"error": "log in first"}, status_code=401)

@@ -13,11 +13,15 @@ section "From the guide to zchannels" sets each Elixir snippet of the guide besi
   other room is private; ``new_msg`` is broadcast as ``{"body": body}``; ``user_joined`` is
   intercepted and filtered in ``handle_out``.  As in the guide there is no catch-all clause:
   any other event crashes the channel, the client gets ``phx_error`` and phoenix.js rejoins.
+  A clause that falls through to ``super()`` returns ``Channel``'s own declared type, which
+  allows ``async def`` overrides: ``MaybeAwaitable[...]``.
 """
 import logging
 import os
 
-from workers import Channel, Socket, TokenError, error, noreply, ok, verify_token
+from workers import (JSON, Channel, HandlerResult, JoinResult, JSONObject, MaybeAwaitable,
+                     OutPayload, OutResult, Payload, Socket, SocketState, TokenError, error,
+                     noreply, ok, verify_token)
 
 log = logging.getLogger("guide")
 
@@ -29,7 +33,7 @@ class User:
     """The guide's stand-in ``User`` model: ``User.ignoring?(user, user_id)``."""
 
     @staticmethod
-    def ignoring(user, user_id):
+    def ignoring(user: object, user_id: object) -> bool:
         return isinstance(user, dict) and user_id in user.get("ignoring", ())
 
 
@@ -38,7 +42,7 @@ class User:
 class RoomChannel(Channel):
     intercept = ["user_joined"]
 
-    def join(self, topic, message, socket):
+    def join(self, topic: str, message: JSON, socket: SocketState) -> MaybeAwaitable[JoinResult]:
         match topic:
             case "room:lobby":
                 return ok()
@@ -46,7 +50,8 @@ class RoomChannel(Channel):
                 return error({"reason": "unauthorized"})
         return super().join(topic, message, socket)  # no clause matched: a crash
 
-    def handle_in(self, event, payload, socket):
+    def handle_in(self, event: str, payload: Payload,
+                  socket: SocketState) -> MaybeAwaitable[HandlerResult]:
         match event, payload:
             case "new_msg", {"body": body}:
                 self.broadcast("new_msg", {"body": body})
@@ -54,12 +59,13 @@ class RoomChannel(Channel):
         # No clause matched, like Elixir's FunctionClauseError: the channel crashes.
         return super().handle_in(event, payload, socket)
 
-    def handle_out(self, event, payload, socket):
+    def handle_out(self, event: str, payload: OutPayload,
+                   socket: SocketState) -> MaybeAwaitable[OutResult]:
         match event:
             case "new_msg":       # called only for intercepted events, as in Phoenix
                 self.push("new_msg", payload)
                 return noreply()
-            case "user_joined":
+            case "user_joined" if isinstance(payload, dict):   # a binary one is pushed as is
                 if User.ignoring(socket.assigns.get("user"), payload.get("user_id")):
                     return noreply()
                 self.push("user_joined", payload)
@@ -75,7 +81,7 @@ socket.channel("room:*", RoomChannel)
 
 
 @socket.connect
-def connect(params, socket, connect_info):
+def connect(params: JSONObject, socket: SocketState, connect_info: JSONObject) -> SocketState | bool:
     match params:
         # The layout renders window.userToken as "" for a visitor who is not logged in.
         case {"token": str(token)} if token:
@@ -94,5 +100,5 @@ def connect(params, socket, connect_info):
 
 
 @socket.id
-def socket_id(socket):
+def socket_id(socket: SocketState) -> str | None:
     return None                                         # def id(_socket), do: nil
