@@ -6,7 +6,7 @@ see ``workers.api`` for the manual.  ``presence_list(topic)`` and the channel me
 Presence (``workers.presence``).  ``sign_token`` / ``verify_token`` / ``TokenError`` are
 Phoenix.Token (``workers.token``), for ``connect`` handlers and the web apps minting tokens.
 
-The package is typed (``py.typed``): mypy and pyright check a handler module against it.
+The package is typed (``py.typed``): a type checker (mypy) checks a handler module against it.
 The payload types (``workers.payload``) and result types (``workers.results``) are
 importable from here too::
 
