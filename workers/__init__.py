@@ -20,7 +20,7 @@ from workers.api import (
     stop,
 )
 from workers.presence import presence_list
-from workers.routes import AppLoadError, load_app
+from workers.loadapp import AppLoadError, load_app
 from workers.token import TokenError, sign as sign_token, verify as verify_token
 
 __all__ = [
