@@ -12,7 +12,7 @@ would end the key early, and the message would reach the subscribers of another 
 Events may not carry one either.  Topics starting with ``zchannels:`` belong to zchannels
 itself (``zchannels:status``): a publisher from outside (``outside=True``) may not use them,
 or it could forge that data; code running in the workers is trusted with them.  Payloads are
-what a server may send a client (docs/protocol.md §6): a JSON object, or bytes for a binary
+what a server may send a client (docs/protocol.md §5.5): a JSON object, or bytes for a binary
 frame.  Topics and events have no length limit here (a topic longer than 255 bytes can never
 be joined, so nobody receives it).
 """

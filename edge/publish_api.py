@@ -67,7 +67,7 @@ def _frames(item: object, where: str) -> list[bytes]:
         return wire.broadcast_frames(topic, event, orjson.dumps(payload))
     if problem.field == "payload":
         # JSON cannot carry bytes, so over HTTP a broadcast payload is a JSON object
-        # (docs/protocol.md §6); a dict is all the checks let through from a JSON body.
+        # (docs/protocol.md §5.5); a dict is all the checks let through from a JSON body.
         raise BadRequest(f"{where}payload must be a JSON object, got {_kind(payload)}")
     raise BadRequest(f"{where}{problem.text}, got {_show(problem.value)}")
 
