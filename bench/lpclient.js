@@ -1,7 +1,7 @@
 "use strict";
 // LongPoll clients for bench/loadgen.js (phase "longpoll", docs/benchmarks.md).
 //
-// Raw Phoenix V2 frames over the LongPoll protocol (PROTOCOL.md §5), no phoenix.js: Node's
+// Raw Phoenix V2 frames over the LongPoll protocol (docs/protocol.md §6), no phoenix.js: Node's
 // `http` module with one keep-alive agent. A client creates its session with a GET without
 // token (-> {"status":410,"token":T}), then always keeps exactly one GET ?token=T poll
 // outstanding (200 with "messages", each a JSON string holding one V2 frame, or 204 after the

@@ -185,7 +185,7 @@ class EdgeHub:
     def add_connection(self, conn: Connection) -> None:
         self.connections[conn.conn_id] = conn
         if conn.id_key is not None:
-            # Every connection with this socket id hears its topic (PROTOCOL.md §4.1);
+            # Every connection with this socket id hears its topic (docs/protocol.md §5.1);
             # the bus counts subscribers per key, so it is subscribed once per edge.
             self.fastlane.add_socket(conn)
             self.bus.subscribe(conn.id_key)

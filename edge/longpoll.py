@@ -1,4 +1,4 @@
-"""The LongPoll endpoint at /socket/longpoll, in Tornado (PROTOCOL.md §5).
+"""The LongPoll endpoint at /socket/longpoll, in Tornado (docs/protocol.md §6).
 
 For clients that cannot keep a WebSocket (proxies that strip upgrades, phoenix.js's
 ``longPollFallbackMs``).  Every answer is HTTP 200 with the logical status in a JSON
@@ -107,7 +107,7 @@ class LongPollHandler(web.RequestHandler):
 
     def session_token(self) -> str | None:
         """The header first (phoenix.js 1.9), else the LAST `token` param: an app's own
-        `token` param comes before the one phoenix.js appends (PROTOCOL.md §5.3)."""
+        `token` param comes before the one phoenix.js appends (docs/protocol.md §6.3)."""
         header = self.request.headers.get(TOKEN_HEADER)
         if header:
             return header
@@ -158,5 +158,5 @@ class LongPollHandler(web.RequestHandler):
         self.finish(b'{"status":410,"token":' + session.token_json + b',"messages":[]}')
 
     def connect_info(self) -> dict:
-        # Sent raw on every GET; only the first one's counts (PROTOCOL.md §1.4).
+        # Sent raw on every GET; only the first one's counts (docs/protocol.md §2.3).
         return connect_info(self.request, self.request.headers.get(AUTH_HEADER), "longpoll")

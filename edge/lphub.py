@@ -5,7 +5,7 @@ land on different edges, but its session (channels, buffered frames, the waiting
 lives on the edge that created it.  The session token names that edge, so the edge a
 request reaches either serves it from its own table or relays it over the bus
 (``LP_REQUEST`` -> holding edge -> ``LP_RESPONSE``) and writes the holder's answer;
-Phoenix does the same between nodes through PubSub (PROTOCOL.md §5.8).  A relayed poll
+Phoenix does the same between nodes through PubSub (docs/protocol.md §6.8).  A relayed poll
 is held on the holding edge exactly like a local one, so "one poll per session" holds
 whichever edges the polls arrive at.
 
@@ -94,7 +94,7 @@ class LongPollHub:
         if session is None or not session.owns(token):
             # Phoenix would start a new session here; the client ignores it and starts over
             # anyway, and a stale token in place of the app's own `token` param would be
-            # handed to connect (PROTOCOL.md §5.3).
+            # handed to connect (docs/protocol.md §6.3).
             return 200, GONE
         if method == GET:
             if window is None or window > self.window:

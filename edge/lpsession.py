@@ -1,5 +1,5 @@
 """One LongPoll session: the transport a ``Connection`` writes through when the
-client polls over HTTP instead of holding a WebSocket (PROTOCOL.md §5).
+client polls over HTTP instead of holding a WebSocket (docs/protocol.md §6).
 
 A WebSocket writes each frame as it is produced; a LongPoll client fetches them,
 so the session buffers every frame for the client as a ready-made JSON value and
@@ -81,7 +81,7 @@ def parse_token(text: str | None) -> SessionToken | None:
 
 
 def decode_body(serializer, content_type: str, body: bytes, max_size: int) -> list[Message]:
-    """A POST body -> messages, or DecodeError naming the bad line (PROTOCOL.md §5.4).
+    """A POST body -> messages, or DecodeError naming the bad line (docs/protocol.md §6.4).
 
     ``application/x-ndjson`` carries one frame per line: a text frame starts with ``[``,
     anything else is standard base64 of a binary frame.  Any other content type makes the

@@ -35,20 +35,9 @@ def reserve_port(host: str) -> socket.socket:
 
 
 def child_argv(args: argparse.Namespace, port: int) -> list[str]:
-    """The same `edge` command line for one child: every option as given, one process."""
-    from zchannels.cli import build_parser
-    edge_parser = build_parser()._subparsers._group_actions[0].choices["edge"]
-    argv = [sys.executable, "-m", "edge"]
-    for action in edge_parser._actions:
-        if not action.option_strings or action.dest in ("help", "processes", "port", "reuse_port"):
-            continue
-        value = getattr(args, action.dest, None)
-        if isinstance(action, argparse._StoreTrueAction):
-            if value:
-                argv.append(action.option_strings[-1])
-        elif value is not None:
-            argv += [action.option_strings[-1], str(value)]
-    return argv + ["--port", str(port), "--reuse-port"]
+    """The `edge` command line of one child: every option as given (``args.process_options``,
+    from zchannels/cli.py), one process, on ``port``."""
+    return [sys.executable, "-m", "edge", *args.process_options, "--port", str(port), "--reuse-port"]
 
 
 class Child:

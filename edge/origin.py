@@ -1,4 +1,4 @@
-"""Which web pages may open a socket: Phoenix's ``check_origin`` (PROTOCOL.md §1.6).
+"""Which web pages may open a socket: Phoenix's ``check_origin`` (docs/protocol.md §2.5).
 
 Browsers apply no same-origin policy to WebSockets and send the visitor's cookies with
 the upgrade, so without this check any page the visitor opens could open a socket in

@@ -13,8 +13,8 @@ API key is configured (``--api-key`` or ``ZCHANNELS_API_KEY``): then the route a
 The API key is checked from the headers before any of the body is read (the body streams
 in, ``@stream_request_body``), so a caller without the key gets its 401 at once and the edge
 holds none of its bytes; ``--max-api-body`` bounds the body (413, ``edge/httplimits.py``).
-A body is checked whole before anything is published (like a LongPoll POST), so a 400 means
-nothing was sent.  503: the broker has been silent for 5 s, or the bus send queue is full
+A body is checked whole before anything is published (like a LongPoll POST), each item with
+the checks every publisher shares (bus/broadcasts.py), so a 400 means nothing was sent.  503: the broker has been silent for 5 s, or the bus send queue is full
 (then ``accepted`` says how many of a batch went out).  Delivery is at most once, like every
 broadcast.
 """
@@ -26,7 +26,7 @@ import logging
 import orjson
 from tornado import web
 
-from bus import wire
+from bus import broadcasts, wire
 from edge.bus import BROKER_SILENCE_WARNING
 
 log = logging.getLogger("edge")
@@ -62,19 +62,14 @@ def _frames(item: object, where: str) -> list[bytes]:
     if missing:
         raise BadRequest(f"{where}missing field(s): {', '.join(missing)}")
     topic, event, payload = item["topic"], item["event"], item["payload"]
-    if not isinstance(topic, str) or not topic:
-        raise BadRequest(f"{where}topic must be a non-empty string, got {_show(topic)}")
-    if "\x00" in topic:
-        raise BadRequest(f"{where}topic must not contain NUL, got {_show(topic)}")
-    if topic.startswith(wire.SYSTEM_TOPIC_PREFIX):
-        raise BadRequest(f"{where}topics starting with {wire.SYSTEM_TOPIC_PREFIX!r} are reserved "
-                         f"for zchannels itself, got {_show(topic)}")
-    if not isinstance(event, str) or not event:
-        raise BadRequest(f"{where}event must be a non-empty string, got {_show(event)}")
-    if not isinstance(payload, dict):
-        # Broadcast payloads are JSON objects (or binary, which JSON cannot carry): PROTOCOL §4.5.
+    problem = broadcasts.check(topic, event, payload, outside=True)
+    if problem is None:
+        return wire.broadcast_frames(topic, event, orjson.dumps(payload))
+    if problem.field == "payload":
+        # JSON cannot carry bytes, so over HTTP a broadcast payload is a JSON object
+        # (docs/protocol.md §5.5); a dict is all the checks let through from a JSON body.
         raise BadRequest(f"{where}payload must be a JSON object, got {_kind(payload)}")
-    return wire.broadcast_frames(topic, event, orjson.dumps(payload))
+    raise BadRequest(f"{where}{problem.text}, got {_show(problem.value)}")
 
 
 def _kind(value: object) -> str:

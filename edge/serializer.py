@@ -1,7 +1,7 @@
 """The Phoenix client wire format: the only place that knows how client frames look.
 
 The edge decodes every client frame here into a `Message`, and builds every frame it
-writes to a client here.  Three formats exist (PROTOCOL.md §2):
+writes to a client here.  Three formats exist (docs/protocol.md §3):
 
 * V1 JSON   - a JSON object ``{"topic", "event", "payload", "ref"}`` (``vsn=1.0.x``);
 * V2 JSON   - a JSON array ``[join_ref, ref, topic, event, payload]`` (``vsn=2.0.x``);
@@ -22,7 +22,7 @@ import orjson
 JSON = b"j"     # payload bytes are JSON text (same values as bus.wire.JSON/BINARY)
 BINARY = b"b"   # payload bytes are raw binary
 
-# V2 binary kind bytes (PROTOCOL.md §2.4).
+# V2 binary kind bytes (docs/protocol.md §3.4).
 KIND_PUSH = 0
 KIND_REPLY = 1
 KIND_BROADCAST = 2
@@ -189,7 +189,7 @@ class V2JSON:
                 raise DecodeError(f"binary push {name} is not valid UTF-8") from None
             pos += size
         join_ref, ref, topic, event = fields
-        # A null join_ref is written as zero length (PROTOCOL.md §2.4), so read it back as null.
+        # A null join_ref is written as zero length (docs/protocol.md §3.4), so read it back as null.
         return Message(join_ref or None, ref, topic, event, data[end:], True)
 
     def encode_reply(self, join_ref, ref, topic, status: str, response: bytes,

@@ -30,15 +30,15 @@ log = logging.getLogger(__name__)
 
 EXTENSION = "permessage-deflate"
 RSV1 = 0x40
-MIN_SIZE = 64              # messages shorter than this go uncompressed (RSV1 clear, §6)
+MIN_SIZE = 64              # messages shorter than this go uncompressed (RSV1 clear, RFC 7692 §6)
 LEVEL = 6                  # zlib's default: broadcasts are compressed once for many
-TAIL = b"\x00\x00\xff\xff"  # the empty stored block every flushed message ends with (§7.2.1)
+TAIL = b"\x00\x00\xff\xff"  # the empty stored block every flushed message ends with (RFC 7692 §7.2.1)
 
 _compressor = zlib.compressobj(LEVEL, zlib.DEFLATED, -15)
 
 
 def deflate(data: bytes) -> bytes:
-    """One message's payload, compressed without context (§7.2.1: the TAIL removed)."""
+    """One message's payload, compressed without context (RFC 7692 §7.2.1: the TAIL removed)."""
     out = _compressor.compress(data) + _compressor.flush(zlib.Z_FULL_FLUSH)
     return out[:-4]
 
@@ -70,7 +70,7 @@ def _accept(params: list[str]) -> str | None:
         key = key.strip().lower()
         value = value.strip().strip('"') if eq else None
         if key in seen:
-            return None                       # §7: a repeated parameter declines the offer
+            return None                       # RFC 7692 §7: a repeated parameter declines the offer
         seen[key] = value
     answer = [EXTENSION, "server_no_context_takeover", "client_no_context_takeover"]
     for key, value in seen.items():
@@ -108,7 +108,7 @@ class DeflateWebSocketProtocol(WebSocketProtocol):
         self.inflater: "zlib._Decompress | None" = None   # while a compressed message comes in
 
     def _reserved_bits(self, b0: int) -> bool:
-        # RSV1 marks the first frame of a compressed data message (§6.1); RSV2/3, or RSV1 on a
+        # RSV1 marks the first frame of a compressed data message (RFC 7692 §6.1); RSV2/3, or RSV1 on a
         # control frame or a continuation, remain protocol errors.
         opcode = b0 & 0x0F
         if b0 & 0x30 or opcode == OP_CONT or opcode >= 0x8:

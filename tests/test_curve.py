@@ -398,9 +398,11 @@ def test_wrong_or_missing_key_files_stop_every_process_with_exit_code_2(keys, tm
 
 def test_edge_processes_pass_their_keys_to_each_child(keys):
     from edge.multiproc import child_argv
-    from zchannels.cli import build_parser
+    from zchannels.cli import build_parser, edge_process_options
     args = build_parser().parse_args(["edge", "--processes", "2", *client_flags(keys)])
+    args.process_options = edge_process_options(args)
     argv = child_argv(args, 4321)
+    assert "--processes" not in argv and argv[-3:] == ["--port", "4321", "--reuse-port"]
     for flag, value in zip(client_flags(keys)[::2], client_flags(keys)[1::2]):
         assert argv[argv.index(flag) + 1] == value
 

@@ -120,7 +120,7 @@ def test_bad_frame_affects_only_its_own_connection(cluster, bystander, frame):
 
 
 def test_push_to_unjoined_topic_replies_unmatched_topic(cluster, bystander):
-    """§9.23 / S14: join_ref null in the reply, whatever the request carried."""
+    """docs/protocol.md §10.23 / §4.3 S14: join_ref null in the reply, whatever the request carried."""
     topic = f"echo:{uid()}"
     with RawWS.connect(cluster.raw_url(0)) as ws:
         ws.send_json(["1", "2", topic, "ping", {}])
@@ -159,7 +159,7 @@ def test_frame_just_under_the_limit_is_accepted(cluster, bystander):
 
 
 def test_too_many_channels_is_refused_per_join(cluster, bystander):
-    """§9.12 / S6: the join past --max-channels gets "too many channels joined"; others keep working."""
+    """docs/protocol.md §10.12 / §4.3 S6: the join past --max-channels gets "too many channels joined"; others keep working."""
     with RawWS.connect(cluster.raw_url(0)) as ws:
         base = uid()
         for i in range(MAX_CHANNELS):

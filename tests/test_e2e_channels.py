@@ -2,7 +2,7 @@
 show the wire): broker + 2 edges + 2 workers running tests/apps/e2e_app.py.
 
 Each test uses its own topics, so they share one cluster per module. Numbers in the docstrings
-refer to PROTOCOL.md §9 (conformance checklist) and §3.3 (S-rows).
+refer to docs/protocol.md: §10 (conformance checklist) and §4.3 (S-rows).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def reply_frames(frames: list, topic: str, ref: str | None = None) -> list:
 # ---- joining -----------------------------------------------------------------------------------
 
 def test_join_ok_replies_with_the_join_response_and_matching_refs(js_client, cluster):
-    """§9.8: reply [J,J,T,"phx_reply",{"status":"ok","response":…}]."""
+    """§10.8: reply [J,J,T,"phx_reply",{"status":"ok","response":…}]."""
     topic = f"echo:{uid()}"
     c = client(js_client, cluster)
     answer = c.join("a", topic)
@@ -54,7 +54,7 @@ def test_join_ok_replies_with_the_join_response_and_matching_refs(js_client, clu
 
 
 def test_join_error_reaches_receive_error(js_client, cluster):
-    """§9.9: join/3 returning an error."""
+    """§10.9: join/3 returning an error."""
     c = client(js_client, cluster)
     answer = c.join("a", f"private:{uid()}")
     assert (answer["status"], answer["response"]) == ("error", {"reason": "unauthorized"})
@@ -62,7 +62,7 @@ def test_join_error_reaches_receive_error(js_client, cluster):
 
 
 def test_join_that_raises_replies_join_crashed(js_client, cluster):
-    """§9.11 / S5."""
+    """§10.11 / S5."""
     c = client(js_client, cluster)
     answer = c.join("a", f"crashjoin:{uid()}")
     assert (answer["status"], answer["response"]) == ("error", {"reason": "join crashed"})
@@ -70,7 +70,7 @@ def test_join_that_raises_replies_join_crashed(js_client, cluster):
 
 
 def test_join_of_unmatched_topic_replies_error_with_null_join_ref(js_client, cluster):
-    """§9.10 / S7."""
+    """§10.10 / S7."""
     topic = f"nosuch:{uid()}"
     c = client(js_client, cluster)
     answer = c.join("a", topic)
@@ -82,7 +82,7 @@ def test_join_of_unmatched_topic_replies_error_with_null_join_ref(js_client, clu
 
 
 def test_join_error_is_retried_by_the_client(js_client, cluster):
-    """§9.9: after a join error phoenix.js retries with rejoinAfterMs; each retry gets a reply."""
+    """§10.9: after a join error phoenix.js retries with rejoinAfterMs; each retry gets a reply."""
     c = client(js_client, cluster, **FAST)
     c.join("a", f"private:{uid()}")
     errors = c.wait_events({"type": "join_error", "chan": "a"}, 3, timeout=5)
@@ -93,7 +93,7 @@ def test_join_error_is_retried_by_the_client(js_client, cluster):
 # ---- pushes and replies ------------------------------------------------------------------------
 
 def test_push_replies_ok_error_and_custom_status(js_client, cluster):
-    """§9.16."""
+    """§10.16."""
     c = client(js_client, cluster)
     assert c.join("a", f"echo:{uid()}")["status"] == "ok"
     assert c.push("a", "ping", {"q": 1, "nested": {"l": [1, "x", None]}}) == \
@@ -115,7 +115,7 @@ def test_reply_carries_the_push_ref_and_the_join_ref(js_client, cluster):
 
 
 def test_noreply_push_times_out_on_the_client(js_client, cluster):
-    """§9.17: noreply → receive("timeout") and nothing else on the wire."""
+    """§10.17: noreply → receive("timeout") and nothing else on the wire."""
     topic = f"echo:{uid()}"
     c = client(js_client, cluster)
     c.join("a", topic)
@@ -128,7 +128,7 @@ def test_noreply_push_times_out_on_the_client(js_client, cluster):
 
 
 def test_server_push_reaches_channel_on_with_join_ref_and_null_ref(js_client, cluster):
-    """§9.19 / S17: [J, null, T, E, P]."""
+    """§10.19 / S17: [J, null, T, E, P]."""
     topic = f"echo:{uid()}"
     c = client(js_client, cluster)
     join_ref = c.join("a", topic, on=["pushed"])["join_ref"]
@@ -148,7 +148,7 @@ def test_push_from_handle_info_after_join(js_client, cluster):
 
 
 def test_push_made_before_the_join_completes_is_sent_after_join_ok(js_client, cluster):
-    """§9.18: phoenix.js buffers it, then sends it with a fresh ref after the join reply."""
+    """§10.18: phoenix.js buffers it, then sends it with a fresh ref after the join reply."""
     topic = f"echo:{uid()}"
     c = client(js_client, cluster)
     c.join("a", topic, nowait=True)
@@ -169,7 +169,7 @@ def test_worker_pid_is_one_of_the_cluster_workers(js_client, cluster):
 # ---- broadcasts --------------------------------------------------------------------------------
 
 def test_broadcast_reaches_clients_on_two_edges_and_broadcast_from_skips_the_sender(js_client, cluster):
-    """§9.21: A and C on edge 0, B on edge 1."""
+    """§10.21: A and C on edge 0, B on edge 1."""
     assert cluster.http_urls[0] != cluster.http_urls[1]
     topic = f"echo:{uid()}"
     a = client(js_client, cluster, "a", edge=0)
@@ -224,7 +224,7 @@ def test_broadcast_does_not_leak_to_prefix_topics(js_client, cluster):
 
 
 def test_intercepted_broadcast_goes_through_handle_out_per_client(js_client, cluster):
-    """§9.22: seen_by differs per client; drop:true is suppressed."""
+    """§10.22: seen_by differs per client; drop:true is suppressed."""
     topic = f"intercept:{uid()}"
     ann = client(js_client, cluster, "ann", edge=0, params={"user": "ann"})
     bob = client(js_client, cluster, "bob", edge=1, params={"user": "bob"})
@@ -250,7 +250,7 @@ def test_intercepted_broadcast_goes_through_handle_out_per_client(js_client, clu
 # ---- binary ------------------------------------------------------------------------------------
 
 def test_binary_push_gets_binary_reply(js_client, cluster):
-    """§9.24: ArrayBuffer push → binary handle_in → binary reply as ArrayBuffer."""
+    """§10.24: ArrayBuffer push → binary handle_in → binary reply as ArrayBuffer."""
     c = client(js_client, cluster)
     c.join("a", f"echo:{uid()}")
     data = bytes(range(256)) * 4
@@ -261,7 +261,7 @@ def test_binary_push_gets_binary_reply(js_client, cluster):
 
 
 def test_binary_server_push_and_broadcast(js_client, cluster):
-    """§9.24: binary push (kind 0, join ref) and binary broadcast (kind 2, no join ref)."""
+    """§10.24: binary push (kind 0, join ref) and binary broadcast (kind 2, no join ref)."""
     topic = f"echo:{uid()}"
     a = client(js_client, cluster, "a", edge=0)
     b = client(js_client, cluster, "b", edge=1)
@@ -293,7 +293,7 @@ def test_json_push_to_binary_event_gets_error_reply(js_client, cluster):
 
 @pytest.mark.parametrize("event", ["raise", "stop_crash", "bad_return"])
 def test_channel_crash_sends_phx_error_and_client_rejoins(js_client, cluster, event):
-    """§9.28 / S15: phx_error {"reason":"channel_crash"}, onError, automatic rejoin with a new ref."""
+    """§10.28 / S15: phx_error {"reason":"channel_crash"}, onError, automatic rejoin with a new ref."""
     topic = f"echo:{uid()}"
     c = client(js_client, cluster, **FAST)
     first_ref = c.join("a", topic)["join_ref"]
@@ -325,7 +325,7 @@ def test_pushes_waiting_on_a_crashed_channel_get_an_error_reply_not_a_timeout(js
 
 
 def test_stop_normal_closes_the_channel_without_rejoin(js_client, cluster):
-    """§9.27 / S16."""
+    """§10.27 / S16."""
     topic = f"echo:{uid()}"
     c = client(js_client, cluster, **FAST)
     join_ref = c.join("a", topic)["join_ref"]
@@ -340,7 +340,7 @@ def test_stop_normal_closes_the_channel_without_rejoin(js_client, cluster):
 
 
 def test_stop_with_reply_sends_the_reply_before_phx_close(js_client, cluster):
-    """§9.29 / §4.10.4."""
+    """§10.29 / §5.10, item 4."""
     topic = f"echo:{uid()}"
     c = client(js_client, cluster, **FAST)
     join_ref = c.join("a", topic)["join_ref"]
@@ -353,7 +353,7 @@ def test_stop_with_reply_sends_the_reply_before_phx_close(js_client, cluster):
 
 
 def test_leave_replies_closes_and_runs_terminate(js_client, cluster):
-    """§9.26 / S9: reply ok then phx_close; terminate runs with (shutdown, left)."""
+    """§10.26 / S9: reply ok then phx_close; terminate runs with (shutdown, left)."""
     topic = f"terminate:{uid()}"
     watcher = client(js_client, cluster, "watcher", edge=1)
     watcher.join("w", "terminations:" + topic, on=["terminated"])
@@ -373,7 +373,7 @@ def test_leave_replies_closes_and_runs_terminate(js_client, cluster):
 
 
 def test_closing_the_socket_runs_terminate_with_closed(js_client, cluster):
-    """§9.30: terminate (shutdown, closed) when the client goes away."""
+    """§10.30: terminate (shutdown, closed) when the client goes away."""
     topic = f"terminate:{uid()}"
     watcher = client(js_client, cluster, "watcher", edge=1)
     watcher.join("w", "terminations:" + topic, on=["terminated"])
@@ -385,7 +385,7 @@ def test_closing_the_socket_runs_terminate_with_closed(js_client, cluster):
 
 
 def test_second_channel_object_on_same_topic_replaces_the_first(js_client, cluster):
-    """§9.14: wire shows phx_leave (old J) then phx_join (new J); first onClose; second joins."""
+    """§10.14: wire shows phx_leave (old J) then phx_join (new J); first onClose; second joins."""
     topic = f"echo:{uid()}"
     c = client(js_client, cluster)
     ref1 = c.join("one", topic)["join_ref"]
@@ -402,7 +402,7 @@ def test_second_channel_object_on_same_topic_replaces_the_first(js_client, clust
 
 @pytest.mark.parametrize("params", [{"reject": True}, {"crash": True}])
 def test_refused_connect_errors_and_closes_1006_without_open(js_client, cluster, params):
-    """§9.2: a refused upgrade looks like error + close(1006) to phoenix.js."""
+    """§10.2: a refused upgrade looks like error + close(1006) to phoenix.js."""
     c = js_client("refused")
     answer = c.connect(cluster.ws_urls[0], params, reconnectAfterMs=60_000)
     assert answer["status"] in ("error", "closed"), answer
@@ -414,7 +414,7 @@ def test_refused_connect_errors_and_closes_1006_without_open(js_client, cluster,
 
 @pytest.mark.parametrize("params", [{"reject": True}, {"crash": True}, {}])
 def test_refused_upgrade_is_http_403(cluster, params):
-    """§1.7: refusal (and an unsupported vsn) answers the upgrade with 403."""
+    """§2.6: refusal (and an unsupported vsn) answers the upgrade with 403."""
     url = cluster.raw_url(0, vsn="2.0.0", **{k: "1" for k in params}) if params else \
         cluster.raw_url(0, vsn="3.0.0")
     with pytest.raises(HandshakeRefused) as info:
@@ -437,7 +437,7 @@ def test_a_flood_of_refused_upgrades_is_counted_and_logged_once_a_second(cluster
 
 
 def test_socket_ping_heartbeat_round_trip(js_client, cluster):
-    """§9.6 through phoenix.js (socket.ping sends a heartbeat)."""
+    """§10.6 through phoenix.js (socket.ping sends a heartbeat)."""
     c = client(js_client, cluster)
     assert c.ping()["status"] == "ok"
     hb = [f for f in c.wire("out") if f[2] == "phoenix"]
@@ -446,7 +446,7 @@ def test_socket_ping_heartbeat_round_trip(js_client, cluster):
 
 
 def test_heartbeats_keep_a_fast_heartbeating_client_connected(js_client, cluster):
-    """§9.6: with heartbeatIntervalMs 100 the client never times out over ~1.5 s."""
+    """§10.6: with heartbeatIntervalMs 100 the client never times out over ~1.5 s."""
     c = client(js_client, cluster, heartbeatIntervalMs=100)
     wait_until(lambda: len([f for f in c.wire("in") if f[2] == "phoenix"]) >= 8, 5)
     assert c.find({"type": "socket_close"}) == []
@@ -454,7 +454,7 @@ def test_heartbeats_keep_a_fast_heartbeating_client_connected(js_client, cluster
 
 @pytest.mark.timeout(60)
 def test_idle_connection_is_closed_but_heartbeating_client_is_not(cluster_factory, js_client):
-    """§9.5 with --heartbeat-timeout 1: silence closes the socket; phoenix.js heartbeats keep it."""
+    """§10.5 with --heartbeat-timeout 1: silence closes the socket; phoenix.js heartbeats keep it."""
     small = cluster_factory(edges=1, workers=1, edge_args=["--heartbeat-timeout", "1"])
     live = js_client("live")
     assert live.connect(small.ws_urls[0], {"user": "live"}, heartbeatIntervalMs=200)["status"] == "open"
@@ -469,7 +469,7 @@ def test_idle_connection_is_closed_but_heartbeating_client_is_not(cluster_factor
 
 @pytest.mark.timeout(60)
 def test_sigterm_closes_clients_with_1012_and_every_process_exits_0(cluster_factory, js_client):
-    """§9.32: a stopping edge closes its sockets with 1012 (clients reconnect); exit codes 0."""
+    """§10.32: a stopping edge closes its sockets with 1012 (clients reconnect); exit codes 0."""
     small = cluster_factory(edges=1, workers=1)
     c = js_client("c")
     assert c.connect(small.ws_urls[0], {"user": "c"}, reconnectAfterMs=60_000)["status"] == "open"
@@ -481,7 +481,7 @@ def test_sigterm_closes_clients_with_1012_and_every_process_exits_0(cluster_fact
 
 
 def test_connect_params_reach_connect_assigns(js_client, cluster):
-    """§9.1: params (nested) reach connect/3; assigns are visible to channels."""
+    """§10.1: params (nested) reach connect/3; assigns are visible to channels."""
     c = client(js_client, cluster, params={"user": "zed", "a": {"b": 1}})
     c.join("a", f"echo:{uid()}")
     assert c.push("a", "assigns")["response"]["assigns"]["user"] == "zed"
@@ -490,7 +490,7 @@ def test_connect_params_reach_connect_assigns(js_client, cluster):
 # ---- raw wire checks ---------------------------------------------------------------------------
 
 def test_heartbeat_reply_is_exact(cluster):
-    """§9.6 / S1."""
+    """§10.6 / S1."""
     with RawWS.connect(cluster.raw_url(0)) as ws:
         ws.send_json([None, "1", "phoenix", "heartbeat", {}])
         assert ws.recv_json(3) == [None, "1", "phoenix", "phx_reply", {"status": "ok", "response": {}}]
@@ -498,7 +498,7 @@ def test_heartbeat_reply_is_exact(cluster):
 
 @pytest.mark.parametrize("vsn", ["1.0.0", None])
 def test_v1_serializer_speaks_objects_without_join_ref(cluster, vsn):
-    """§2.3: vsn=1.0.0 or no vsn → V1 JSON objects; the server never sends join_ref."""
+    """§3.3: vsn=1.0.0 or no vsn → V1 JSON objects; the server never sends join_ref."""
     topic = f"echo:{uid()}"
     with RawWS.connect(cluster.raw_url(1, vsn=vsn)) as ws:
         ws.send_json({"topic": topic, "event": "phx_join", "payload": {}, "ref": "1", "join_ref": "1"})
@@ -537,7 +537,7 @@ def test_unmatched_topic_join_reply_is_exact(cluster):
 
 
 def test_server_side_duplicate_join_replies_then_closes_the_old_instance(cluster):
-    """§9.15 / S8: new join reply first, then [J1,J1,T,"phx_close",{}]."""
+    """§10.15 / S8: new join reply first, then [J1,J1,T,"phx_close",{}]."""
     topic = f"echo:{uid()}"
     with RawWS.connect(cluster.raw_url(0)) as ws:
         ws.send_json(["1", "1", topic, "phx_join", {}])
@@ -550,7 +550,7 @@ def test_server_side_duplicate_join_replies_then_closes_the_old_instance(cluster
 
 
 def test_stale_join_ref_is_dropped_silently(cluster):
-    """§9.23 / S13."""
+    """§10.23 / S13."""
     topic = f"echo:{uid()}"
     with RawWS.connect(cluster.raw_url(0)) as ws:
         ws.send_json(["1", "1", topic, "phx_join", {}])

@@ -1,4 +1,4 @@
-"""Socket ids and the "disconnect" broadcast (PROTOCOL.md §4.1, §4.8, S20, §9.31), with the real
+"""Socket ids and the "disconnect" broadcast (docs/protocol.md §5.1, §5.8, §4.3 S20, §10.31), with the real
 phoenix.js on two edges.
 
 The e2e app's connect takes the socket id from the `socket_id` param, and its `kick` event
@@ -97,7 +97,7 @@ def test_disconnect_closes_every_socket_with_that_id_on_every_edge(cluster, js_c
 
 
 def test_disconnect_ends_a_longpoll_session_with_that_id(cluster, js_client):
-    """The session ends on its edge; the next request, on any edge, gets 410 (§5.7, §9.39)."""
+    """The session ends on its edge; the next request, on any edge, gets 410 (docs/protocol.md §6.7, §10.39)."""
     sid = f"users_socket:{uid()}"
     answer = lp(f"{cluster.http_urls[1]}/socket/longpoll?vsn=2.0.0&user=lp&socket_id={sid}")
     assert answer["status"] == 410

@@ -6,7 +6,7 @@ The module's cluster (2 edges, 2 workers, tests/apps/e2e_app.py) polls with a 1 
 sessions after 3 s without a poll, so waits stay short. A few tests start extra edges on the same
 bus: one without the WebSocket route (fallback), one with a longer window and a 1 s heartbeat
 timeout (superseded polls; LongPoll sessions outlive the WebSocket idle rule). Numbers in the
-docstrings refer to PROTOCOL.md.
+docstrings refer to docs/protocol.md.
 """
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def bcast_payloads(c, chan: str, since: int = 0) -> list:
 # ---- session establishment ------------------------------------------------------------------------
 
 def test_first_get_creates_a_session_answering_410_with_a_token(cluster):
-    """§5.1/§5.2/§9.35: HTTP 200, logical 410, token, no messages; JSON, no-store, CORS *."""
+    """§6.1/§6.2/§10.35: HTTP 200, logical 410, token, no messages; JSON, no-store, CORS *."""
     status, headers, body = http(lp_url(cluster.http_urls[0], "vsn=2.0.0&user=a&"))
     assert status == 200
     assert headers["content-type"] == "application/json; charset=utf-8"
@@ -197,7 +197,7 @@ def test_first_get_creates_a_session_answering_410_with_a_token(cluster):
 
 
 def test_refused_connect_and_bad_vsn_answer_403(cluster):
-    """§1.7: refusal -> {"status":403} with HTTP 200, and no session."""
+    """§2.6: refusal -> {"status":403} with HTTP 200, and no session."""
     for query in ("vsn=2.0.0&reject=1&", "vsn=3.0.0&"):
         status, _headers, body = http(lp_url(cluster.http_urls[0], query))
         assert (status, json.loads(body)) == (200, {"status": 403})
@@ -221,7 +221,7 @@ def test_no_worker_answers_500():
 
 
 def test_options_preflight_and_origin_check(cluster):
-    """§5.1/§5.9/§9.41: preflight echoes the requested headers; a foreign Origin gets 403 in the body."""
+    """§6.1/§6.9/§10.41: preflight echoes the requested headers; a foreign Origin gets 403 in the body."""
     url = lp_url(cluster.http_urls[0])
     status, headers, body = http(url, "OPTIONS", headers={
         "Origin": "http://127.0.0.1", "Access-Control-Request-Method": "POST",
@@ -239,7 +239,7 @@ def test_options_preflight_and_origin_check(cluster):
 
 
 def test_phoenix_js_connects_over_longpoll_joins_and_pushes(js_client, cluster):
-    """§9.35/§9.36: open after the 410, joins ok and error, push -> reply through the polls."""
+    """§10.35/§10.36: open after the 410, joins ok and error, push -> reply through the polls."""
     c = lp_client(js_client, cluster.ws_urls[0])
     topic = f"echo:{uid()}"
     answer = c.join("a", topic)
@@ -255,7 +255,7 @@ def test_phoenix_js_connects_over_longpoll_joins_and_pushes(js_client, cluster):
 
 
 def test_pushes_in_one_tick_travel_in_one_post_and_all_get_replies(js_client, cluster):
-    """§5.4/§9.36: one ndjson POST, one line per push; replies come back through polls."""
+    """§6.4/§10.36: one ndjson POST, one line per push; replies come back through polls."""
     c = lp_client(js_client, cluster.ws_urls[0])
     topic = f"echo:{uid()}"
     assert c.join("a", topic)["status"] == "ok"
@@ -282,7 +282,7 @@ def test_longpoll_and_websocket_clients_broadcast_to_each_other(js_client, clust
 # ---- polls ---------------------------------------------------------------------------------------
 
 def test_idle_poll_is_answered_204_after_the_window(cluster):
-    """§5.3/§9.37: nothing to deliver -> held for the window, then 204 with the same token."""
+    """§6.3/§10.37: nothing to deliver -> held for the window, then 204 with the same token."""
     s = RawSession(cluster.http_urls[0])
     started = time.monotonic()
     answer = s.poll()
@@ -292,7 +292,7 @@ def test_idle_poll_is_answered_204_after_the_window(cluster):
 
 
 def test_held_poll_is_answered_as_soon_as_a_message_is_there(long_window_edge):
-    """§9.37: a reply for the client releases the waiting poll at once."""
+    """§10.37: a reply for the client releases the waiting poll at once."""
     s = RawSession(long_window_edge)
     with ThreadPoolExecutor(1) as pool:
         started = time.monotonic()
@@ -326,7 +326,7 @@ def test_a_newer_poll_answers_the_older_one(long_window_edge):
 
 
 def test_inactive_session_ends_and_its_channels_terminate(js_client, cluster):
-    """§4.9/§5.7: no poll for the inactivity timeout -> terminate ("shutdown", "inactive");
+    """§5.9/§6.7: no poll for the inactivity timeout -> terminate ("shutdown", "inactive");
     the next request learns that the session is gone (410, no new session)."""
     topic = f"terminate:{uid()}"
     watcher = ws_client(js_client, cluster.ws_urls[1], "watcher")
@@ -342,7 +342,7 @@ def test_inactive_session_ends_and_its_channels_terminate(js_client, cluster):
 
 
 def test_unknown_or_forged_session_tokens(cluster):
-    """§5.3: a well-formed token whose session is gone -> 410 and no session, on any edge;
+    """§6.3: a well-formed token whose session is gone -> 410 and no session, on any edge;
     something that is no session token at all -> a new session (it may be the app's own param)."""
     s = RawSession(cluster.http_urls[0])
     forged = s.token[:-22] + "A" * 22
@@ -364,8 +364,8 @@ def test_unknown_or_forged_session_tokens(cluster):
 
 
 def test_phoenix_js_recovers_from_a_gone_session(js_client, cluster):
-    """§5.5/§9.39: 410 with a token held -> close 3410, new session, channels rejoin; also with
-    an app param named `token` in the URL (§5.3)."""
+    """§6.5/§10.39: 410 with a token held -> close 3410, new session, channels rejoin; also with
+    an app param named `token` in the URL (§6.3)."""
     params = {"user": "r", "token": "SFMyNTY.g2gDbQ.c2lnbmF0dXJl"}
     c = lp_client(js_client, cluster.ws_urls[0], params=params, **FAST)
     topic = f"echo:{uid()}"
@@ -404,7 +404,7 @@ def test_malformed_post_gets_400_and_affects_nothing_else(js_client, cluster):
 
 
 def test_post_lines_in_base64_are_binary_frames(js_client, cluster):
-    """§5.4: a line not starting with "[" is standard base64 of a kind-0 binary push."""
+    """§6.4: a line not starting with "[" is standard base64 of a kind-0 binary push."""
     topic = f"echo:{uid()}"
     ws = ws_client(js_client, cluster.ws_urls[1])
     assert ws.join("a", topic, on=["bcast"])["status"] == "ok"
@@ -550,7 +550,7 @@ def test_longpoll_sessions_are_not_subject_to_the_websocket_idle_rule(js_client,
 
 
 def test_falls_back_to_longpoll_when_websockets_are_refused(js_client, cluster, extra_edges):
-    """§9.43: longPollFallbackMs with the WebSocket route absent -> LongPoll, chatting with a
+    """§10.43: longPollFallbackMs with the WebSocket route absent -> LongPoll, chatting with a
     WebSocket client on another edge."""
     _proc, http_url = extra_edges.start("--no-websocket", "--longpoll-window", str(WINDOW))
     assert http(http_url + "/socket/websocket")[0] == 404
@@ -570,7 +570,7 @@ def test_falls_back_to_longpoll_when_websockets_are_refused(js_client, cluster, 
 
 
 def test_requests_of_one_session_may_reach_any_edge(cluster):
-    """Non-sticky load balancing (§5.8): a session created on edge 0 keeps working when its GETs
+    """Non-sticky load balancing (§6.8): a session created on edge 0 keeps working when its GETs
     and POSTs alternate between edge 0 and edge 1; a poll relayed to the holding edge is held
     there like a local one."""
     e0, e1 = cluster.http_urls

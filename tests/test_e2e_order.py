@@ -1,4 +1,4 @@
-"""The replies to a client's messages keep Phoenix's order (PROTOCOL.md §4.10.5), on LongPoll
+"""The replies to a client's messages keep Phoenix's order (docs/protocol.md §5.10, item 5), on LongPoll
 and WebSocket alike.
 
 Phoenix's socket process runs a join to its reply before it reads the next message, so a

@@ -1,4 +1,4 @@
-"""check_origin end to end (PROTOCOL.md §1.6, §9.4), both transports, raw requests with the
+"""check_origin end to end (docs/protocol.md §2.5, §10.4), both transports, raw requests with the
 Origin header a browser would send.
 
 One bus, three edges: the default (only pages from the host the request was made to),

@@ -137,7 +137,7 @@ def test_longpoll_post_lines_after_the_100th_are_ignored(cluster, sep):
 
 def test_longpoll_stale_join_refs_are_dropped_and_null_join_refs_accepted(cluster):
     """socket.ex handle_in/4: `is_nil(join_ref) or join_ref === existing_join_ref`, else ignored,
-    for pushes (S13) and leaves (S10) alike."""
+    for pushes (docs/protocol.md §4.3 S13) and leaves (S10) alike."""
     s = Session(cluster.http_urls[0])
     topic = f"echo:{uid()}"
     s.post(["1", "1", topic, "phx_join", {}])

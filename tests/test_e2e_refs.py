@@ -1,5 +1,5 @@
-"""Refs echoed verbatim whatever their JSON type, and V1 JSON in binary frames (PROTOCOL.md §0.3,
-§2.3): what phxsocket (integer refs) and phx-events (V1 JSON in binary frames) rely on."""
+"""Refs echoed verbatim whatever their JSON type, and V1 JSON in binary frames (docs/protocol.md §1.3,
+§3.3): what phxsocket (integer refs) and phx-events (V1 JSON in binary frames) rely on."""
 from __future__ import annotations
 
 import json

@@ -2,7 +2,7 @@
 ZCHANNELS_SECRET_KEY_BASE set, real phoenix.js 1.8.17 clients, broker + edge + 2 workers.
 
 The token travels in the connect params (`params: {token}`) or in phoenix.js's `authToken`
-option (a Sec-WebSocket-Protocol entry, PROTOCOL.md §1.4). A token that does not verify
+option (a Sec-WebSocket-Protocol entry, docs/protocol.md §2.3). A token that does not verify
 refuses the connection: phoenix.js sees error + close and never opens.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The origin check (edge/origin.py, PROTOCOL.md §1.6) from tables: Phoenix's check_origin rules
+"""The origin check (edge/origin.py, docs/protocol.md §2.5) from tables: Phoenix's check_origin rules
 for the default (the request's own host), lists of allowed origins, and the option parsing."""
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_default_allows_only_the_requests_own_host(origin, host, allowed):
 @pytest.mark.parametrize("check", [OriginCheck(), OriginCheck.from_options("true", ENTRIES),
                                    OriginCheck.from_options("false")], ids=["default", "list", "off"])
 def test_a_request_without_origin_is_allowed(check):
-    """Clients that are not browsers send no Origin (§1.6: missing header -> allowed)."""
+    """Clients that are not browsers send no Origin (docs/protocol.md §2.5: missing header -> allowed)."""
     assert check.allows([], "127.0.0.1")
 
 

@@ -125,6 +125,8 @@ def test_publisher_in_a_plain_script_reaches_clients_on_two_edges(keyed, js_clie
 def test_publisher_validates_like_a_worker_broadcast():
     with pytest.raises(ValueError, match="must not contain NUL"):
         encode("room:\x00x", "ev", {})
+    with pytest.raises(ValueError, match="event must not contain NUL"):
+        encode("room:1", "e\x00v", {})
     with pytest.raises(TypeError, match="non-empty string"):
         encode("", "ev", {})
     with pytest.raises(TypeError, match="event must be a non-empty string"):
@@ -272,6 +274,8 @@ def test_http_broadcast_without_or_with_a_wrong_key_is_401(keyed):
     (b'{"topic": "echo:1", "event": "e", "payload": [1]}', "payload must be a JSON object, got an array"),
     (b'{"topic": "echo:1", "event": "e", "payload": "s"}', "payload must be a JSON object, got a string"),
     (b'{"topic": "echo:\\u0000x", "event": "e", "payload": {}}', "topic must not contain NUL"),
+    (b'{"topic": "echo:1", "event": "e\\u0000", "payload": {}}', "event must not contain NUL"),
+    (b'{"topic": "echo:\\u0000", "event": "e", "payload": [1]}', "topic must not contain NUL"),
     (b'{"topic": "", "event": "e", "payload": {}}', "topic must be a non-empty string"),
     (b'{"topic": "echo:1", "event": 5, "payload": {}}', "event must be a non-empty string, got 5"),
     (b'{"topic": "zchannels:status", "event": "edge", "payload": {}}', "are reserved for zchannels"),

@@ -1,4 +1,5 @@
-"""Topic routes and loading the user's handler module (workers/routes.py, workers/api.Socket)."""
+"""Topic routes and loading the user's handler module (workers/routes.py, workers/loadapp.py,
+workers/api.Socket)."""
 import os
 import sys
 import textwrap
@@ -7,7 +8,8 @@ import pytest
 
 from workers import AppLoadError, Channel, Socket, load_app
 from workers.api import BadReturn, check_result, error, noreply, ok, reply, stop
-from workers.routes import Route, parse_spec
+from workers.loadapp import parse_spec
+from workers.routes import Route
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

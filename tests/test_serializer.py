@@ -1,6 +1,6 @@
 """The Phoenix client wire format (edge/serializer.py), tested from tables and properties.
 
-Expected frames come from PROTOCOL.md §2.2-2.4 (observed phoenix.js 1.8.16 traffic; 1.8.17 sends the same).
+Expected frames come from docs/protocol.md §3.2-3.4 (observed phoenix.js 1.8.16 traffic; 1.8.17 sends the same).
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def test_a_numeric_ref_in_a_binary_reply_is_its_json_text():
 # --- encoding: exact bytes -------------------------------------------------------------
 
 ENCODE_CASES = [
-    # V2 JSON, expected frames from PROTOCOL.md §2.2 / §3.3
+    # V2 JSON, expected frames from docs/protocol.md §3.2 / §4.3
     (V2.encode_reply, ("6", "7", "room:1", "ok", b'{"echo":{"q":1}}'),
      b'["6","7","room:1","phx_reply",{"status":"ok","response":{"echo":{"q":1}}}]', False),
     (V2.encode_reply, (None, "9", "phoenix", "ok", b"{}"),
@@ -171,7 +171,7 @@ ENCODE_CASES = [
     (V2.encode_error, ("6", "room:1"), b'["6","6","room:1","phx_error",{"reason":"channel_crash"}]', False),
     (V2.encode_close, (None, "room:1"), b'[null,null,"room:1","phx_close",{}]', False),
     (V2.encode_push, ("6", 'q"uote', "\u00e9", b"{}"), b'["6",null,"q\\"uote","\xc3\xa9",{}]', False),
-    # V2 binary, PROTOCOL.md §2.4 layouts
+    # V2 binary, docs/protocol.md §3.4 layouts
     (V2.encode_push, ("6", "room:1", "b", b"\x01\x02\x03", b"b"),
      bytes.fromhex("00 01 06 01 36 72 6f 6f 6d 3a 31 62 01 02 03"), True),
     (V2.encode_reply, ("6", "8", "room:1", "ok", b"\x01\x02", b"b"),
@@ -179,7 +179,7 @@ ENCODE_CASES = [
     (V2.encode_broadcast, ("room:1", "b", b"\x09", b"b"),
      bytes.fromhex("02 06 01 72 6f 6f 6d 3a 31 62 09"), True),
     (V2.encode_push, (None, "t", "e", b"", b"b"), bytes([0, 0, 1, 1]) + b"te", True),
-    # V1 JSON, PROTOCOL.md §2.3: never a join_ref
+    # V1 JSON, docs/protocol.md §3.3: never a join_ref
     (V1.encode_reply, ("6", "7", "room:1", "error", b'{"reason":"x"}'),
      b'{"topic":"room:1","event":"phx_reply","payload":{"status":"error","response":{"reason":"x"}},"ref":"7"}',
      False),

@@ -1,6 +1,6 @@
 """Phoenix.Token (workers/token.py) and its Erlang term subset (workers/etf.py).
 
-Vectors from PROTOCOL.md §7.6; verify rules from §7.4. Only the clock is mocked
+Vectors from docs/protocol.md §8.6; verify rules from §8.4. Only the clock is mocked
 (`workers.token._now_ms`).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from workers import etf, token as tok
 from workers.etf import Atom, EtfError
 from workers.token import INFINITY, TokenError, sign, verify
 
-SECRET = "abc123" * 5          # §7.6: 30 bytes
+SECRET = "abc123" * 5          # docs/protocol.md §8.6: 30 bytes
 SALT = "user auth"
 SIGNED_AT = 1_700_000_000      # seconds; 1_700_000_000_000 ms in the payload
 VECTOR_TOKEN = "SFMyNTY.g2gDYSpuBgAAaOXPiwFiAAFRgA.HqG4ANkHiyPwLF2eA0_3hyGwbqi7-FT6h-X9GeEgWrE"
@@ -58,7 +58,7 @@ def reason(*args, **kwargs) -> str:
     return info.value.reason
 
 
-# ---- §7.6 vectors ---------------------------------------------------------------------------
+# ---- §8.6 vectors ---------------------------------------------------------------------------
 
 def test_sign_reproduces_the_phoenix_test_vector_for_42():
     assert sign(SECRET, SALT, 42, signed_at=SIGNED_AT) == VECTOR_TOKEN
@@ -196,7 +196,7 @@ def test_etf_decode_refuses_deep_nesting_instead_of_recursing():
         etf.decode(deep)
 
 
-# ---- verify rules (§7.4) --------------------------------------------------------------------
+# ---- verify rules (§8.4) --------------------------------------------------------------------
 
 def test_missing_token_is_missing():
     for empty in (None, "", b""):

@@ -405,6 +405,26 @@ def test_broadcast_and_broadcast_from_publish_with_origin(bus):
                                b'{"b":2}', wire.JSON]
 
 
+@pytest.mark.parametrize("topic, event, error", [
+    ("echo:nul\x00x", "disconnect",
+     "ValueError: broadcast topic must not contain NUL (it ends topic keys), got 'echo:nul\\x00x'"),
+    ("echo:nul", "dis\x00connect", "ValueError: broadcast event must not contain NUL, got 'dis\\x00connect'"),
+])
+def test_broadcast_with_a_nul_crashes_the_handler_with_a_clear_error(bus, topic, event, error):
+    # A NUL ends topic keys on the bus: published, "echo:nul\0x" would reach "echo:nul".
+    c, t = b"nul", "echo:nulcaller"
+    bus.join_ok(c, t)
+    bus.push(c, t, "kick", {"topic": topic, "event": event})
+    bus.expect(wire.CHANNEL_ERROR, EDGE, c, t.encode(), b"1")
+    wait_until(lambda: error in bus.stderr(), TIMEOUT, message=f"no {error!r} in the worker's log")
+    bus.join_ok(c, t, b"3")                   # the worker lives on
+    bus.push(c, t, "ping", {"n": 1}, ref=b"4", join_ref=b"3")
+    bus.expect_reply(c, t, b"4", b"ok", {"n": 1}, join_ref=b"3")
+    bus.send(wire.LEAVE, c, t.encode(), b"3", b"5")
+    bus.expect_reply(c, t, b"5", b"ok", {}, join_ref=b"3")
+    bus.expect(wire.CHANNEL_CLOSE, EDGE, c, t.encode(), b"3")
+
+
 # --- intercepts ---------------------------------------------------------------------------
 
 def test_intercepted_broadcasts_run_handle_out_per_channel(bus):

@@ -1,7 +1,7 @@
 """permessage-deflate (RFC 7692) on the edge's WebSockets (``--compress``).
 
 In-process: what the edge answers to each offer, compressed frames in (inflated, bounded by
---max-frame-size, RSV1 only where §6.1 allows it) and out (every message inflates on its own).
+--max-frame-size, RSV1 only where RFC 7692 §6.1 allows it) and out (every message inflates on its own).
 End to end: with ``--compress`` a broadcast reaches compressed and plain raw clients, the
 compressed ones all get the same frame bytes, and phoenix.js over Node's `ws` (which offers
 the extension by default) agrees it and gets its broadcasts; without ``--compress`` nothing

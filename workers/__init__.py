@@ -52,7 +52,7 @@ from workers.api import (
 from workers.payload import JSON, Binary, BroadcastPayload, JSONObject, OutPayload, Payload
 from workers.presence import PresenceEntry, PresenceState, presence_list
 from workers.results import HandlerResult, JoinResult, MaybeAwaitable, OutResult
-from workers.routes import AppLoadError, load_app
+from workers.loadapp import AppLoadError, load_app
 from workers.token import TokenError, sign as sign_token, verify as verify_token
 
 __all__ = [

@@ -88,9 +88,9 @@ import logging
 from collections.abc import Callable, Generator, Mapping
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
-import orjson
 
 from workers.payload import JSON, BroadcastPayload, JSONObject, OutPayload, Payload
+from bus import broadcasts
 from workers.presence import PresenceMixin
 from workers.results import (  # noqa: F401  (re-exported: the handler API in one place)
     BadReturn, Error, HandlerResult, JoinResult, MaybeAwaitable, NoReply, Ok, OutResult, Reply,
@@ -247,15 +247,6 @@ class Timer:
         self._owner.discard(self)
 
 
-def _encode_payload(what: str, payload: object) -> tuple[bytes, bytes]:
-    # Server pushes and broadcasts are JSON objects or binary (PROTOCOL §4.5).
-    if isinstance(payload, dict):
-        return orjson.dumps(payload), b"j"
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        return bytes(payload), b"b"
-    raise TypeError(f"{what} payload must be a dict (JSON object) or bytes, got {type(payload).__name__}")
-
-
 def _check_event(what: str, event: Any) -> str:
     if not isinstance(event, str) or not event:
         raise TypeError(f"{what} event must be a non-empty string, got {event!r}")
@@ -319,22 +310,22 @@ class Channel(PresenceMixin):
     def push(self, event: str, payload: BroadcastPayload) -> _Sent:
         """Send ``event`` to this channel's client only. Not allowed inside ``join``."""
         proc = self._joined("push")
-        data, fmt = _encode_payload("push", payload)
+        data, fmt = broadcasts.encode_payload(payload, "push")
         proc.worker.push(proc, _check_event("push", event), data, fmt)
         return SENT
 
     def broadcast(self, event: str, payload: BroadcastPayload) -> _Sent:
         """Send ``event`` to every subscriber of this topic, this client included."""
         proc = self._joined("broadcast")
-        data, fmt = _encode_payload("broadcast", payload)
-        proc.worker.publish(self.topic, _check_event("broadcast", event), data, fmt, b"")
+        data, fmt = broadcasts.encode(self.topic, event, payload)
+        proc.worker.publish(self.topic, event, data, fmt, b"")
         return SENT
 
     def broadcast_from(self, event: str, payload: BroadcastPayload) -> _Sent:
         """Like ``broadcast``, except to this channel's own client."""
         proc = self._joined("broadcast_from")
-        data, fmt = _encode_payload("broadcast_from", payload)
-        proc.worker.publish(self.topic, _check_event("broadcast_from", event), data, fmt, proc.origin)
+        data, fmt = broadcasts.encode(self.topic, event, payload, what="broadcast_from")
+        proc.worker.publish(self.topic, event, data, fmt, proc.origin)
         return SENT
 
     def send(self, msg: Any) -> None:
@@ -374,12 +365,12 @@ _runtime: Any = None
 def broadcast(topic: str, event: str, payload: BroadcastPayload) -> _Sent:
     """Broadcast ``event`` to every subscriber of any ``topic``, from any callback.
 
-    Outside a worker process, use the publisher client instead.
+    ``topic`` and ``event`` are non-empty strings without NUL characters, ``payload`` a dict
+    (sent as JSON) or bytes (a binary frame); anything else raises TypeError or ValueError
+    naming what is wrong.  Outside a worker process, use the publisher client instead.
     """
     if _runtime is None:
         raise RuntimeError("workers.broadcast() works inside a worker process only")
-    if not isinstance(topic, str) or not topic:
-        raise TypeError(f"broadcast topic must be a non-empty string, got {topic!r}")
-    data, fmt = _encode_payload("broadcast", payload)
-    _runtime.publish(topic, _check_event("broadcast", event), data, fmt, b"")
+    data, fmt = broadcasts.encode(topic, event, payload)
+    _runtime.publish(topic, event, data, fmt, b"")
     return SENT

@@ -2,7 +2,7 @@
 
 Phoenix signs ``:erlang.term_to_binary({data, signed_at_ms, max_age_s})``, so a Python
 verifier or minter that interoperates with a real Phoenix app must read and write ETF
-(PROTOCOL.md §7.3, §7.5).  Only plain data is supported: integers, floats, binaries, atoms,
+(docs/protocol.md §8.3, §8.5).  Only plain data is supported: integers, floats, binaries, atoms,
 lists, tuples and maps.  Executable or node-bound terms (funs, pids, ports, refs) and
 anything else are refused with ``EtfError``, like ``Plug.Crypto.non_executable_binary_to_term``.
 

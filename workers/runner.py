@@ -30,9 +30,10 @@ from bus.loopsock import LoopSocket, connect_peer
 from workers import api, metrics, presence
 from workers.api import Channel, Error, SocketState
 from workers.channels import _EMPTY_JSON, _ERROR, _OK, ChannelHost, ChannelProc, _maybe_await
-from workers.routes import SYSTEM_PREFIX, AppLoadError, load_app
+from workers.configerror import HANDLER_LOAD_ERROR, ConfigError
+from workers.loadapp import AppLoadError, load_app
+from workers.routes import SYSTEM_PREFIX
 from workers.status import publish_forever as publish_status, system_route
-from workers.supervisor import HANDLER_LOAD_ERROR, ConfigError
 
 
 HEARTBEAT_INTERVAL = 0.5     # seconds

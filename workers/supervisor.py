@@ -33,12 +33,10 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
+from workers.configerror import HANDLER_LOAD_ERROR, ConfigError
 from workers.restarts import RestartPolicy
 
-# Reserved exit code of a worker whose configuration can never work (its target raised
-# ConfigError, e.g. the handler module cannot be imported).  Restarting cannot fix that, so the
-# supervisor stops, with CONFIG_ERROR_EXIT, instead of looping.
-HANDLER_LOAD_ERROR = 4
+# The supervisor's own exit code when a worker exits with HANDLER_LOAD_ERROR.
 CONFIG_ERROR_EXIT = 2
 
 ABORT_GRACE = 2.0       # SIGABRT (stack dump) -> SIGKILL, for a stuck worker
@@ -50,12 +48,6 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP,
 log = logging.getLogger("zchannels.supervisor")
 
 Target = Callable[[int, Callable[[], None]], int]   # (slot, alive) -> exit code
-
-
-class ConfigError(Exception):
-    """Raised by a worker target whose configuration can never work (the handler module cannot
-    be imported, a malformed bus address): the supervisor logs the message once and stops with
-    exit code 2 instead of restarting the worker forever."""
 
 
 def _signame(signum: int) -> str:

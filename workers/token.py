@@ -2,7 +2,7 @@
 
 A web app mints a token for a logged-in user and hands it to the page; the page passes it
 to phoenix.js (``params: {token}`` or the ``authToken`` option) and the handler's
-``connect`` verifies it.  The format is Phoenix's (PROTOCOL.md §7), so tokens minted by
+``connect`` verifies it.  The format is Phoenix's (docs/protocol.md §8), so tokens minted by
 ``Phoenix.Token.sign/4`` in Elixir verify here and the other way round, given the same
 ``secret_key_base`` and salt::
 
@@ -96,7 +96,7 @@ def verify(secret_key_base: str | bytes, salt: str | bytes, token: str | bytes |
     data, signed_at_ms, embedded = _unpack(term)
     if limit is None:
         limit = _embedded_max_age(embedded)
-    # The order of Plug.Crypto (PROTOCOL.md §7.4): :infinity is always valid, then a max_age
+    # The order of Plug.Crypto (docs/protocol.md §8.4): :infinity is always valid, then a max_age
     # <= 0 has expired, then a token from the future is invalid, then the age is checked.
     if isinstance(limit, Atom):   # INFINITY, the only atom a max_age can be
         return data
@@ -111,7 +111,7 @@ def verify(secret_key_base: str | bytes, salt: str | bytes, token: str | bytes |
 
 
 def _check_signature(key: bytes, token: str | bytes) -> bytes:
-    """The payload bytes of a well-formed token whose MAC matches (§7.1), else TokenError."""
+    """The payload bytes of a well-formed token whose MAC matches (docs/protocol.md §8.1), else TokenError."""
     if isinstance(token, str):
         try:
             token = token.encode("ascii")
@@ -181,7 +181,7 @@ def _derive(secret: bytes, salt: bytes, iterations: int, length: int, digest: st
 
 def _key(secret_key_base: str | bytes, salt: str | bytes, iterations: int, length: int,
          digest: str) -> bytes:
-    """PBKDF2 key for this secret and salt (§7.2), derived once per process."""
+    """PBKDF2 key for this secret and salt (docs/protocol.md §8.2), derived once per process."""
     secret = secret_key_base.encode("utf-8") if isinstance(secret_key_base, str) else secret_key_base
     if not isinstance(secret, bytes) or len(secret) < 20:
         raise ValueError("secret_key_base must be a string or bytes of at least 20 bytes, got "

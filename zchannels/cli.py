@@ -246,6 +246,38 @@ def _add_worker_options(p: argparse.ArgumentParser) -> None:
                         "attr defaults to `socket`")
 
 
+def _add_edge_command(p: argparse.ArgumentParser) -> None:
+    _add_bus(p)
+    _add_edge_options(p)
+    _add_status(p)
+    _add_edge_http_limits(p)
+    _add_edge_process_options(p)
+    _add_log(p)
+
+
+# What `edge --processes N` (edge/multiproc.py) gives each of its processes itself.
+_PER_PROCESS = ("processes", "port", "reuse_port")
+
+
+def edge_process_options(args: argparse.Namespace) -> list[str]:
+    """The options that start one process of the edge ``args`` describe: every `edge` option
+    as given or defaulted, in its long form, less --processes, --port and --reuse-port, which
+    `edge --processes N` sets for each process.  ``main`` puts them in ``args.process_options``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_edge_command(parser)
+    options: list[str] = []
+    for action in parser._actions:   # argparse has no public list of a parser's options
+        if not action.option_strings or action.dest in _PER_PROCESS:
+            continue
+        value = getattr(args, action.dest, None)
+        if action.nargs == 0:   # a flag (store_true)
+            if value:
+                options.append(action.option_strings[-1])
+        elif value is not None:
+            options += [action.option_strings[-1], str(value)]
+    return options
+
+
 def _bus_problem(bus: str) -> str:
     """Why a worker could never connect to this --bus address; "" when it is well formed."""
     from bus.wire import bus_endpoints
@@ -275,12 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log(p)
 
     p = sub.add_parser("edge", help="run an edge: WebSocket and LongPoll endpoints for Phoenix clients")
-    _add_bus(p)
-    _add_edge_options(p)
-    _add_status(p)
-    _add_edge_http_limits(p)
-    _add_edge_process_options(p)
-    _add_log(p)
+    _add_edge_command(p)
 
     p = sub.add_parser("workers", help="run a supervisor with N worker processes for APP")
     _add_bus(p)
@@ -339,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "broker":
         from broker.server import main as run
     elif args.command == "edge":
+        args.process_options = edge_process_options(args)
         from edge.app import main as run
     elif args.command == "workers":
         from workers.supervisor import main as run

@@ -45,7 +45,7 @@ import orjson
 import zmq
 from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
-from bus import curve, wire
+from bus import broadcasts, curve, wire
 
 __all__ = ["Publisher", "AsyncPublisher", "PublishError", "Payload", "DEFAULT_BUS", "SETTLE"]
 
@@ -69,24 +69,9 @@ class PublishError(RuntimeError):
 
 
 def encode(topic: str, event: str, payload: Payload) -> bytes:
-    """One packed BROADCAST message; TypeError / ValueError for what no edge could deliver."""
-    if not isinstance(topic, str) or not topic:
-        raise TypeError(f"broadcast topic must be a non-empty string, got {topic!r}")
-    if wire.TOPIC_TERMINATOR.decode() in topic:
-        raise ValueError(f"broadcast topic must not contain NUL (it ends topic keys), got {topic!r}")
-    if topic.startswith(wire.SYSTEM_TOPIC_PREFIX):
-        raise ValueError(f"topics starting with {wire.SYSTEM_TOPIC_PREFIX!r} are reserved for "
-                         f"zchannels itself, got {topic!r}")
-    if not isinstance(event, str) or not event:
-        raise TypeError(f"broadcast event must be a non-empty string, got {event!r}")
-    # Server broadcasts are JSON objects or binary (PROTOCOL §4.5), as in workers.broadcast.
-    if isinstance(payload, dict):
-        data, fmt = orjson.dumps(payload), wire.JSON
-    elif isinstance(payload, (bytes, bytearray, memoryview)):
-        data, fmt = bytes(payload), wire.BINARY
-    else:
-        raise TypeError(f"broadcast payload must be a dict (JSON object) or bytes, "
-                        f"got {type(payload).__name__}")
+    """One packed BROADCAST message; TypeError / ValueError for what no edge could deliver
+    (bus/broadcasts.py: the checks every publisher shares, system topics refused)."""
+    data, fmt = broadcasts.encode(topic, event, payload, outside=True)
     return wire.pack_broadcast(wire.broadcast_frames(topic, event, data, fmt))
 
 

@@ -1,0 +1,100 @@
+"""Loading the user's handler module: an app spec -> its ``workers.Socket``.
+
+A worker (workers/runner.py) loads the module named on the command line, such as
+``examples/chat/channels.py`` or ``my_package.channels:socket``, once at start; a module
+that cannot be loaded is an ``AppLoadError`` naming the spec and the cause, which the
+worker turns into a ConfigError so that its supervisor stops instead of restarting it.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Any
+
+from workers.api import Socket
+
+__all__ = ["AppLoadError", "load_app", "parse_spec"]
+
+
+class AppLoadError(Exception):
+    """The handler module named by an app spec could not be loaded."""
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``"pkg.mod:attr"`` or ``"path/file.py:attr"`` -> (module or path, attr); attr defaults to socket."""
+    target, colon, attr = spec.rpartition(":")
+    if not colon or not attr.isidentifier():
+        target, attr = spec, "socket"
+    if not target:
+        raise AppLoadError(f"app spec {spec!r} is empty; expected package.module[:attr] "
+                           "or path/to/file.py[:attr]")
+    return target, attr
+
+
+def _is_path(target: str) -> bool:
+    return target.endswith(".py") or os.sep in target or "/" in target
+
+
+def _import_file(spec: str, path: str) -> Any:
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise AppLoadError(f"cannot load app {spec!r}: no such file {path}")
+    directory, name = os.path.split(path)
+    name = os.path.splitext(name)[0]
+    if not name.isidentifier() or name in sys.modules:
+        name = f"zchannels_app_{abs(hash(path)):x}"
+    # Like `python file.py`: the file's directory comes first, so it can import its siblings.
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise AppLoadError(f"cannot load app {spec!r}: {path} is not a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException as exc:
+        sys.modules.pop(name, None)
+        if not isinstance(exc, Exception):
+            raise
+        raise AppLoadError(f"cannot load app {spec!r}: running {path} raised "
+                           f"{type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _import_module(spec: str, name: str) -> Any:
+    # Like uvicorn/gunicorn: `package.module` is looked up from the current directory too.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+            raise AppLoadError(f"cannot load app {spec!r}: no module named {exc.name!r} "
+                               f"(searched from {cwd})") from exc
+        raise AppLoadError(f"cannot load app {spec!r}: importing {name} failed: {exc}") from exc
+    except Exception as exc:
+        raise AppLoadError(f"cannot load app {spec!r}: importing {name} raised "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def load_app(spec: str) -> Socket:
+    """Import the handler module named by ``spec`` and return its ``workers.Socket``.
+
+    ``spec`` is ``package.module[:attr]`` or ``path/to/file.py[:attr]``; ``attr``
+    defaults to ``socket``.  Raises ``AppLoadError`` naming the spec and the cause.
+    """
+    target, attr = parse_spec(spec)
+    module = _import_file(spec, target) if _is_path(target) else _import_module(spec, target)
+    try:
+        app = getattr(module, attr)
+    except AttributeError:
+        raise AppLoadError(f"cannot load app {spec!r}: module {module.__name__} has no attribute "
+                           f"{attr!r} (declare `{attr} = Socket()` at module level)") from None
+    if not isinstance(app, Socket):
+        raise AppLoadError(f"cannot load app {spec!r}: {attr} is a {type(app).__name__}, "
+                           "expected a workers.Socket")
+    return app
