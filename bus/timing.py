@@ -18,7 +18,7 @@ LINK_HEARTBEAT_MS = 500         # a ZMTP PING when nothing else was sent for thi
 LINK_TIMEOUT_MS = 2000          # no traffic at all for this long: the connection is dead
 LINK_RECONNECT_MIN_MS = 100     # first reconnection attempt after a connection is lost ...
 LINK_RECONNECT_MAX_MS = 500     # ... and the longest wait between attempts
-LINK_CONNECT_TIMEOUT_MS = 500   # a SYN lost in a cut is retried after this, not after the kernel's backoff
+LINK_CONNECT_TIMEOUT_MS = 500   # a SYN lost in a cut is retried after this, not the kernel's backoff
 LINK_HANDSHAKE_MS = 3000        # a connection accepted but never greeted (half-healed link) is dropped
 # The broker's listening sockets keep a silent connection this much longer than --peer-timeout:
 # it is the peers that notice a cut and reconnect, the broker only waits for them.

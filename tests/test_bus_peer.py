@@ -161,7 +161,8 @@ def test_a_restarted_broker_is_noticed_by_its_new_instance_even_without_a_silenc
             assert (await rec.next_state())[0] is True   # back: what was in flight may be lost
             assert peer.broker_instance == broker.router.instance != first
             assert not peer.broker_silent
-            assert f"new broker instance {broker.router.instance.decode()} (was {first.decode()})" in caplog.text
+            now = broker.router.instance.decode()
+            assert f"test peer: new broker instance {now} (was {first.decode()})" in caplog.text
             await until(lambda: peer_id in broker.router.edges)   # heartbeats reach the new broker
             assert rec.states.empty()   # one restart, one report
         finally:
@@ -190,7 +191,7 @@ def test_a_silent_broker_is_warned_of_after_the_silence_limit_and_its_return_rep
             assert up is True and silent_for < limit and not peer.broker_silent
             assert "test peer: broker reachable again" in caplog.text
             await asyncio.sleep(3 * FAST_BEAT)
-            assert rec.states.empty()   # the new instance named right after the return is the same event
+            assert rec.states.empty()   # the new instance named right after the return: same event
         finally:
             peer.close()
     asyncio.run(scenario())
@@ -263,3 +264,15 @@ def test_close_says_bye_so_the_broker_counts_the_peer_gone_not_dead(zctx, broker
 
     asyncio.run(scenario())
     assert broker.router.worker_deaths == 0 and not broker.router.evicted   # "left", not "unreachable"
+
+
+@pytest.mark.parametrize("frames, error", [
+    ([wire.HEARTBEAT], "needs 2 frames, got 1"),
+    ([wire.HEARTBEAT, b"abc", b"extra"], "needs 2 frames, got 3"),
+    ([wire.BYE, b"abc"], "not a heartbeat"),
+    ([], "not a heartbeat"),
+])
+def test_a_malformed_broker_heartbeat_is_refused_with_its_reason(frames, error):
+    assert wire.parse_broker_heartbeat(wire.broker_heartbeat(b"1a2b3c4d")) == b"1a2b3c4d"
+    with pytest.raises(wire.BusFrameError, match=error):
+        wire.parse_broker_heartbeat(frames)
