@@ -21,35 +21,14 @@ import time
 import zmq
 
 from bus import wire
-from bus.loopsock import LINK_TIMEOUT_MS
+from bus.timing import (BROKER_PROBE_INTERVAL, BROKER_WARM_UP, CUT_SILENCE, PEER_LIVENESS, PLACE_FRESH,
+                        WORKER_WAIT)
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL = 0.25   # broker -> peer probes; a probe to a vanished peer fails at once
-# Seconds of silence before a still-connected peer counts as dead.  A peer whose connection
-# is gone is noticed by the next probe; this only catches a stuck one or a cut link, so it is
-# generous: a busy edge may not heartbeat for a few seconds, and a link between machines cut
-# for 10 s (plus ~1 s to reconnect) must not cost a worker or an edge its channels.
-PEER_LIVENESS = 15.0
-# A peer closes its connection only after this much silence on it (bus/loopsock.py), so a
-# connection that ends after a silence this long most likely died in a cut link, and the peer
-# is reconnecting; one that ends right after a word from its peer died with the process.
-CUT_SILENCE = LINK_TIMEOUT_MS / 1000
 EVICTED_MEMORY = 10_000     # ids of evicted peers remembered, to tell them if they come back
 BATCH = 1000                # messages routed before housekeeping gets a turn
 PARK_LIMIT = 100_000        # messages held during warm-up for peers not yet reconnected
-# A worker not heard from for this long gets no new connect or join while one that was
-# heard from exists: workers heartbeat every 0.5 s from their event loop (and any reply counts),
-# so a longer silence means a handler is blocking it (time.sleep, a CPU-bound call).  Two
-# intervals plus 0.2 s for a loaded machine's scheduling: a worker misjudged as silent only
-# misses placements for a moment (and with none fresh, the one heard from last is chosen),
-# while everything placed on a blocked one within this window waits for the edge to send it
-# again (edge/replace.py PLACEMENT_RETRY, which must stay longer than this).
-PLACE_FRESH = 1.2
-# With no live worker (a restarted broker before the first worker heartbeat, or a worker
-# restart gap), joins and connects wait this long for one instead of being bounced at once;
-# during the warm-up they wait at least until it ends.
-WORKER_WAIT = 2.0
 WAIT_LIMIT = 10_000         # joins and connects held at once; past it they are bounced
 
 
@@ -91,7 +70,7 @@ class Router:
         # "channel ended" for a worker, say) is parked until that peer shows up, rather than
         # reported unroutable, which would make edges error channels whose worker is alive.
         # What is still parked when the warm-up ends is reported unroutable then.
-        self._warm_until = time.monotonic() + min(peer_timeout, 3.0)
+        self._warm_until = time.monotonic() + min(peer_timeout, BROKER_WARM_UP)
         self.parked: dict[bytes, list[tuple[bytes, bytes, bytes, int]]] = {}   # dest -> (sender, kind, data, offset)
         self.parked_count = 0
         self.dropped_while_warming = 0
@@ -113,7 +92,7 @@ class Router:
     def run(self, should_stop) -> None:
         # A blocking recv with a timeout wakes once per burst; the burst is then
         # drained without blocking.  (zmq.Poller costs more per wake-up.)
-        self.sock.setsockopt(zmq.RCVTIMEO, int(HEARTBEAT_INTERVAL * 1000))
+        self.sock.setsockopt(zmq.RCVTIMEO, int(BROKER_PROBE_INTERVAL * 1000))
         recv = self.sock.recv_multipart
         handle = self.handle
         while not should_stop():
@@ -125,7 +104,7 @@ class Router:
                 self._handle_waiting()
             now = time.monotonic()
             if now >= self._next_heartbeat:
-                self._next_heartbeat = now + HEARTBEAT_INTERVAL
+                self._next_heartbeat = now + BROKER_PROBE_INTERVAL
                 self.housekeeping(now)
 
     def handle(self, frames: list[bytes]) -> None:
@@ -347,7 +326,7 @@ class Router:
             log.info("%s up: %s (%d %ss live)", "worker" if role == wire.ROLE_WORKER else "edge",
                      sender.decode(errors="replace"), len(registry),
                      "worker" if role == wire.ROLE_WORKER else "edge")
-            self._send(sender, [wire.HEARTBEAT, self.instance])
+            self._send(sender, wire.broker_heartbeat(self.instance))
         if now - peer.last_seen >= CUT_SILENCE:
             peer.resumed = now
         peer.last_seen = now
@@ -419,7 +398,7 @@ class Router:
         if self.waiting:
             self._expire_waiting(now)
         unreachable = []
-        probe = wire.pack([wire.HEARTBEAT, self.instance])
+        probe = wire.pack(wire.broker_heartbeat(self.instance))
         for registry in (self.workers, self.edges):
             for peer in list(registry.values()):
                 if now - peer.last_seen > self.peer_timeout:

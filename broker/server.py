@@ -12,7 +12,8 @@ from broker.busmonitor import BusMonitor
 from broker.fanout import Fanout
 from bus.logsetup import announce_ready, setup_logging
 from bus.loopsock import tune_link
-from broker.router import PEER_LIVENESS, Router
+from bus.timing import BROKER_LINK_MARGIN_MS, PEER_LIVENESS
+from broker.router import Router
 
 log = logging.getLogger("broker")
 
@@ -44,7 +45,7 @@ def bind_bus(ctx: zmq.Context, base: str, keys: curve.ServerKeys | None = None,
                 # A silent connection is kept as long as the router keeps its peer: a cut link
                 # must not look like a dead peer.  Peers notice a cut within 2 s and reconnect
                 # on their own (a ROUTER id is taken over: ROUTER_HANDOVER, broker/router.py).
-                tune_link(sock, int(peer_timeout * 1000) + 1000)
+                tune_link(sock, int(peer_timeout * 1000) + BROKER_LINK_MARGIN_MS)
                 curve.secure_server(sock, keys)
                 sock.bind(f"{host}:{port + offset}")
         except zmq.ZMQError as exc:

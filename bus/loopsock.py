@@ -6,8 +6,9 @@ future per recv; here the socket's file descriptor is watched with
 NOBLOCK until EAGAIN, calling a plain function per message.
 
 libzmq's descriptor is edge-triggered: it signals when the socket's state
-changes, and a send can consume that signal.  So after every send (and after
-each batch) we look at ``EVENTS`` again instead of trusting the descriptor.
+changes, and a send (or a subscription, which is a send) can consume that
+signal.  So after every send, every (un)subscription and each batch we look at
+``EVENTS`` again instead of trusting the descriptor.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from typing import Callable
 
 import zmq
 
-from bus import curve, wire
+from bus import wire
+from bus.timing import (LINK_CONNECT_TIMEOUT_MS, LINK_HANDSHAKE_MS, LINK_HEARTBEAT_MS,
+                        LINK_RECONNECT_MAX_MS, LINK_RECONNECT_MIN_MS, LINK_TIMEOUT_MS)
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,12 @@ class LoopSocket:
             self._schedule()
         return True
 
+    def set_option(self, option: int, value: int | bytes) -> None:
+        """setsockopt, then look at EVENTS again: (un)subscribing sends on the socket's pipe,
+        and like a send it may consume the descriptor's edge."""
+        self.sock.setsockopt(option, value)
+        self._schedule()
+
     def _refuse_oversized(self, frames: list[bytes], size: int) -> None:
         self.oversized += 1
         if self.oversized <= 20 or self.oversized % 1000 == 0:
@@ -132,7 +141,9 @@ class LoopSocket:
                         "(--max-bus-message); %d refused so far", self.name, frames[0][:40], size,
                         self._max_size, self.oversized)
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """Stop reading and close the socket; what is still queued may leave for ``linger_ms``
+        (while the context lives)."""
         if self._closed:
             return
         self._closed = True
@@ -141,7 +152,7 @@ class LoopSocket:
                 self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
             except Exception:
                 pass
-        self.sock.close(linger=0)
+        self.sock.close(linger=linger_ms)
 
 
 def run_loop(main_coro) -> object:
@@ -153,23 +164,11 @@ def run_loop(main_coro) -> object:
     return uvloop.run(main_coro)
 
 
-# Links between machines.  Without these a cut link is noticed only when TCP gives up (minutes)
-# and a healed one is used again only at the kernel's next doubling retransmission.  ZeroMQ's own
-# PING/PONG (ZMTP 3.1, answered by libzmq's I/O thread, so a busy event loop does not count as
-# a dead link) notices a stalled connection; the connecting side then drops it and reconnects
-# at once, and keeps retrying every RECONNECT_IVL..RECONNECT_IVL_MAX while the link is down.
-LINK_HEARTBEAT_MS = 500         # PING when nothing else was sent for this long
-LINK_TIMEOUT_MS = 2000          # no traffic at all for this long: the connection is dead
-RECONNECT_IVL_MS = 100
-RECONNECT_IVL_MAX_MS = 500
-CONNECT_TIMEOUT_MS = 500        # a SYN lost in a cut is retried after 0.5 s, not after the kernel's backoff
-HANDSHAKE_MS = 3000             # a connection accepted but never greeted (half-healed link) is dropped
-
-
 def tune_link(sock: zmq.Socket, timeout_ms: int = LINK_TIMEOUT_MS) -> None:
     """Heartbeats, TCP keepalive and TCP_USER_TIMEOUT (ZMQ_TCP_MAXRT) on one bus socket, so a
     connection that carries nothing for ``timeout_ms`` is closed (and, on the connecting side,
-    reconnected every 0.1..1 s until the link is back).  Set before bind/connect."""
+    reconnected every 0.1..0.5 s until the link is back).  Set before bind/connect.
+    The values are bus/timing.py's LINK_*."""
     sock.setsockopt(zmq.HEARTBEAT_IVL, LINK_HEARTBEAT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
     sock.setsockopt(zmq.TCP_MAXRT, timeout_ms)
@@ -178,31 +177,7 @@ def tune_link(sock: zmq.Socket, timeout_ms: int = LINK_TIMEOUT_MS) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, timeout_ms // 2000))
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 2)
-    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-    sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
-
-
-def connect_peer(ctx: zmq.Context, bus: str, routing_id: bytes, hwm: int,
-                 pub_nodrop: bool = False) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket]:
-    """An edge's or worker's three bus sockets, connected: DEALER (routing), PUB (publish-in),
-    SUB (subscribe-out), with the process's CURVE keys if it has any and the bus message limit
-    (``set_max_message``).  ``pub_nodrop`` makes a full PUB queue a failed, counted send
-    instead of a silent drop."""
-    router_ep, publish_ep, subscribe_ep = wire.bus_endpoints(bus)
-    dealer, pub, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
-    dealer.setsockopt(zmq.ROUTING_ID, routing_id)
-    for sock in (dealer, pub, sub):
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, hwm)
-        sock.setsockopt(zmq.RCVHWM, hwm)
-        sock.setsockopt(zmq.MAXMSGSIZE, _max_message)
-        tune_link(sock)
-        curve.secure_client(sock)
-    if pub_nodrop:
-        pub.setsockopt(zmq.XPUB_NODROP, 1)
-    dealer.connect(router_ep)
-    pub.connect(publish_ep)
-    sub.connect(subscribe_ep)
-    return dealer, pub, sub
+    sock.setsockopt(zmq.RECONNECT_IVL, LINK_RECONNECT_MIN_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, LINK_RECONNECT_MAX_MS)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, LINK_CONNECT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, LINK_HANDSHAKE_MS)

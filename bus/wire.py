@@ -398,6 +398,16 @@ def broker_heartbeat(instance: bytes) -> list[bytes]:
     return [HEARTBEAT, instance]
 
 
+def parse_broker_heartbeat(frames: list[bytes]) -> bytes:
+    """The broker instance named in a broker heartbeat as delivered (``b""`` if it names
+    none); BusFrameError if the heartbeat does not have its two frames."""
+    if frames[:1] != [HEARTBEAT]:
+        raise BusFrameError(f"not a heartbeat: kind {frames[0][:8] if frames else None!r}")
+    if len(frames) != 2:
+        raise BusFrameError(f"broker heartbeat needs 2 frames, got {len(frames)}")
+    return frames[1]
+
+
 def bye(role: bytes) -> list[bytes]:
     return [BYE, role]
 

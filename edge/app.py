@@ -14,12 +14,13 @@ from tornado.netutil import bind_sockets
 
 from bus.logsetup import announce_ready, setup_logging
 from bus.loopsock import run_loop
+from bus.timing import BUS_LOSS_TIMEOUT
 from edge.accept import Acceptor
 from edge.admission import Admission, Refusals, raise_nofile_limit
 from edge.drain import drain, wait_closed
 from edge.forwarded import TrustedProxies
 from edge.httplimits import REFUSAL_KINDS, EdgeHTTPServer, HttpLimits, longpoll_body_limit
-from edge.hub import BUS_LOSS_TIMEOUT, EdgeHub, Limits
+from edge.hub import EdgeHub, Limits
 from edge.longpoll import LongPollHandler
 from edge.metrics import MetricsHandler, make_registry
 from edge.origin import OriginCheck

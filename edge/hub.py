@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import orjson
 
 from bus import wire
+from bus.timing import BUS_LOSS_DRAIN, BUS_LOSS_TIMEOUT, OUTAGE_REPLY_AFTER, SYNC_ANSWER_TIMEOUT
 from edge.bus import EdgeBus
 from edge.connection import EMPTY, JOINED, ChannelRef, Connection, ref_bytes, ref_of
 from edge.drain import drain
@@ -33,28 +34,6 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 CLOSE_GOING_AWAY = 1001
 LOST_IN_OUTAGE = b'{"reason":"lost in a bus outage"}'
-# Clients of an edge cut off from the bus would only see their pushes stall (the edge answers
-# their heartbeats itself): after this long without the broker they are closed with 1012, over
-# BUS_LOSS_DRAIN seconds, and reconnect through the load balancer to an edge that has the bus.
-# Longer than a plain broker restart (~1-2 s of silence), which must cost no channel.
-BUS_LOSS_TIMEOUT = 5.0
-BUS_LOSS_DRAIN = 2.0
-# After a broker restart (or a silence) the edge lists its channels to every worker it has had
-# channels on, and a live worker answers at once with its own list.  One holding channels of
-# ours that has said nothing this long after is taken for dead (it died while the broker was
-# down, so the new broker never heard of it and would report it only when its 3 s warm-up
-# ends): its channels get phx_error and phoenix.js rejoins them on a live worker.  A live
-# worker answers within about half a second of our own reconnection: workers and edges lost the
-# broker together and retry every 0.1-0.5 s (+ libzmq's jitter), the broker holds our EDGE_SYNC
-# until the worker's first message (its queued heartbeat, sent as its connection comes up) and
-# the worker answers from its loop.  The rest is for a loaded loop: 1.5 s is also how long the
-# broker's placement trusts a silent worker (three missed heartbeats).
-SYNC_ANSWER_TIMEOUT = 1.5
-# A push that was in flight when the bus went down may have died with the broker or the link.
-# One still unanswered this long after the bus is back gets an error reply, so the client hears
-# of it before phoenix.js's own 10 s timeout: a worker answers a healthy push in milliseconds,
-# and a reply delayed by the outage itself comes within a second of the reconnection.
-OUTAGE_REPLY_AFTER = 4.0
 
 
 @dataclass

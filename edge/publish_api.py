@@ -27,7 +27,7 @@ import orjson
 from tornado import web
 
 from bus import broadcasts, wire
-from edge.bus import BROKER_SILENCE_WARNING
+from bus.timing import BROKER_SILENCE_LIMIT
 
 log = logging.getLogger("edge")
 
@@ -123,7 +123,7 @@ class BroadcastHandler(web.RequestHandler):
         bus = self.hub.bus
         if bus.broker_silent:
             return self._answer(503, {"error": f"bus unreachable: no word from the broker for more "
-                                               f"than {BROKER_SILENCE_WARNING:g} s; nothing was "
+                                               f"than {BROKER_SILENCE_LIMIT:g} s; nothing was "
                                                f"published", "accepted": 0})
         for n, frames in enumerate(batch):
             if not bus.pub.send(frames):

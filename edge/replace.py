@@ -19,6 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from bus.timing import PLACEMENT_RETRY
 from edge.connection import JOINED
 from edge.ratelimit import TokenBucket
 
@@ -28,11 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A healthy worker answers in milliseconds (a few hundred under load).  By this time the broker
-# has stopped placing on a worker that went silent when it took the first copy (PLACE_FRESH,
-# 1.2 s, plus 0.5 s for the worker's last words and the broker's loop), so the copy goes to
-# another one.  Each request is sent again once at most.
-PLACEMENT_RETRY = 1.7
 # Copies sent a second by one edge, at most (burst RETRY_BURST): when every worker is slow
 # (overload, not one blocked loop) copies would only double the work.
 RETRY_RATE = 100.0

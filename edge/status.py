@@ -28,6 +28,7 @@ import orjson
 from tornado import web
 
 from bus import wire
+from bus.timing import STATUS_SNAPSHOT_INTERVAL
 
 if TYPE_CHECKING:
     from edge.hub import EdgeHub
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATUS_TOPIC = wire.STATUS_TOPIC   # reserved; joined through workers/status.py
-INTERVAL = 1.0
 TOP_TOPICS = 10
 WORKER_DOWNS_KEPT = 20              # the most recent ones, ...
 WORKER_DOWNS_MAX_AGE = 600.0        # ... heard of in the last 10 minutes
@@ -112,7 +112,7 @@ class EdgeStatus:
                 self.hub.bus.publish(STATUS_TOPIC, "edge", orjson.dumps(self.snapshot()), wire.JSON)
             except Exception:   # the status page must never take the edge down
                 log.exception("edge %s: status snapshot failed", self.hub.edge_id.decode())
-            await asyncio.sleep(INTERVAL)
+            await asyncio.sleep(STATUS_SNAPSHOT_INTERVAL)
 
     def close(self) -> None:
         self._task.cancel()

@@ -10,6 +10,7 @@ import uuid
 import orjson
 import pytest
 
+from bus.timing import PRESENCE_ANNOUNCE_INTERVAL, PRESENCE_OWNER_TIMEOUT
 from tests.conftest import wait_until
 from workers import presence
 from workers.presence import Tracker, new_ref
@@ -373,11 +374,11 @@ def test_broker_restart_shows_no_spurious_leaves_or_joins_and_state_converges(cl
     # Down for longer than the owner timeout: no worker may take the silence for a death.
     # A client that disconnects meanwhile leaves once the broker is back.
     gone = clients.pop()
-    cluster.restart_broker(down_s=presence.OWNER_TIMEOUT + 1.0, while_down=gone.disconnect)
+    cluster.restart_broker(down_s=PRESENCE_OWNER_TIMEOUT + 1.0, while_down=gone.disconnect)
     names.discard(gone.name)
     wait_until(lambda: clients[0].push("p", "ping", {}, timeout_ms=1000)["status"] == "ok",
                timeout=20, interval=0.2)
-    time.sleep(presence.OWNER_TIMEOUT + 2 * presence.HEARTBEAT)
+    time.sleep(PRESENCE_OWNER_TIMEOUT + 2 * PRESENCE_ANNOUNCE_INTERVAL)
     for c, mark in zip(clients, marks):
         diffs = [e["payload"] for e in c.messages("p", "presence_diff", since=mark)]
         changed = [d for d in diffs if set(d["joins"]) | set(d["leaves"]) != {gone.name}]

@@ -11,7 +11,7 @@ one place, apart from sockets and process life:
 * join, handle_in/out/info, leave and terminate follow Phoenix: a crash ends that
   channel only, ``stop`` calls terminate, an exit signal does not;
 * the SUB socket subscribes to a topic only while some local channel intercepts it
-  (refcounted here, so the proxy sends this process nothing else).
+  (counted by the worker's BusPeer, so the proxy sends this process nothing else).
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from collections import deque
 from typing import Any, Callable
 
 import orjson
-import zmq
 
 from bus import wire
 from bus.loopsock import LoopSocket
+from bus.peer import BusPeer
 from workers import metrics
 from workers.api import BadReturn, Channel, Error, NoReply, Reply, Stop, Timer, check_result
 
@@ -102,14 +102,12 @@ class ChannelHost:
     """The table of live channels of a worker, and the calls ``workers.api`` makes on it.
 
     The base class of ``workers.runner.Worker``, which supplies the event loop and
-    the bus sockets declared below; ``ChannelProc.worker`` is that Worker.
+    the bus peer declared below; ``ChannelProc.worker`` is that Worker.
     """
     loop: asyncio.AbstractEventLoop
     slot: int
-    dealer: LoopSocket      # to the broker: replies, pushes, channel closes
-    pub: LoopSocket         # into the broadcast proxy
-    sub: LoopSocket         # intercepted broadcasts in ...
-    sub_sock: zmq.Socket    # ... and the zmq socket under it, for (un)subscribing
+    bus: BusPeer            # subscriptions (intercepts) and broadcasts
+    dealer: LoopSocket      # bus.dealer, to the broker: replies, pushes, channel closes
     presence: Any = None    # workers.presence.Tracker: entries end with their channel
 
     def __init__(self) -> None:
@@ -300,21 +298,20 @@ class ChannelHost:
         procs = self.intercepts.get(key)
         if procs is None:
             procs = self.intercepts[key] = set()
-            self.sub_sock.setsockopt(zmq.SUBSCRIBE, key)
-            self.sub._schedule()   # setsockopt may consume the edge-triggered FD signal
-        procs.add(proc)
+        if proc not in procs:
+            procs.add(proc)
+            self.bus.subscribe(key)
         proc.subscribed = True
 
     def unsubscribe(self, proc: ChannelProc) -> None:
         proc.subscribed = False
         key = wire.topic_key(proc.topic)
         procs = self.intercepts.get(key)
-        if procs is not None:
-            procs.discard(proc)
+        if procs is not None and proc in procs:
+            procs.remove(proc)
+            self.bus.unsubscribe(key)
             if not procs:
                 del self.intercepts[key]
-                self.sub_sock.setsockopt(zmq.UNSUBSCRIBE, key)
-                self.sub._schedule()
 
     # --- mailbox ----------------------------------------------------------------------
 
@@ -372,7 +369,7 @@ class ChannelHost:
                           event.encode(), data, fmt])
 
     def publish(self, topic: str, event: str, data: bytes, fmt: bytes, origin: bytes) -> None:
-        self.pub.send(wire.broadcast_frames(topic, event, data, fmt, origin))
+        self.bus.publish(topic, event, data, fmt, origin)
 
     def post_info(self, proc: ChannelProc, msg: Any) -> None:
         self.post(proc, self.step_info, msg)

@@ -25,10 +25,10 @@ Design (docs/architecture.md, "Presence"): each worker OWNS the entries of its o
 Owners replicate on the one internal bus topic ``zchannels:presence`` (every worker
 subscribes to it, so every worker holds a full replica and ``presence_list`` is complete
 anywhere): ``delta`` messages carry each flushed change, ``state`` messages the owner's full
-state every ``HEARTBEAT`` seconds (a replica adopts it wholesale, so missed deltas and late
-starters converge).  A replica drops an owner at once when the broker reports it dead
-(WORKER_DOWN), and otherwise when it was silent for ``OWNER_TIMEOUT`` seconds, unless
-its own heartbeats stopped coming back too (the bus is down: nobody is dropped).  Client
+state every PRESENCE_ANNOUNCE_INTERVAL (bus/timing.py; a replica adopts it wholesale, so
+missed deltas and late starters converge).  A replica drops an owner at once when the broker
+reports it dead (WORKER_DOWN), and otherwise when it was silent for PRESENCE_OWNER_TIMEOUT,
+unless its own heartbeats stopped coming back too (the bus is down: nobody is dropped).  Client
 diffs come from the owner only; for a dead owner, the lowest live id that replicated it sends
 the leave diff (and a join diff if that owner comes back after a bus outage).
 """
@@ -45,13 +45,12 @@ from typing import Any, TypeAlias, TypedDict
 import orjson
 
 from bus import wire
+from bus.timing import PRESENCE_ANNOUNCE_INTERVAL, PRESENCE_OWNER_TIMEOUT
 from workers.payload import JSONObject
 
 PRESENCE_TOPIC = "zchannels:presence"
 PRESENCE_KEY = wire.topic_key(PRESENCE_TOPIC)
 DIFF_WINDOW = 0.05      # seconds: changes on one topic within it go out as one presence_diff
-HEARTBEAT = 1.0         # seconds between full-state announcements of an owner
-OWNER_TIMEOUT = 2.5     # seconds of silence after which an owner's entries are dropped
 
 _counter = itertools.count()
 _tracker: "Tracker | None" = None   # this worker process's tracker (set by workers/runner.py)
@@ -288,17 +287,17 @@ class Tracker:
     def _bus_heard(self, echoed: dict[str, Presences]) -> None:
         """Our own state came back through the bus (``echoed``: our entries when we sent it;
         our deltas sent after it come back after it).  After a silence (a broker restart),
-        every other owner gets a full OWNER_TIMEOUT from now to be heard again, rather than
-        being dropped for the outage, and our client diffs that the outage may have swallowed
+        every other owner gets a full PRESENCE_OWNER_TIMEOUT from now to be heard again, rather
+        than being dropped for the outage, and our client diffs that the outage may have swallowed
         are sent again: the difference between our entries now and those the bus last
         confirmed (phoenix.js applies a diff it already had without change)."""
         now = self.clock()
-        if now - self.self_heard > 2 * HEARTBEAT:
+        if now - self.self_heard > 2 * PRESENCE_ANNOUNCE_INTERVAL:
             for owner in self.heard:
                 self.heard[owner] = now
             # A heartbeat later, when the edges have resubscribed too.
             confirmed = self.confirmed
-            self.call_later(HEARTBEAT, lambda: self._resend_since(confirmed))
+            self.call_later(PRESENCE_ANNOUNCE_INTERVAL, lambda: self._resend_since(confirmed))
         self.self_heard = now
         self.confirmed = echoed
 
@@ -319,10 +318,10 @@ class Tracker:
         return self.me <= min((o for o in self.heard if owner in self.knows.get(o, ())), default=self.me)
 
     def expire(self) -> builtins.list[str]:
-        """Drop owners silent for OWNER_TIMEOUT while the bus was up.  Silence is counted up to
-        the last time our own state came back, not up to now: when the bus goes down, no owner
+        """Drop owners silent for PRESENCE_OWNER_TIMEOUT while the bus was up.  Silence is counted
+        up to the last time our own state came back, not up to now: when the bus goes down, no owner
         comes closer to the timeout, whichever of us announced last before it went."""
-        dead = [o for o, t in self.heard.items() if self.self_heard - t > OWNER_TIMEOUT]
+        dead = [o for o, t in self.heard.items() if self.self_heard - t > PRESENCE_OWNER_TIMEOUT]
         for owner in dead:
             self.owner_down(owner)
         return dead

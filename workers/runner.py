@@ -1,12 +1,12 @@
-"""One worker process: the bus sockets, and the user's channels driven by bus frames.
+"""One worker process: its place on the bus, and the user's channels driven by bus frames.
 
-The supervisor forks a child and calls ``run_worker``.  The worker holds a DEALER to
-the broker's ROUTER (connects, joins, client pushes in; replies and pushes out), a PUB
-into the broadcast proxy and a SUB that receives only the topics some local channel
-intercepts.  This module decodes every bus frame and hands each channel message to
-workers/channels.py, which runs the channel's serial mailbox.  Connects, which belong
-to no channel, run here.  Heartbeats leave from this event loop, so a stuck loop stops
-them and the broker and supervisor notice.
+The supervisor forks a child and calls ``run_worker``.  The worker is a BusPeer (bus/peer.py):
+a DEALER to the broker's ROUTER (connects, joins, client pushes in; replies and pushes out), a
+PUB into the broadcast proxy and a SUB that receives only the topics some local channel
+intercepts, with heartbeats leaving from this event loop (so a stuck loop stops them and the
+broker and supervisor notice).  This module decodes every bus frame and hands each channel
+message to workers/channels.py, which runs the channel's serial mailbox.  Connects, which
+belong to no channel, run here.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from typing import Callable
 
 import orjson
@@ -26,7 +25,8 @@ import zmq
 
 from bus import curve, wire
 from bus.logsetup import announce_ready, setup_logging
-from bus.loopsock import LoopSocket, connect_peer
+from bus.peer import BusPeer, PeerSockets, connect_peer
+from bus.timing import PRESENCE_ANNOUNCE_INTERVAL, WORKER_RESYNC_DELAY
 from workers import api, metrics, presence
 from workers.api import Channel, Error, SocketState
 from workers.channels import _EMPTY_JSON, _ERROR, _OK, ChannelHost, ChannelProc, _maybe_await
@@ -36,51 +36,42 @@ from workers.routes import SYSTEM_PREFIX
 from workers.status import publish_forever as publish_status, system_route
 
 
-HEARTBEAT_INTERVAL = 0.5     # seconds
-# Seconds without any frame from the broker (it probes every 0.25 s) before we say so, and after
-# which the link may have been cut and messages lost: once it answers again, channels are
-# settled with the edges as after a broker restart (sync_edges).  The bus sockets drop a
-# connection after 2 s of silence (bus/loopsock.py), so this catches every reconnect.
-BROKER_SILENT_WARNING = 2.0
 SHUTDOWN_GRACE = 2.0         # seconds for terminate() callbacks when the worker stops
 CLOSE_LINGER_MS = 500        # lets BYE and last broadcasts leave on a graceful stop
 HWM = 100_000
-RESYNC_DELAY = 1.0           # seconds after seeing a new broker before settling channels with edges
 
 log = logging.getLogger("zchannels.worker")
 
 
 class Worker(ChannelHost):
-    """One worker process on the bus: frames in, connects, heartbeats and shutdown."""
+    """One worker process on the bus: frames in, connects, liveness and shutdown."""
 
-    def __init__(self, app: api.Socket, dealer: zmq.Socket, pub: zmq.Socket, sub: zmq.Socket,
-                 slot: int, peer_id: bytes, alive: Callable[[], None]):
+    def __init__(self, app: api.Socket, sockets: PeerSockets, slot: int, peer_id: bytes,
+                 alive: Callable[[], None]):
         self.app, self.slot, self.peer_id, self.alive = app, slot, peer_id, alive
         self.loop = asyncio.get_running_loop()
-        self.dealer = LoopSocket(dealer, self.on_dealer, self.loop, name="worker dealer")
-        self.pub = LoopSocket(pub, None, self.loop, name="worker pub")
-        self.sub_sock = sub
-        self.sub = LoopSocket(sub, self.on_sub, self.loop, name="worker sub")
+        self.stopping = asyncio.Event()
+        self.bus = BusPeer(sockets, wire.ROLE_WORKER, on_direct=self.on_dealer,
+                           on_broadcast=self.on_sub, load=lambda: len(self.channels),
+                           on_bus_state=self.on_bus_state, on_registered=self.on_registered,
+                           on_beat=self.on_beat, on_bad_frame=self.bad_frame,
+                           name=f"worker {slot}", logger=log, loop=self.loop)
+        self.dealer, self.pub, self.sub = self.bus.dealer, self.bus.pub, self.bus.sub
         super().__init__()   # the channel table, intercepts and tasks (workers/channels.py)
         self.presence = presence.Tracker(
             peer_id, lambda topic, event, data: self.publish(topic, event, data, wire.JSON, b""),
             self.loop.call_later)
         self.presence.catch_up = self.sub.drain
-        sub.setsockopt(zmq.SUBSCRIBE, presence.PRESENCE_KEY)   # every owner's replication
-        self.sub._schedule()   # setsockopt may consume the edge-triggered FD signal
-        self.stopping = asyncio.Event()
+        self.bus.subscribe(presence.PRESENCE_KEY)   # every owner's replication
         self.ready = False
         self.bad_frames = 0
-        self.last_broker = time.monotonic()
-        self.broker_silent = False
-        self.broker_instance = b""
+        self.alive_failed = False
         self.sync_scheduled = False
         self.ppid = os.getppid()
         self.handlers = {
             wire.CONNECT: self.on_connect, wire.JOIN: self.on_join, wire.IN: self.on_in,
             wire.LEAVE: self.on_leave, wire.TERMINATE: self.on_terminate,
-            wire.HEARTBEAT: self.on_heartbeat, wire.EDGE_DOWN: self.on_edge_down,
-            wire.WORKER_DOWN: self.on_worker_down,
+            wire.EDGE_DOWN: self.on_edge_down, wire.WORKER_DOWN: self.on_worker_down,
             wire.UNROUTABLE: self.on_unroutable, wire.EVICTED: self.on_evicted,
             wire.EDGE_SYNC: self.on_edge_sync,
         }
@@ -88,10 +79,7 @@ class Worker(ChannelHost):
     # --- bus input --------------------------------------------------------------------
 
     def on_dealer(self, frames: list[bytes]) -> None:
-        now = time.monotonic()
-        if now - self.last_broker > BROKER_SILENT_WARNING:
-            self.schedule_sync()   # the link may have been remade, and messages lost
-        self.last_broker = now
+        """A frame from the broker (its heartbeats stay with self.bus)."""
         kind = frames[0]
         handler = self.handlers.get(kind)
         try:
@@ -128,18 +116,17 @@ class Worker(ChannelHost):
             what = source or f"{frames[0][:8]!r} frame from peer {frames[1][:60] if len(frames) > 1 else b'?'!r}"
             log.warning("worker %s: dropped a bad %s (%d so far): %s", self.slot, what, self.bad_frames, exc)
 
-    def on_heartbeat(self, frames: list[bytes]) -> None:
-        instance = frames[1]
-        if self.broker_instance and instance and instance != self.broker_instance:
+    def on_registered(self) -> None:
+        """The broker's first heartbeat: it knows this worker, which is ready."""
+        self.ready = True
+        announce_ready(worker=self.slot, pid=os.getpid(), id=self.peer_id.decode())
+        log.info("worker ready: slot %s pid %s id %s", self.slot, os.getpid(), self.peer_id.decode())
+
+    def on_bus_state(self, up: bool) -> None:
+        """Back on the bus after a silence or with a new broker: the link may have been remade,
+        or the broker restarted, and messages lost."""
+        if up:
             self.schedule_sync()
-        self.broker_instance = instance or self.broker_instance
-        if self.broker_silent:
-            self.broker_silent = False
-            log.info("worker %s: broker answering again", self.slot)
-        if not self.ready:
-            self.ready = True
-            announce_ready(worker=self.slot, pid=os.getpid(), id=self.peer_id.decode())
-            log.info("worker ready: slot %s pid %s id %s", self.slot, os.getpid(), self.peer_id.decode())
 
     def schedule_sync(self) -> None:
         """Settle channels with the edges (sync_edges) after a broker restart or a silence, once
@@ -147,7 +134,7 @@ class Worker(ChannelHost):
         callbacks, presence leaves) may broadcast."""
         if not self.sync_scheduled:
             self.sync_scheduled = True
-            self.loop.call_later(RESYNC_DELAY, self._sync)
+            self.loop.call_later(WORKER_RESYNC_DELAY, self._sync)
 
     def _sync(self) -> None:
         self.sync_scheduled = False
@@ -315,34 +302,25 @@ class Worker(ChannelHost):
 
     # --- process life -----------------------------------------------------------------
 
-    async def heartbeat(self) -> None:
-        load_frames = [wire.HEARTBEAT, wire.ROLE_WORKER]
-        alive_failed = False
-        while not self.stopping.is_set():
-            self.dealer.send(load_frames + [str(len(self.channels)).encode()])
-            metrics.recorder.channels(len(self.channels))
-            try:
-                self.alive()
-            except Exception:
-                if not alive_failed:
-                    log.exception("worker %s: the supervisor's liveness callback failed", self.slot)
-                alive_failed = True
-            if os.getppid() != self.ppid:
-                log.warning("worker %s: parent process gone; stopping", self.slot)
-                self.stopping.set()
-            silent = time.monotonic() - self.last_broker
-            if silent > BROKER_SILENT_WARNING and not self.broker_silent:
-                self.broker_silent = True
-                log.warning("worker %s: no answer from the broker for %.0f s; still trying%s",
-                            self.slot, silent, curve.silent_broker_hint())
-            try:
-                await asyncio.wait_for(self.stopping.wait(), HEARTBEAT_INTERVAL)
-            except asyncio.TimeoutError:
-                pass
+    def on_beat(self) -> None:
+        """With each heartbeat to the broker: the supervisor's liveness file, metrics, and
+        whether the supervisor is still there."""
+        if self.stopping.is_set():
+            return
+        metrics.recorder.channels(len(self.channels))
+        try:
+            self.alive()
+        except Exception:
+            if not self.alive_failed:
+                log.exception("worker %s: the supervisor's liveness callback failed", self.slot)
+            self.alive_failed = True
+        if os.getppid() != self.ppid:
+            log.warning("worker %s: parent process gone; stopping", self.slot)
+            self.stopping.set()
 
     async def shutdown(self) -> None:
         """BYE to the broker, then terminate("shutdown") for every channel, bounded in time."""
-        self.dealer.send([wire.BYE, wire.ROLE_WORKER])
+        self.bus.bye()
         procs = list(self.channels.values())
         for proc in procs:
             self.kill(proc)
@@ -361,28 +339,27 @@ class Worker(ChannelHost):
         log.info("worker %s stopped, %d channel(s) closed", self.slot, len(procs))
 
 
-async def _serve(app: api.Socket, socks: tuple, slot: int, peer_id: bytes,
+async def _serve(app: api.Socket, sockets: PeerSockets, slot: int, peer_id: bytes,
                  alive: Callable[[], None]) -> None:
-    worker = Worker(app, *socks, slot=slot, peer_id=peer_id, alive=alive)
+    worker = Worker(app, sockets, slot=slot, peer_id=peer_id, alive=alive)
     api._runtime, presence._tracker = worker, worker.presence
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
-    beat = loop.create_task(worker.heartbeat())
     status = loop.create_task(publish_status(worker))   # zchannels:status snapshots
     replicate = loop.create_task(presence_forever(worker))
     try:
         await worker.stopping.wait()
         await worker.shutdown()
     finally:
-        beat.cancel()
+        worker.bus.bye()   # a no-op after a clean shutdown; stops the heartbeats in any case
         status.cancel()
         replicate.cancel()
         api._runtime = presence._tracker = None
 
 
 async def presence_forever(worker: Worker) -> None:
-    """Full presence state every HEARTBEAT seconds; silent owners dropped twice as often."""
+    """Full presence state every PRESENCE_ANNOUNCE_INTERVAL; silent owners dropped twice as often."""
     tick = 0
     while not worker.stopping.is_set():
         try:
@@ -393,7 +370,7 @@ async def presence_forever(worker: Worker) -> None:
             log.exception("worker %s: presence replication failed", worker.slot)
         tick += 1
         try:
-            await asyncio.wait_for(worker.stopping.wait(), presence.HEARTBEAT / 2)
+            await asyncio.wait_for(worker.stopping.wait(), PRESENCE_ANNOUNCE_INTERVAL / 2)
         except asyncio.TimeoutError:
             pass
 
@@ -419,7 +396,7 @@ def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callab
     peer_id = wire.new_peer_id(wire.ROLE_WORKER, f"w{slot}")
     ctx = zmq.Context()
     try:
-        dealer, pub, sub = connect_peer(ctx, bus, peer_id, HWM)
+        sockets = connect_peer(ctx, bus, peer_id, HWM)
     except zmq.ZMQError as exc:   # libzmq refused the address itself: no retry can help
         ctx.destroy(linger=0)
         raise ConfigError(f"cannot connect to --bus {bus!r}: {exc}") from None
@@ -428,11 +405,11 @@ def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callab
         try:
             import uvloop
         except ImportError:
-            asyncio.run(_serve(app, (dealer, pub, sub), slot, peer_id, alive))
+            asyncio.run(_serve(app, sockets, slot, peer_id, alive))
         else:
-            uvloop.run(_serve(app, (dealer, pub, sub), slot, peer_id, alive))
+            uvloop.run(_serve(app, sockets, slot, peer_id, alive))
     finally:
-        for sock in (dealer, pub, sub):
+        for sock in sockets:
             sock.close(linger=CLOSE_LINGER_MS)
         ctx.term()
     return 0

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from bus import wire
+from bus.timing import STATUS_SNAPSHOT_INTERVAL
 from workers.api import Channel, error, ok
 from workers.routes import Route
 
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from workers.runner import Worker
 
 STATUS_TOPIC = wire.STATUS_TOPIC
-INTERVAL = 1.0   # seconds between snapshots; the page drops a process silent for 5 s
 
 log = logging.getLogger("zchannels.worker")
 
@@ -43,7 +43,7 @@ class StatusChannel(Channel):
     def join(self, topic, payload, socket):
         if topic != STATUS_TOPIC:
             return error({"reason": "unmatched topic"})
-        return ok({"interval": INTERVAL})
+        return ok({"interval": STATUS_SNAPSHOT_INTERVAL})
 
 
 _STATUS_ROUTE = Route(STATUS_TOPIC, StatusChannel)
@@ -73,6 +73,6 @@ async def publish_forever(worker: "Worker") -> None:
         except Exception:   # never let the status page take a worker down
             log.exception("worker %s: status snapshot failed", worker.slot)
         try:
-            await asyncio.wait_for(worker.stopping.wait(), INTERVAL)
+            await asyncio.wait_for(worker.stopping.wait(), STATUS_SNAPSHOT_INTERVAL)
         except asyncio.TimeoutError:
             pass

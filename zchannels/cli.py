@@ -164,12 +164,14 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
                         "1012, LongPoll sessions ended) in batches every 0.5 s spread over this "
                         "long, so clients come back through the load balancer a few at a time; "
                         "0 = all at once; a second SIGTERM closes the rest at once (default: %(default)s)")
-    p.add_argument("--bus-loss-timeout", type=float, default=5.0, metavar="SECONDS",
+    from bus import timing
+    p.add_argument("--bus-loss-timeout", type=float, default=timing.BUS_LOSS_TIMEOUT, metavar="SECONDS",
                    help="after this long without the broker, close every client (1012, LongPoll "
-                        "sessions ended, within 2 s) so it reconnects through the load balancer "
-                        "to an edge that has the bus; new connections get 503 as soon as the "
-                        "broker is silent for 2 s; 0 = keep clients, better without other edges "
-                        "to go to (default: %(default)s)")
+                        f"sessions ended, within {timing.BUS_LOSS_DRAIN:g} s) so it reconnects "
+                        "through the load balancer to an edge that has the bus; new connections "
+                        "get 503 as soon as the broker is silent for "
+                        f"{timing.BROKER_SILENCE_LIMIT:g} s; 0 = keep clients, better without "
+                        "other edges to go to (default: %(default)s)")
     p.add_argument("--no-websocket", action="store_true",
                    help="do not serve /socket/websocket (LongPoll only)")
     p.add_argument("--no-longpoll", action="store_true", help="do not serve /socket/longpoll")
@@ -298,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("broker", help="run the central ZeroMQ broker")
     _add_bus(p, curve="server")
-    p.add_argument("--peer-timeout", type=float, default=15.0, metavar="SECONDS",
+    from bus.timing import PEER_LIVENESS
+    p.add_argument("--peer-timeout", type=float, default=PEER_LIVENESS, metavar="SECONDS",
                    help="declare a still-connected edge or worker dead after this long without "
                         "a heartbeat (a closed connection is noticed at once); longer than the "
                         "link cuts to ride out (default: %(default)s)")
