@@ -101,7 +101,6 @@ EDGE_TO_EDGE = frozenset((LP_REQUEST, LP_RESPONSE))
 # edge takes worker kinds only from a worker (routing ids begin with the role, new_peer_id).
 SENDER_ROLE = {**{kind: ROLE_EDGE for kind in EDGE_TO_WORKER | EDGE_TO_EDGE},
                **{kind: ROLE_WORKER for kind in WORKER_TO_EDGE}}
-BROADCAST_FRAMES = 6
 
 # The largest message any bus socket accepts (ZeroMQ MAXMSGSIZE, `--max-bus-message`).
 # libzmq reads a message's size before its body and closes the connection of a peer that
@@ -451,6 +450,7 @@ _MESSAGES = {
 # number of frames (kind included) each kind must have as delivered to a peer
 FRAME_COUNTS = {kind: 1 + len(fields._fields) for kind, fields in _MESSAGES.items()}
 UNROUTABLE_MIN_FRAMES = 3   # [UNROUTABLE, dest, kind, *fields]
+BROADCAST_FRAMES = 1 + len(Broadcast._fields)   # its fields and the BROADCAST marker
 
 
 def _wrong_count(frames: list[bytes], expected: int) -> BusFrameError:

@@ -274,6 +274,10 @@ def test_a_broadcast_round_trips_pack_unpack_parse(topic, event, payload, fmt, o
     assert wire.topic_from_key(parsed.key) == topic
 
 
+def test_broadcast_frames_counts_the_named_tuples_fields_and_the_marker():
+    assert wire.BROADCAST_FRAMES == 1 + len(wire.Broadcast._fields) == len(wire.broadcast_frames("t", "e", b"{}"))
+
+
 def _spoiled(index: int, value: bytes) -> list[bytes]:
     frames = wire.broadcast_frames("room:lobby", "new_msg", b"{}")
     frames[index] = value
