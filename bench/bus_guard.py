@@ -84,12 +84,12 @@ def router_cost(rounds: int = 5, n: int = 200_000) -> None:
     router_mod.PLACE_FRESH = 1e9   # the worker below never heartbeats again
     router = Router(NullSocket())
     edge, worker = b"E1-aaaa", b"Ww0-bbbb"
-    router.handle([edge, wire.pack([wire.HEARTBEAT, wire.ROLE_EDGE, b"0"])])
-    router.handle([worker, wire.pack([wire.HEARTBEAT, wire.ROLE_WORKER, b"0"])])
+    router.handle([edge, wire.pack(wire.heartbeat(wire.ROLE_EDGE, b"0"))])
+    router.handle([worker, wire.pack(wire.heartbeat(wire.ROLE_WORKER, b"0"))])
     messages = {
-        "IN": [edge, wire.pack([wire.IN, worker, b"12", b"room:1", b"1", b"2", b"ev", b'{"a":1}', wire.JSON])],
-        "PUSH": [worker, wire.pack([wire.PUSH, edge, b"12", b"room:1", b"1", b"ev", b'{"a":1}', wire.JSON])],
-        "JOIN (placed)": [edge, wire.pack([wire.JOIN, b"", b"12", b"room:1", b"1", b"2", b"{}", b"{}"])],
+        "IN": [edge, wire.pack(wire.inbound(worker, b"12", b"room:1", b"1", b"2", b"ev", b'{"a":1}', wire.JSON))],
+        "PUSH": [worker, wire.pack(wire.push(edge, b"12", b"room:1", b"1", b"ev", b'{"a":1}', wire.JSON))],
+        "JOIN (placed)": [edge, wire.pack(wire.join(b"", b"12", b"room:1", b"1", b"2", b"{}", b"{}"))],
     }
     handle = router.handle
     for name, msg in messages.items():

@@ -263,11 +263,11 @@ class Router:
         self._unroutable(sender, b"", data, offset)
 
     def _unroutable(self, sender: bytes, dest: bytes, data: bytes, offset: int) -> None:
-        """Hand the message back: [UNROUTABLE, dest, kind, *fields]."""
+        """Hand the message back to its sender (wire.unroutable)."""
         self.unroutable += 1
         try:
             fields = wire.unpack_fields(data, offset)
-            self._send(sender, [wire.UNROUTABLE, dest, data[:1], *fields])
+            self._send(sender, wire.unroutable(dest, data[:1], fields))
         except wire.BusFrameError:
             pass
 
@@ -321,7 +321,7 @@ class Router:
                 # Declared dead while it was only slow: its peers dropped their shared
                 # state (channels), so it must drop its side too before it starts afresh.
                 log.warning("%r came back after being declared dead; telling it to reset", sender)
-                self._send(sender, [wire.EVICTED, b""])
+                self._send(sender, wire.evicted())
             peer = registry[sender] = Peer(sender, role, now)
             log.info("%s up: %s (%d %ss live)", "worker" if role == wire.ROLE_WORKER else "edge",
                      sender.decode(errors="replace"), len(registry),
@@ -371,8 +371,9 @@ class Router:
             log.warning("worker down: %s (%s); telling %d edge(s) and %d worker(s)",
                         peer_id.decode(errors="replace"), why, len(self.edges), len(self.workers))
             # Edges error its channels; the other workers drop its presence entries at once.
+            notice = wire.worker_down(peer_id)
             for peer in [*self.edges, *self.workers]:
-                self._send(peer, [wire.WORKER_DOWN, peer_id])
+                self._send(peer, notice)
             return
         peer = self.edges.pop(peer_id, None)
         if peer is not None:
@@ -380,8 +381,9 @@ class Router:
                 self.edge_losses += 1
             log.warning("edge down: %s (%s); telling %d worker(s)",
                         peer_id.decode(errors="replace"), why, len(self.workers))
+            notice = wire.edge_down(peer_id)
             for worker in list(self.workers):
-                self._send(worker, [wire.EDGE_DOWN, peer_id])
+                self._send(worker, notice)
 
     def _send(self, peer_id: bytes, frames: list[bytes]) -> bool:
         try:

@@ -151,7 +151,7 @@ class BusPeer:
 
     def _broker_heartbeat(self, frames: list[bytes], now: float, back: bool) -> None:
         try:
-            instance = wire.parse_broker_heartbeat(frames)
+            instance = wire.parse(frames).instance
         except wire.BusFrameError as exc:
             self._on_bad_frame(frames, exc)
             instance = None

@@ -21,6 +21,12 @@ Broadcasts (PUB -> broker XSUB/XPUB proxy -> SUB), logical frames::
 ``origin`` is ``b""`` or ``edge_id + b"/" + conn_id`` (the channel that must
 not receive its own ``broadcast_from``).
 
+Each kind has one constructor here (``reply(...)``, ``join(...)``, ...), which
+returns the frames as sent, and one named tuple (``Reply``, ``Join``, ...),
+which ``parse`` returns for the frames as delivered.  The named tuples are the
+one statement of each kind's fields and their order: ``FRAME_COUNTS``, which
+every receiver checks, is derived from them.
+
 On the wire each logical message travels as ONE ZeroMQ frame (``pack`` /
 ``pack_broadcast``): every ZeroMQ frame costs a few microseconds per hop on
 each side, and a routed message used to have nine.  The packed layout keeps
@@ -40,45 +46,45 @@ from typing import NamedTuple
 
 import orjson
 
-# --- kinds --------------------------------------------------------------
+# --- kinds (their fields: the named tuples below) ------------------------
 # control, peer <-> broker
-HEARTBEAT = b"h"        # peer->broker [HEARTBEAT, role, load]; broker->peer [HEARTBEAT, broker_instance]
-BYE = b"q"              # peer->broker [BYE, role]: leaving cleanly
-WORKER_DOWN = b"w"      # broker->edge, broker->worker [WORKER_DOWN, worker_id]
-EDGE_DOWN = b"e"        # broker->worker [EDGE_DOWN, edge_id]
-UNROUTABLE = b"u"       # broker->sender [UNROUTABLE, dest_id, kind, *fields]
-EVICTED = b"v"          # broker->peer [EVICTED, b""]: you were declared dead; your peers
-                        # dropped everything they shared with you, so drop it too
+HEARTBEAT = b"h"        # both ways: a peer's role and load; the broker's instance id
+BYE = b"q"              # peer -> broker: leaving cleanly
+WORKER_DOWN = b"w"      # broker -> edges and workers: a worker is gone
+EDGE_DOWN = b"e"        # broker -> workers: an edge is gone
+UNROUTABLE = b"u"       # broker -> sender: a message for a peer it does not know, handed back
+EVICTED = b"v"          # broker -> peer: you were declared dead; your peers dropped
+                        # everything they shared with you, so drop it too
 
 # edge -> worker
-CONNECT = b"C"          # [CONNECT, dest, conn_id, request_json]
-JOIN = b"J"             # [JOIN, dest, conn_id, topic, join_ref, ref, socket_json, payload]
-IN = b"I"               # [IN, dest, conn_id, topic, join_ref, ref, event, payload, fmt]
-LEAVE = b"L"            # [LEAVE, dest, conn_id, topic, join_ref, ref]
-TERMINATE = b"T"        # [TERMINATE, dest, conn_id, topic, join_ref, reason]
+CONNECT = b"C"
+JOIN = b"J"
+IN = b"I"               # a client's message for its channel
+LEAVE = b"L"
+TERMINATE = b"T"        # the edge dropped the channel (connection closed, duplicate join)
 
 # worker -> edge
-CONNECT_REPLY = b"c"    # [CONNECT_REPLY, dest, conn_id, status, body_json]
-JOIN_REPLY = b"j"       # [JOIN_REPLY, dest, conn_id, topic, join_ref, ref, status, response_json, intercept_json]
-REPLY = b"r"            # [REPLY, dest, conn_id, topic, join_ref, ref, status, response, fmt]
-PUSH = b"p"             # [PUSH, dest, conn_id, topic, join_ref, event, payload, fmt]
-CHANNEL_CLOSE = b"x"    # [CHANNEL_CLOSE, dest, conn_id, topic, join_ref]  -> phx_close
-CHANNEL_ERROR = b"!"    # [CHANNEL_ERROR, dest, conn_id, topic, join_ref]  -> phx_error
+CONNECT_REPLY = b"c"
+JOIN_REPLY = b"j"
+REPLY = b"r"
+PUSH = b"p"
+CHANNEL_CLOSE = b"x"    # -> phx_close
+CHANNEL_ERROR = b"!"    # -> phx_error
 # After a broker restart (a new broker_instance): the worker's channels on that edge,
 # (conn_id, topic, join_ref) triples packed into one frame, to settle messages the restart lost.
-SYNC = b"Y"             # [SYNC, dest, channels]
+SYNC = b"Y"
 # edge -> worker, back on the bus after a silence or with a new broker: every channel the edge
 # has (joined or joining), packed like SYNC; the worker ends its instances of that edge not
 # listed and answers with its SYNC.  A kind of its own, so each kind keeps one sender role.
-EDGE_SYNC = b"Z"        # [EDGE_SYNC, dest, channels]
+EDGE_SYNC = b"Z"
 
 # edge -> edge: a LongPoll request that reached an edge other than the one holding its
 # session (non-sticky load balancing), relayed to the holder, and the holder's answer
-LP_REQUEST = b"P"       # [LP_REQUEST, dest, request_id, session_token, method, hold_ms, content_type, body]
-LP_RESPONSE = b"R"      # [LP_RESPONSE, dest, request_id, http_status, body_json]
+LP_REQUEST = b"P"
+LP_RESPONSE = b"R"
 
 # pub/sub
-BROADCAST = b"B"        # [topic_key, BROADCAST, event, origin, payload, fmt]
+BROADCAST = b"B"
 
 # payload formats
 JSON = b"j"
@@ -88,13 +94,6 @@ BINARY = b"b"
 ROLE_EDGE = b"E"
 ROLE_WORKER = b"W"
 
-# number of frames (kind included) each point-to-point kind must have
-FRAME_COUNTS = {
-    CONNECT: 4, JOIN: 8, IN: 9, LEAVE: 6, TERMINATE: 6,
-    CONNECT_REPLY: 5, JOIN_REPLY: 9, REPLY: 9, PUSH: 8,
-    CHANNEL_CLOSE: 5, CHANNEL_ERROR: 5, SYNC: 3, EDGE_SYNC: 3,
-    LP_REQUEST: 8, LP_RESPONSE: 5,
-}
 EDGE_TO_WORKER = frozenset((CONNECT, JOIN, IN, LEAVE, TERMINATE, EDGE_SYNC))
 WORKER_TO_EDGE = frozenset((CONNECT_REPLY, JOIN_REPLY, REPLY, PUSH, CHANNEL_CLOSE, CHANNEL_ERROR, SYNC))
 EDGE_TO_EDGE = frozenset((LP_REQUEST, LP_RESPONSE))
@@ -102,7 +101,6 @@ EDGE_TO_EDGE = frozenset((LP_REQUEST, LP_RESPONSE))
 # edge takes worker kinds only from a worker (routing ids begin with the role, new_peer_id).
 SENDER_ROLE = {**{kind: ROLE_EDGE for kind in EDGE_TO_WORKER | EDGE_TO_EDGE},
                **{kind: ROLE_WORKER for kind in WORKER_TO_EDGE}}
-BROADCAST_FRAMES = 6
 
 # The largest message any bus socket accepts (ZeroMQ MAXMSGSIZE, `--max-bus-message`).
 # libzmq reads a message's size before its body and closes the connection of a peer that
@@ -182,7 +180,8 @@ def origin_of(edge_id: bytes, conn_id: bytes) -> bytes:
 
 
 def check_frames(frames: list[bytes]) -> bytes:
-    """Validate a point-to-point message as delivered to a peer; return its kind."""
+    """Validate the frame count of a message as delivered to a peer; return its kind
+    (``parse`` does this and names the fields too)."""
     if not frames:
         raise BusFrameError("empty bus message")
     kind = frames[0]
@@ -196,9 +195,9 @@ def check_frames(frames: list[bytes]) -> bytes:
 
 # --- one constructor and one parser per kind ------------------------------------------
 # A constructor returns the logical frames as sent, ``[kind, dest, *fields]``; the broker
-# delivers them as ``[kind, sender, *fields]``, which the kind's parser checks (frame
-# count) and names.  ``peer`` is the destination on the way in, the sender on the way out.
-# Nothing outside this module writes an envelope as a list literal.
+# delivers them as ``[kind, sender, *fields]``, which ``parse`` checks (frame count) and
+# names with the kind's named tuple.  ``peer`` is the destination on the way in, the sender
+# on the way out.  Nothing outside this module writes an envelope as a list literal.
 
 class Connect(NamedTuple):
     peer: bytes
@@ -224,7 +223,7 @@ class In(NamedTuple):
     ref: bytes
     event: bytes
     payload: bytes
-    fmt: bytes
+    fmt: bytes              # JSON or BINARY: how the payload is encoded
 
 
 class Leave(NamedTuple):
@@ -240,14 +239,14 @@ class Terminate(NamedTuple):
     conn_id: bytes
     topic: bytes
     join_ref: bytes
-    reason: bytes
+    reason: bytes           # for terminate ("closed", ...); "duplicate_join" skips terminate
 
 
 class ConnectReply(NamedTuple):
     peer: bytes
     request_id: bytes
-    status: bytes
-    body: bytes
+    status: bytes           # "ok" or "error"
+    body: bytes             # JSON: the socket's assigns and id, or the refusal's reason
 
 
 class JoinReply(NamedTuple):
@@ -297,7 +296,7 @@ class ChannelList(NamedTuple):  # SYNC and EDGE_SYNC
 class LpRequest(NamedTuple):
     peer: bytes
     request_id: bytes
-    token: bytes
+    token: bytes            # the LongPoll session token
     method: bytes
     hold_ms: bytes
     content_type: bytes
@@ -307,8 +306,29 @@ class LpRequest(NamedTuple):
 class LpResponse(NamedTuple):
     peer: bytes
     request_id: bytes
-    status: bytes
-    body: bytes
+    status: bytes           # the HTTP status, in decimal
+    body: bytes             # JSON
+
+
+# What the broker itself sends a peer.  A peer's HEARTBEAT and BYE to the broker have no
+# parser: the broker reads their role and load from the packed bytes (split_route).
+
+class BrokerHeartbeat(NamedTuple):
+    instance: bytes         # the broker's id, new after each restart
+
+
+class PeerDown(NamedTuple):     # WORKER_DOWN and EDGE_DOWN
+    peer: bytes             # the worker or edge that is gone
+
+
+class Evicted(NamedTuple):
+    peer: bytes             # b"": the notice concerns its receiver
+
+
+class Unroutable(NamedTuple):
+    dest: bytes             # the unknown peer; b"" when no worker came to place it on
+    kind: bytes             # the message handed back: its kind ...
+    fields: list[bytes]     # ... and its fields after the destination
 
 
 class Broadcast(NamedTuple):
@@ -398,16 +418,6 @@ def broker_heartbeat(instance: bytes) -> list[bytes]:
     return [HEARTBEAT, instance]
 
 
-def parse_broker_heartbeat(frames: list[bytes]) -> bytes:
-    """The broker instance named in a broker heartbeat as delivered (``b""`` if it names
-    none); BusFrameError if the heartbeat does not have its two frames."""
-    if frames[:1] != [HEARTBEAT]:
-        raise BusFrameError(f"not a heartbeat: kind {frames[0][:8] if frames else None!r}")
-    if len(frames) != 2:
-        raise BusFrameError(f"broker heartbeat needs 2 frames, got {len(frames)}")
-    return frames[1]
-
-
 def bye(role: bytes) -> list[bytes]:
     return [BYE, role]
 
@@ -429,34 +439,65 @@ def unroutable(dest: bytes, kind: bytes, fields: list[bytes]) -> list[bytes]:
     return [UNROUTABLE, dest, kind, *fields]
 
 
-def _channel_list(frames: list[bytes]) -> ChannelList:
+# kind -> the named tuple of its fields as delivered, for the kinds with a fixed frame count
+_MESSAGES = {
+    CONNECT: Connect, JOIN: Join, IN: In, LEAVE: Leave, TERMINATE: Terminate,
+    CONNECT_REPLY: ConnectReply, JOIN_REPLY: JoinReply, REPLY: Reply, PUSH: Push,
+    CHANNEL_CLOSE: ChannelEnd, CHANNEL_ERROR: ChannelEnd, SYNC: ChannelList, EDGE_SYNC: ChannelList,
+    LP_REQUEST: LpRequest, LP_RESPONSE: LpResponse,
+    HEARTBEAT: BrokerHeartbeat, WORKER_DOWN: PeerDown, EDGE_DOWN: PeerDown, EVICTED: Evicted,
+}
+# number of frames (kind included) each kind must have as delivered to a peer
+FRAME_COUNTS = {kind: 1 + len(fields._fields) for kind, fields in _MESSAGES.items()}
+UNROUTABLE_MIN_FRAMES = 3   # [UNROUTABLE, dest, kind, *fields]
+BROADCAST_FRAMES = 1 + len(Broadcast._fields)   # its fields and the BROADCAST marker
+
+
+def _wrong_count(frames: list[bytes], expected: int) -> BusFrameError:
+    return BusFrameError(f"bus kind {frames[0]!r} needs {expected} frames, got {len(frames)}")
+
+
+def _fixed_parser(fields: type):
+    expected = 1 + len(fields._fields)
+    new = tuple.__new__   # the count is checked: no need for the named tuple's own __new__
+
+    def parse_fixed(frames: list[bytes]):
+        if len(frames) != expected:
+            raise _wrong_count(frames, expected)
+        return new(fields, frames[1:])
+    return parse_fixed
+
+
+def _parse_channel_list(frames: list[bytes]) -> ChannelList:
+    expected = FRAME_COUNTS[frames[0]]
+    if len(frames) != expected:
+        raise _wrong_count(frames, expected)
     return ChannelList(frames[1], unpack_channel_list(frames[2]))
 
 
-_PARSERS = {
-    CONNECT: lambda f: Connect._make(f[1:]),
-    JOIN: lambda f: Join._make(f[1:]),
-    IN: lambda f: In._make(f[1:]),
-    LEAVE: lambda f: Leave._make(f[1:]),
-    TERMINATE: lambda f: Terminate._make(f[1:]),
-    CONNECT_REPLY: lambda f: ConnectReply._make(f[1:]),
-    JOIN_REPLY: lambda f: JoinReply._make(f[1:]),
-    REPLY: lambda f: Reply._make(f[1:]),
-    PUSH: lambda f: Push._make(f[1:]),
-    CHANNEL_CLOSE: lambda f: ChannelEnd._make(f[1:]),
-    CHANNEL_ERROR: lambda f: ChannelEnd._make(f[1:]),
-    SYNC: _channel_list,
-    EDGE_SYNC: _channel_list,
-    LP_REQUEST: lambda f: LpRequest._make(f[1:]),
-    LP_RESPONSE: lambda f: LpResponse._make(f[1:]),
-}
+def _parse_unroutable(frames: list[bytes]) -> Unroutable:
+    if len(frames) < UNROUTABLE_MIN_FRAMES:
+        raise BusFrameError(f"bus kind {UNROUTABLE!r} needs at least {UNROUTABLE_MIN_FRAMES} "
+                            f"frames, got {len(frames)}")
+    return Unroutable(frames[1], frames[2], frames[3:])
+
+
+_PARSERS = {kind: _fixed_parser(fields) for kind, fields in _MESSAGES.items()}
+_PARSERS.update({SYNC: _parse_channel_list, EDGE_SYNC: _parse_channel_list,
+                 UNROUTABLE: _parse_unroutable})
 
 
 def parse(frames: list[bytes]):
-    """A point-to-point message as delivered -> its kind's named tuple (``Reply``, ``Join``,
-    ...; ``peer`` is the sender).  BusFrameError for an unknown kind, a wrong frame count or
-    a malformed channel list."""
-    return _PARSERS[check_frames(frames)](frames)
+    """A point-to-point message as delivered to a peer -> its kind's named tuple (``Reply``,
+    ``Join``, ...; ``peer`` is the sender).  BusFrameError for an empty message, an unknown
+    kind, a wrong frame count or a malformed channel list."""
+    try:
+        parser = _PARSERS[frames[0]]
+    except IndexError:
+        raise BusFrameError("empty bus message") from None
+    except KeyError:
+        raise BusFrameError(f"unknown bus kind {frames[0][:8]!r}") from None
+    return parser(frames)
 
 
 def parse_broadcast(frames: list[bytes]) -> Broadcast:

@@ -27,7 +27,7 @@ class RouterBus:
         dealer.connect(self.endpoint)
         self.peers.append(dealer)
         if role is not None:
-            dealer.send(wire.pack([wire.HEARTBEAT, role, b"0"]))
+            dealer.send(wire.pack(wire.heartbeat(role, b"0")))
         return dealer
 
     def close(self) -> None:

@@ -32,7 +32,7 @@ def bus():
 
 
 def received(dealer: zmq.Socket, timeout_ms: int = 200) -> list[list[bytes]]:
-    """Everything that reached `dealer` but the broker's heartbeats."""
+    """Everything that reached `dealer` but the broker's heartbeats, as logical frames."""
     out = []
     while dealer.poll(timeout_ms):
         frames = wire.unpack(dealer.recv())
@@ -46,8 +46,9 @@ def warmed_up(router: Router) -> Router:
     return router
 
 
-REPLY = [wire.REPLY, b"E-edge", b"1", b"room:1", b"1", b"2", b"ok", b"{}", wire.JSON]
-JOIN = [wire.JOIN, b"", b"1", b"room:1", b"1", b"1", b"{}", b"{}"]
+REPLY = wire.reply(b"E-edge", b"1", b"room:1", b"1", b"2", b"ok", b"{}", wire.JSON)
+JOIN_FIELDS = (b"1", b"room:1", b"1", b"1", b"{}", b"{}")
+JOIN = wire.join(b"", *JOIN_FIELDS)
 
 
 def test_a_worker_kind_from_an_edge_is_refused(bus):
@@ -79,7 +80,7 @@ def test_an_edge_kind_from_an_edge_is_routed(bus):
     edge.send(wire.pack(JOIN))
     pump(router, sock, 1)
     assert router.refused == 0
-    assert [f[:3] for f in received(worker)] == [[wire.JOIN, b"E-edge", b"1"]]
+    assert received(worker) == [wire.join(b"E-edge", *JOIN_FIELDS)]
 
 
 def test_a_heartbeat_claiming_a_role_its_routing_id_does_not_name_is_refused(bus):
@@ -98,7 +99,7 @@ def test_an_unknown_sender_passes_only_during_the_warm_up(bus):
     early = peer(b"E-early")               # reconnected after a broker restart, no heartbeat yet
     early.send(wire.pack(JOIN))
     pump(router, sock, 1)
-    assert router.refused == 0 and [f[0] for f in received(worker)] == [wire.JOIN]
+    assert router.refused == 0 and received(worker) == [wire.join(b"E-early", *JOIN_FIELDS)]
     warmed_up(router)
     early.send(wire.pack(JOIN))
     pump(router, sock, 1)
@@ -116,8 +117,8 @@ def test_a_peer_does_not_send_a_message_over_the_bus_limit(caplog):
 
     async def sends():
         sock = LoopSocket(dealer, None, name="test dealer")
-        big = sock.send([wire.PUSH, b"E-x", b"1", b"t", b"1", b"ev", bytes(64 * 1024), wire.JSON])
-        small = sock.send([wire.PUSH, b"E-x", b"1", b"t", b"1", b"ev", b"{}", wire.JSON])
+        big = sock.send(wire.push(b"E-x", b"1", b"t", b"1", b"ev", bytes(64 * 1024), wire.JSON))
+        small = sock.send(wire.push(b"E-x", b"1", b"t", b"1", b"ev", b"{}", wire.JSON))
         return big, small, sock.oversized
 
     try:
@@ -239,7 +240,7 @@ class Rogue:
         self.beat()
 
     def beat(self) -> None:
-        self.sock.send(wire.pack([wire.HEARTBEAT, self.role, b"1000000"]))
+        self.sock.send(wire.pack(wire.heartbeat(self.role, b"1000000")))
 
     def send(self, frames: list[bytes]) -> None:
         self.beat()
@@ -255,11 +256,11 @@ def forgeries(edge: bytes, topic: bytes) -> list[list[bytes]]:
     out = []
     for conn in range(1, 21):
         c = str(conn).encode()
-        out += [[wire.PUSH, edge, c, topic, b"1", b"evil", b'{"evil":1}', wire.JSON],
-                [wire.PUSH, edge, c, topic, b"", b"evil", b'{"evil":2}', wire.JSON],
-                [wire.REPLY, edge, c, topic, b"1", b"2", b"ok", b'{"evil":3}', wire.JSON],
-                [wire.CHANNEL_ERROR, edge, c, topic, b"1"],
-                [wire.CHANNEL_CLOSE, edge, c, topic, b""]]
+        out += [wire.push(edge, c, topic, b"1", b"evil", b'{"evil":1}', wire.JSON),
+                wire.push(edge, c, topic, b"", b"evil", b'{"evil":2}', wire.JSON),
+                wire.reply(edge, c, topic, b"1", b"2", b"ok", b'{"evil":3}', wire.JSON),
+                wire.channel_error(edge, c, topic, b"1"),
+                wire.channel_close(edge, c, topic, b"")]
     return out
 
 

@@ -231,9 +231,9 @@ def test_dealer_without_a_valid_key_cannot_register_as_a_worker(secured, keys, z
     control_id = wire.new_peer_id(wire.ROLE_WORKER, "control")
     intruder = Peer(zctx, zmq.DEALER, router_ep, keys=forged, routing_id=intruder_id)
     control = Peer(zctx, zmq.DEALER, router_ep, keys=good, routing_id=control_id)
-    ready = wire.pack([wire.HEARTBEAT, wire.ROLE_WORKER, b"0"])
+    ready = wire.pack(wire.heartbeat(wire.ROLE_WORKER, b"0"))
     # The control registers with a huge load, so the broker places no client's join on it.
-    control_ready = wire.pack([wire.HEARTBEAT, wire.ROLE_WORKER, b"1000000"])
+    control_ready = wire.pack(wire.heartbeat(wire.ROLE_WORKER, b"1000000"))
 
     def control_registered() -> bool:
         intruder.send(ready)
@@ -255,10 +255,17 @@ def test_dealer_without_a_valid_key_cannot_register_as_a_worker(secured, keys, z
         for _ in range(4):
             assert Client(secured).call("pid", {})["response"] == {"pid": worker_pid}
     finally:
-        control.send(wire.pack([wire.BYE, wire.ROLE_WORKER]))
+        control.send(wire.pack(wire.bye(wire.ROLE_WORKER)))
 
 
 # ---- a keyed peer is trusted with the bus, but garbage still breaks nothing ---------------------
+
+def replaced(frames: list[bytes], index: int, value: bytes) -> list[bytes]:
+    """A copy of a well-formed message with one frame spoiled."""
+    frames = list(frames)
+    frames[index] = value
+    return frames
+
 
 def test_keyed_peer_sending_garbage_to_router_and_publish_in_crashes_nothing(secured, keys, zctx):
     good = client_keys(keys)
@@ -271,32 +278,34 @@ def test_keyed_peer_sending_garbage_to_router_and_publish_in_crashes_nothing(sec
     worker_id = secured.worker_ready[0]["id"].encode()
     edge_id = secured.edge_ids[0].encode()
     junk = os.urandom(64)
+    ping = wire.inbound(worker_id, b"c1", b"echo:g", b"1", b"2", b"ev", b"{}", wire.JSON)
     routed = [
         b"", b"\xff", junk, bytes(300),
-        wire.pack([wire.HEARTBEAT, b"?", b"x"]),                               # bad heartbeat
-        wire.pack([wire.IN, b"", b"no destination"]),                          # only CONNECT/JOIN may omit it
+        wire.pack(wire.heartbeat(b"?", b"x")),                                 # bad heartbeat
+        wire.pack(wire.inbound(b"", *ping[2:])),                                # only CONNECT/JOIN may omit it
         wire.JOIN + b"\x00" + b"\x09" + b"\xff" * 8,                           # claims 9 fields, has none
-        wire.pack([wire.IN, worker_id, b"too", b"few"]),
-        wire.pack([wire.JOIN, worker_id, b"c1", b"echo:g", b"1", b"1", b"{not json", b"{"]),
-        wire.pack([wire.JOIN, b"", b"c2", b"\xff\xfe", b"1", b"1", b"[]", b"[]"]),   # placed, bad UTF-8
-        wire.pack([wire.CONNECT, b"", b"c3", b"\x00garbage"]),
-        wire.pack([wire.IN, worker_id, b"c1", b"echo:g", b"1", b"2", b"ev", b"{}", b"?"]),
-        wire.pack([wire.PUSH, edge_id, b"nobody"]),
-        wire.pack([wire.JOIN_REPLY, edge_id, *[b"\xff"] * 7]),
-        wire.pack([wire.REPLY, edge_id, b"\xff", client.topic.encode(), b"1", b"1", b"ok", b"{", b"j"]),
-        wire.pack([wire.LP_REQUEST, edge_id, b"r", b"lp1.x.y.z", b"GET", b"nan", b"", b""]),
-        wire.pack([wire.CHANNEL_ERROR, edge_id, b"nobody", b"x", b"1"]),
+        wire.pack(ping[:4]),                                                    # too few fields
+        wire.pack(wire.join(worker_id, b"c1", b"echo:g", b"1", b"1", b"{not json", b"{")),
+        wire.pack(wire.join(b"", b"c2", b"\xff\xfe", b"1", b"1", b"[]", b"[]")),   # placed, bad UTF-8
+        wire.pack(wire.connect(b"", b"c3", b"\x00garbage")),
+        wire.pack(replaced(ping, -1, b"?")),                                     # unknown payload format
+        wire.pack(wire.push(edge_id, b"nobody", b"x", b"1", b"ev", b"{}", wire.JSON)[:3]),
+        wire.pack(wire.join_reply(edge_id, *[b"\xff"] * 7)),
+        wire.pack(wire.reply(edge_id, b"\xff", client.topic.encode(), b"1", b"1", b"ok", b"{", b"j")),
+        wire.pack(wire.lp_request(edge_id, b"r", b"lp1.x.y.z", b"GET", b"nan", b"", b"")),
+        wire.pack(wire.channel_error(edge_id, b"nobody", b"x", b"1")),
         *(bytes([kind]) + b"\x01" + b"?" + junk[:9] for kind in range(256)),
     ]
+    bcast = wire.broadcast_frames(client.topic, "x", b"{}")
     published = [
         b"", junk, b"no terminator",
         wire.topic_key(client.topic) + b"\x09",                                 # claims 9 fields
-        wire.pack_broadcast([wire.topic_key(client.topic), wire.BROADCAST, b"x"]),   # too few
+        wire.pack_broadcast(bcast[:3]),                                         # too few
         wire.pack_broadcast(wire.broadcast_frames(client.topic, "x", b"{}", fmt=b"?")),
-        wire.pack_broadcast([wire.topic_key(client.topic), b"?", b"x", b"", b"{}", wire.JSON]),
-        wire.pack_broadcast([wire.topic_key(client.topic), wire.BROADCAST, b"\xff\xfe", b"", b"{}", wire.JSON]),
+        wire.pack_broadcast(replaced(bcast, 1, b"?")),                          # not BROADCAST
+        wire.pack_broadcast(replaced(bcast, 2, b"\xff\xfe")),                   # event not UTF-8
         wire.pack_broadcast(wire.broadcast_frames(watcher.topic, "filtered", b"{not json")),
-        wire.pack_broadcast([wire.topic_key(watcher.topic), wire.BROADCAST, b"\xff", b"", b"{}", wire.JSON]),
+        wire.pack_broadcast(replaced(wire.broadcast_frames(watcher.topic, "x", b"{}"), 2, b"\xff")),
     ]
     for data in routed:
         dealer.send(data)

@@ -175,19 +175,25 @@ class FakeWorker:
         while not self._stop.is_set():
             if self.heartbeating.is_set() and time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + 0.5
-                sock.send(wire.pack([wire.HEARTBEAT, wire.ROLE_WORKER, b"0"]))
+                sock.send(wire.pack(wire.heartbeat(wire.ROLE_WORKER, b"0")))
             if not sock.poll(50):
                 continue
-            f = wire.unpack(sock.recv())
-            if f[0] == wire.CONNECT:
-                sock.send(wire.pack([wire.CONNECT_REPLY, f[1], f[2], b"ok", b'{"assigns":{},"id":null}']))
-            elif f[0] == wire.JOIN:
-                self.channels.setdefault(f[1], []).append((f[2], f[3], f[4]))
-                sock.send(wire.pack([wire.JOIN_REPLY, f[1], f[2], f[3], f[4], f[5], b"ok", b"{}", b"[]"]))
-            elif f[0] == wire.IN:
-                sock.send(wire.pack([wire.REPLY, f[1], f[2], f[3], f[4], f[5], b"ok", f[7], f[8]]))
-            elif f[0] == wire.EDGE_SYNC:
-                sock.send(wire.pack([wire.SYNC, f[1], wire.pack_channel_list(self.channels.get(f[1], []))]))
+            frames = wire.unpack(sock.recv())
+            kind = frames[0]
+            if kind not in (wire.CONNECT, wire.JOIN, wire.IN, wire.EDGE_SYNC):
+                continue
+            m = wire.parse(frames)
+            if kind == wire.CONNECT:
+                sock.send(wire.pack(wire.connect_reply(m.peer, m.request_id, b"ok", b'{"assigns":{},"id":null}')))
+            elif kind == wire.JOIN:
+                self.channels.setdefault(m.peer, []).append((m.conn_id, m.topic, m.join_ref))
+                sock.send(wire.pack(wire.join_reply(m.peer, m.conn_id, m.topic, m.join_ref, m.ref,
+                                                    b"ok", b"{}", b"[]")))
+            elif kind == wire.IN:
+                sock.send(wire.pack(wire.reply(m.peer, m.conn_id, m.topic, m.join_ref, m.ref,
+                                               b"ok", m.payload, m.fmt)))
+            else:
+                sock.send(wire.pack(wire.sync(m.peer, self.channels.get(m.peer, []))))
                 self.synced.set()
 
     def close(self) -> None:

@@ -30,8 +30,7 @@ class Conn:
 
 
 def broadcast(event: str, body: str, topic: str = "room:1", origin: bytes = b"") -> list[bytes]:
-    return [wire.topic_key(topic), wire.BROADCAST, event.encode(), origin, b'{"b":"%s"}' % body.encode(),
-            wire.JSON]
+    return wire.broadcast_frames(topic, event, b'{"b":"%s"}' % body.encode(), origin=origin)
 
 
 def test_broadcasts_during_a_join_arrive_after_its_reply_in_order():

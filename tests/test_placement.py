@@ -24,7 +24,7 @@ class NullSocket:
 
 
 def registered(router: Router, worker_id: bytes, load: int = 0):
-    router.handle([worker_id, wire.pack([wire.HEARTBEAT, wire.ROLE_WORKER, str(load).encode()])])
+    router.handle([worker_id, wire.pack(wire.heartbeat(wire.ROLE_WORKER, str(load).encode()))])
     return router.workers[worker_id]
 
 

@@ -24,7 +24,8 @@ def recv(dealer: zmq.Socket) -> list[bytes]:
     return wire.unpack(dealer.recv())
 
 
-TERMINATE = [wire.TERMINATE, b"W-late", b"conn1", b"room:1", b"1", b"closed"]
+TERMINATE_FIELDS = (b"conn1", b"room:1", b"1", b"closed")
+TERMINATE = wire.terminate(b"W-late", *TERMINATE_FIELDS)
 
 
 def test_message_for_a_peer_not_reconnected_yet_waits_for_it_during_warm_up(bus):
@@ -35,12 +36,11 @@ def test_message_for_a_peer_not_reconnected_yet_waits_for_it_during_warm_up(bus)
     pump(router, sock, 1)
     assert router.parked_count == 1 and router.unroutable == 0
     worker = peer(b"W-late")
-    worker.send(wire.pack([wire.HEARTBEAT, wire.ROLE_WORKER, b"0"]))
+    worker.send(wire.pack(wire.heartbeat(wire.ROLE_WORKER, b"0")))
     pump(router, sock, 1)
     assert router.parked_count == 0
     got = [recv(worker), recv(worker)]
-    terminate = next(f for f in got if f[0] == wire.TERMINATE)
-    assert terminate[1] == b"E-1" and terminate[2:] == TERMINATE[2:]   # readdressed to the sender
+    assert wire.terminate(b"E-1", *TERMINATE_FIELDS) in got   # readdressed to the sender
 
 
 def test_what_is_still_parked_when_warm_up_ends_is_handed_back_unroutable(bus, monkeypatch):
@@ -51,8 +51,7 @@ def test_what_is_still_parked_when_warm_up_ends_is_handed_back_unroutable(bus, m
     pump(router, sock, 1)
     router.housekeeping(time.monotonic() + router_mod.PEER_LIVENESS)
     assert router.parked_count == 0 and router.unroutable == 1
-    back = recv(edge)
-    assert back[0] == wire.UNROUTABLE and back[1] == b"W-late" and back[2] == wire.TERMINATE
+    assert wire.parse(recv(edge)) == wire.Unroutable(b"W-late", wire.TERMINATE, list(TERMINATE_FIELDS))
 
 
 def test_parking_is_bounded(bus, monkeypatch):
@@ -70,17 +69,18 @@ def test_a_peer_that_said_bye_before_its_connection_closed_counts_as_gone_not_de
     sock, peer = bus
     router = Router(sock)
     worker = peer(b"W-1")
-    worker.send(wire.pack([wire.HEARTBEAT, wire.ROLE_WORKER, b"0"]))
+    worker.send(wire.pack(wire.heartbeat(wire.ROLE_WORKER, b"0")))
     pump(router, sock, 1)
     assert b"W-1" in router.workers
-    worker.send(wire.pack([wire.BYE, wire.ROLE_WORKER]))
+    worker.send(wire.pack(wire.bye(wire.ROLE_WORKER)))
     worker.close(linger=1000)   # the BYE is still unread when the probe finds the peer gone
     time.sleep(0.2)
     router.housekeeping(time.monotonic())
     assert b"W-1" not in router.workers and router.worker_deaths == 0
 
 
-JOIN = [wire.JOIN, b"", b"conn1", b"room:1", b"1", b"1", b"{}", b"{}"]
+JOIN_FIELDS = (b"conn1", b"room:1", b"1", b"1", b"{}", b"{}")
+JOIN = wire.join(b"", *JOIN_FIELDS)
 
 
 def test_a_join_with_no_live_worker_waits_and_goes_to_the_first_worker_that_heartbeats(bus):
@@ -88,16 +88,16 @@ def test_a_join_with_no_live_worker_waits_and_goes_to_the_first_worker_that_hear
     router = Router(sock)
     edge = peer(b"E-1")
     edge.send(wire.pack(JOIN))
-    edge.send(wire.pack([wire.CONNECT, b"", b"rpc1", b"{}"]))
+    edge.send(wire.pack(wire.connect(b"", b"rpc1", b"{}")))
     pump(router, sock, 2)
     assert len(router.waiting) == 2 and router.unroutable == 0
     assert not edge.poll(100), "bounced instead of waiting"
     worker = peer(b"W-1")
-    worker.send(wire.pack([wire.HEARTBEAT, wire.ROLE_WORKER, b"0"]))
+    worker.send(wire.pack(wire.heartbeat(wire.ROLE_WORKER, b"0")))
     pump(router, sock, 1)
     got = [recv(worker) for _ in range(3)]
-    assert [f[0] for f in got] == [wire.HEARTBEAT, wire.JOIN, wire.CONNECT]
-    assert got[1][1] == b"E-1" and got[1][2:] == JOIN[2:]
+    assert got == [wire.broker_heartbeat(router.instance), wire.join(b"E-1", *JOIN_FIELDS),
+                   wire.connect(b"E-1", b"rpc1", b"{}")]
     assert not router.waiting and router.waited == 2
 
 
@@ -110,9 +110,8 @@ def test_a_join_still_waiting_for_a_worker_after_the_bound_is_bounced_no_worker(
     router.housekeeping(time.monotonic() + 0.5)          # still within the wait
     assert len(router.waiting) == 1 and not edge.poll(100)
     router.housekeeping(time.monotonic() + max(router_mod.WORKER_WAIT, 3.0) + 0.1)
-    back = recv(edge)
-    assert back[0] == wire.UNROUTABLE and back[1] == b"" and back[2] == wire.JOIN
-    assert back[3:] == JOIN[2:] and router.no_worker == 1 and not router.waiting
+    assert wire.parse(recv(edge)) == wire.Unroutable(b"", wire.JOIN, list(JOIN_FIELDS))
+    assert router.no_worker == 1 and not router.waiting
 
 
 def test_joins_waiting_for_a_worker_are_bounded(bus, monkeypatch):
@@ -125,7 +124,7 @@ def test_joins_waiting_for_a_worker_are_bounded(bus, monkeypatch):
     pump(router, sock, 3)
     assert len(router.waiting) == 2
     back = recv(edge)                                     # the third is bounced at once
-    assert back[0] == wire.UNROUTABLE and back[2] == wire.JOIN and router.no_worker == 1
+    assert wire.parse(back) == wire.Unroutable(b"", wire.JOIN, list(JOIN_FIELDS)) and router.no_worker == 1
 
 
 def test_a_join_placed_on_a_worker_that_just_vanished_goes_to_another_worker(bus):
@@ -134,7 +133,7 @@ def test_a_join_placed_on_a_worker_that_just_vanished_goes_to_another_worker(bus
     edge = peer(b"E-1")
     gone, alive = peer(b"W-gone"), peer(b"W-alive")
     for worker in (gone, alive):
-        worker.send(wire.pack([wire.HEARTBEAT, wire.ROLE_WORKER, b"0"]))
+        worker.send(wire.pack(wire.heartbeat(wire.ROLE_WORKER, b"0")))
     pump(router, sock, 2)
     recv(alive)                                  # the broker's answering heartbeat
     router.workers[b"W-alive"].load = 100        # placement prefers the (vanished) idle one
@@ -143,13 +142,12 @@ def test_a_join_placed_on_a_worker_that_just_vanished_goes_to_another_worker(bus
     edge.send(wire.pack(JOIN))
     pump(router, sock, 1)
     got = [recv(alive), recv(alive)]             # WORKER_DOWN for the vanished one, the join
-    assert got[0][:2] == [wire.WORKER_DOWN, b"W-gone"]
-    assert got[1][0] == wire.JOIN and got[1][1] == b"E-1" and got[1][2:] == JOIN[2:]
+    assert got == [wire.worker_down(b"W-gone"), wire.join(b"E-1", *JOIN_FIELDS)]
     assert b"W-gone" not in router.workers and router.unroutable == 0
 
 
 def _register(router: Router, sock: zmq.Socket, dealer: zmq.Socket, role: bytes) -> None:
-    dealer.send(wire.pack([wire.HEARTBEAT, role, b"0"]))
+    dealer.send(wire.pack(wire.heartbeat(role, b"0")))
     pump(router, sock, 1)
     recv(dealer)   # the broker's first heartbeat
 
@@ -183,7 +181,7 @@ def test_a_peer_whose_connection_ends_after_a_silence_is_kept_as_reconnecting(bu
     assert b"E-1" in router.edges and router.edge_losses == 0
     assert wire.EDGE_DOWN not in _kinds_received(worker)
     again = peer(b"E-1")
-    again.send(wire.pack([wire.HEARTBEAT, wire.ROLE_EDGE, b"0"]))
+    again.send(wire.pack(wire.heartbeat(wire.ROLE_EDGE, b"0")))
     pump(router, sock, 1)
     assert b"E-1" not in router.reconnecting and b"E-1" in router.edges
     assert wire.EVICTED not in _kinds_received(again)

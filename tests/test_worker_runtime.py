@@ -2,9 +2,9 @@
 
 The test plays the broker and an edge: a ROUTER on port P (the worker's DEALER connects),
 a SUB on P+1 capturing the worker's PUB broadcasts, and an XPUB on P+2 feeding broadcasts
-to the worker's SUB (its subscription messages tell us when it listens).  Frames go in as
-the broker delivers them, ``[kind, sender_edge, *fields]``, and the exact frames that come
-back are asserted.
+to the worker's SUB (its subscription messages tell us when it listens).  Messages go in as
+the broker delivers them (a wire constructor given the sending edge as its peer), and what
+comes back is compared with the constructors' frames or read through ``wire.parse``.
 """
 from __future__ import annotations
 
@@ -61,16 +61,16 @@ class FakeBroker:
             return router, capture, feed, port
         raise RuntimeError("no three consecutive free ports")
 
-    # --- the worker's point-to-point frames (the only place that knows the bus encoding) ---
+    # --- the worker's point-to-point messages ---
 
     def _read(self) -> list[bytes]:
         """One message from the worker, heartbeats answered and counted."""
         wid, packed = self.router.recv_multipart()
         self.worker_id = wid
         frames = wire.unpack(packed)
-        if frames[0] == wire.HEARTBEAT:
+        if frames[0] == wire.HEARTBEAT:   # wire.heartbeat(role, load)
             self.loads.append(int(frames[2]))
-            self.router.send_multipart([wid, wire.pack([wire.HEARTBEAT, self.instance])])
+            self.router.send_multipart([wid, wire.pack(wire.broker_heartbeat(self.instance))])
         return frames
 
     def recv(self, timeout: float = TIMEOUT) -> list[bytes]:
@@ -84,9 +84,15 @@ class FakeBroker:
             if frames[0] != wire.HEARTBEAT:
                 return frames
 
-    def expect(self, *frames: bytes, timeout: float = TIMEOUT) -> None:
+    def recv_as(self, kind: bytes, timeout: float = TIMEOUT):
+        """The next non-heartbeat message, which must be of `kind`, parsed (wire.parse)."""
+        frames = self.recv(timeout)
+        assert frames[0] == kind, f"expected a {kind!r} message, got {frames}"
+        return wire.parse(frames)
+
+    def expect(self, frames: list[bytes], timeout: float = TIMEOUT) -> None:
         got = self.recv(timeout)
-        assert got == list(frames), f"expected {list(frames)}\n     got {got}"
+        assert got == frames, f"expected {frames}\n     got {got}"
 
     def nothing_pending(self) -> list[list[bytes]]:
         """Messages already waiting, heartbeats left out."""
@@ -97,11 +103,9 @@ class FakeBroker:
                 frames.append(f)
         return frames
 
-    def send(self, kind: bytes, *fields: bytes, edge: bytes = EDGE) -> None:
-        self.send_raw(kind, edge, *fields)
-
-    def send_raw(self, *frames: bytes) -> None:
-        self.router.send_multipart([self.worker_id, wire.pack(list(frames))])
+    def send(self, frames: list[bytes]) -> None:
+        """Deliver a message (a wire constructor's frames, its peer the sender) to the worker."""
+        self.router.send_multipart([self.worker_id, wire.pack(frames)])
 
     def next_load(self) -> int:
         """The channel count of the next heartbeat."""
@@ -117,15 +121,13 @@ class FakeBroker:
     # --- edge-like helpers ---
 
     def join(self, conn: bytes, topic: str, join_ref: bytes = b"1", payload: dict | None = None,
-             assigns: dict | None = None, edge: bytes = EDGE) -> list[bytes]:
-        self.send(wire.JOIN, conn, topic.encode(), join_ref, join_ref,
-                  orjson.dumps({"assigns": assigns or {}, "id": None}), orjson.dumps(payload or {}), edge=edge)
-        return self.recv()
+             assigns: dict | None = None, edge: bytes = EDGE) -> wire.JoinReply:
+        self.send(wire.join(edge, conn, topic.encode(), join_ref, join_ref,
+                            orjson.dumps({"assigns": assigns or {}, "id": None}), orjson.dumps(payload or {})))
+        return self.recv_as(wire.JOIN_REPLY)
 
     def join_ok(self, conn: bytes, topic: str, join_ref: bytes = b"1", **kw) -> None:
-        reply = self.join(conn, topic, join_ref, **kw)
-        assert reply[:7] == [wire.JOIN_REPLY, kw.get("edge", EDGE), conn, topic.encode(), join_ref,
-                             join_ref, b"ok"], reply
+        assert_joined(self.join(conn, topic, join_ref, **kw), kw.get("edge", EDGE), conn, topic, join_ref)
 
     def push(self, conn: bytes, topic: str, event: str, payload=None, ref: bytes = b"2",
              join_ref: bytes = b"1", edge: bytes = EDGE) -> None:
@@ -133,28 +135,28 @@ class FakeBroker:
             data, fmt = payload, wire.BINARY
         else:
             data, fmt = orjson.dumps({} if payload is None else payload), wire.JSON
-        self.send(wire.IN, conn, topic.encode(), join_ref, ref, event.encode(), data, fmt, edge=edge)
+        self.send(wire.inbound(edge, conn, topic.encode(), join_ref, ref, event.encode(), data, fmt))
 
     def expect_reply(self, conn: bytes, topic: str, ref: bytes, status: bytes, response,
                      join_ref: bytes = b"1", fmt: bytes = wire.JSON) -> None:
         data = response if fmt == wire.BINARY else orjson.dumps(response)
-        self.expect(wire.REPLY, EDGE, conn, topic.encode(), join_ref, ref, status, data, fmt)
+        self.expect(wire.reply(EDGE, conn, topic.encode(), join_ref, ref, status, data, fmt))
 
     # --- broadcasts ---
 
-    def broadcast(self, timeout: float = TIMEOUT) -> list[bytes]:
+    def broadcast(self, timeout: float = TIMEOUT) -> wire.Broadcast:
         """The worker's next broadcast, skipping its once-a-second status snapshots and
         presence replication (workers/presence.py)."""
         deadline = time.monotonic() + timeout
         while self.capture.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            frames = wire.unpack_broadcast(self.capture.recv())
-            if frames[0] not in (wire.topic_key(wire.STATUS_TOPIC), PRESENCE_KEY):
-                return frames
+            msg = wire.parse_broadcast(wire.unpack_broadcast(self.capture.recv()))
+            if msg.key not in (wire.topic_key(wire.STATUS_TOPIC), PRESENCE_KEY):
+                return msg
         raise AssertionError(f"no broadcast from the worker within {timeout} s\n{self.stderr()}")
 
-    def publish(self, *frames: bytes) -> None:
+    def publish(self, frames: list[bytes]) -> None:
         """Feed a broadcast to the worker's SUB, as the broker's XPUB would."""
-        self.feed.send(wire.pack_broadcast(list(frames)))
+        self.feed.send(wire.pack_broadcast(frames))
 
     def subscription(self, timeout: float = TIMEOUT) -> bytes:
         """The worker's next (un)subscription, skipping its standing presence subscription."""
@@ -225,10 +227,19 @@ def bus(worker):
     return worker
 
 
+def assert_joined(reply: wire.JoinReply, edge: bytes, conn: bytes, topic: str, join_ref: bytes) -> None:
+    assert (reply.peer, reply.conn_id, reply.topic, reply.join_ref, reply.ref, reply.status) == \
+        (edge, conn, topic.encode(), join_ref, join_ref, b"ok"), reply
+
+
+def answer(reply: wire.JoinReply) -> tuple[bytes, bytes, bytes]:
+    return reply.status, reply.response, reply.intercept
+
+
 def terminations(fake: FakeBroker) -> dict:
-    frames = fake.broadcast()
-    assert frames[1:3] == [wire.BROADCAST, b"terminated"], frames
-    return {"topic": wire.topic_from_key(frames[0]), **orjson.loads(frames[4])}
+    msg = fake.broadcast()
+    assert msg.event == b"terminated", msg
+    return {"topic": wire.topic_from_key(msg.key), **orjson.loads(msg.payload)}
 
 
 # --- process ----------------------------------------------------------------------------
@@ -252,10 +263,10 @@ def test_heartbeat_reports_the_number_of_channels(bus):
 # --- connect ----------------------------------------------------------------------------
 
 def connect(fake: FakeBroker, conn: bytes, params: dict) -> tuple[bytes, dict]:
-    fake.send(wire.CONNECT, conn, orjson.dumps({"params": params, "connect_info": {}}))
-    frames = fake.recv()
-    assert frames[:3] == [wire.CONNECT_REPLY, EDGE, conn], frames
-    return frames[3], orjson.loads(frames[4])
+    fake.send(wire.connect(EDGE, conn, orjson.dumps({"params": params, "connect_info": {}})))
+    reply = fake.recv_as(wire.CONNECT_REPLY)
+    assert (reply.peer, reply.request_id) == (EDGE, conn), reply
+    return reply.status, orjson.loads(reply.body)
 
 
 def test_connect_accepts_with_assigns_and_socket_id(bus):
@@ -273,27 +284,27 @@ def test_connect_refusal_and_crash_become_error_replies(bus):
 # --- join -------------------------------------------------------------------------------
 
 def test_join_ok_replies_with_the_join_response_and_intercepts(bus):
-    assert bus.join(b"j1", "echo:a", b"7") == [
-        wire.JOIN_REPLY, EDGE, b"j1", b"echo:a", b"7", b"7", b"ok", b'{"joined":"echo:a"}', b"[]"]
-    assert bus.join(b"j1", "intercept:a", b"8")[6:] == [b"ok", b'{"joined":"intercept:a"}', b'["filtered"]']
+    assert bus.join(b"j1", "echo:a", b"7") == wire.JoinReply(
+        EDGE, b"j1", b"echo:a", b"7", b"7", b"ok", b'{"joined":"echo:a"}', b"[]")
+    assert answer(bus.join(b"j1", "intercept:a", b"8")) == (b"ok", b'{"joined":"intercept:a"}', b'["filtered"]')
     assert bus.subscription() == b"\x01" + wire.topic_key("intercept:a")
 
 
 def test_join_error_crash_and_unmatched_topic(bus):
-    assert bus.join(b"j2", "private:x")[6:] == [b"error", b'{"reason":"unauthorized"}', b"[]"]
-    assert bus.join(b"j2", "crashjoin:x")[6:] == [b"error", b'{"reason":"join crashed"}', b"[]"]
-    assert bus.join(b"j2", "nowhere:x")[6:] == [b"error", b'{"reason":"unmatched topic"}', b"[]"]
+    assert answer(bus.join(b"j2", "private:x")) == (b"error", b'{"reason":"unauthorized"}', b"[]")
+    assert answer(bus.join(b"j2", "crashjoin:x")) == (b"error", b'{"reason":"join crashed"}', b"[]")
+    assert answer(bus.join(b"j2", "nowhere:x")) == (b"error", b'{"reason":"unmatched topic"}', b"[]")
     assert "join raised on purpose" in bus.stderr()
 
 
 def test_push_inside_join_crashes_the_join(bus):
-    assert bus.join(b"j3", "echo:early", payload={"push_in_join": True})[6:7] == [b"error"]
+    assert bus.join(b"j3", "echo:early", payload={"push_in_join": True}).status == b"error"
     assert "before the join of 'echo:early' completed" in bus.stderr()
 
 
 def test_route_error_join_terminates_with_shutdown_and_is_gone(bus):
     bus.join_ok(b"j4", "echo:gone")
-    assert bus.join(b"j4", "private:gone")[6] == b"error"
+    assert bus.join(b"j4", "private:gone").status == b"error"
     bus.push(b"j4", "private:gone", "ping", {"a": 1}, ref=b"3")   # no such channel: dropped
     bus.push(b"j4", "echo:gone", "ping", {"a": 2}, ref=b"4")
     bus.expect_reply(b"j4", "echo:gone", b"4", b"ok", {"a": 2})
@@ -337,22 +348,22 @@ def test_stop_with_reply_sends_the_reply_then_close(bus):
     bus.join_ok(c, t)
     bus.push(c, t, "stop_reply", ref=b"9")
     bus.expect_reply(c, t, b"9", b"ok", {"bye": True})
-    bus.expect(wire.CHANNEL_CLOSE, EDGE, c, t.encode(), b"1")
+    bus.expect(wire.channel_close(EDGE, c, t.encode(), b"1"))
 
 
 def test_stop_normal_closes_and_stop_other_reason_errors(bus):
     bus.join_ok(b"stop2", "echo:n")
     bus.push(b"stop2", "echo:n", "stop_normal")
-    bus.expect(wire.CHANNEL_CLOSE, EDGE, b"stop2", b"echo:n", b"1")
+    bus.expect(wire.channel_close(EDGE, b"stop2", b"echo:n", b"1"))
     bus.join_ok(b"stop2", "echo:c")
     bus.push(b"stop2", "echo:c", "stop_crash")
-    bus.expect(wire.CHANNEL_ERROR, EDGE, b"stop2", b"echo:c", b"1")
+    bus.expect(wire.channel_error(EDGE, b"stop2", b"echo:c", b"1"))
 
 
 def test_stop_runs_terminate_with_the_reason(bus):
     bus.join_ok(b"stop3", "terminate:s")
     bus.push(b"stop3", "terminate:s", "stop_crash")
-    bus.expect(wire.CHANNEL_ERROR, EDGE, b"stop3", b"terminate:s", b"1")
+    bus.expect(wire.channel_error(EDGE, b"stop3", b"terminate:s", b"1"))
     assert terminations(bus) == {"topic": "terminations:terminate:s", "reason": "boom"}
 
 
@@ -360,14 +371,14 @@ def test_raise_in_handle_in_is_a_channel_error_and_the_worker_lives_on(bus):
     c, t = b"raise", "terminate:raise"
     bus.join_ok(c, t)
     bus.push(c, t, "raise", ref=b"2")
-    bus.expect(wire.CHANNEL_ERROR, EDGE, c, t.encode(), b"1")
+    bus.expect(wire.channel_error(EDGE, c, t.encode(), b"1"))
     bus.push(c, t, "ping", ref=b"3")          # the channel is gone: dropped
     bus.join_ok(c, t, b"4")                   # phoenix.js rejoins
     bus.push(c, t, "ping", {"again": 1}, ref=b"5", join_ref=b"4")
     bus.expect_reply(c, t, b"5", b"ok", {"again": 1}, join_ref=b"4")
-    bus.send(wire.LEAVE, c, t.encode(), b"4", b"6")
+    bus.send(wire.leave(EDGE, c, t.encode(), b"4", b"6"))
     bus.expect_reply(c, t, b"6", b"ok", {}, join_ref=b"4")
-    bus.expect(wire.CHANNEL_CLOSE, EDGE, c, t.encode(), b"4")
+    bus.expect(wire.channel_close(EDGE, c, t.encode(), b"4"))
     # terminate ran for the leave only, not for the raise
     assert terminations(bus)["reason"] == "('shutdown', 'left')"
     assert "raised on purpose by the e2e app" in bus.stderr()
@@ -377,7 +388,7 @@ def test_bad_return_value_crashes_with_a_log_line_naming_callback_shapes_and_val
     c, t = b"badret", "echo:badret"
     bus.join_ok(c, t)
     bus.push(c, t, "bad_return")
-    bus.expect(wire.CHANNEL_ERROR, EDGE, c, t.encode(), b"1")
+    bus.expect(wire.channel_error(EDGE, c, t.encode(), b"1"))
     assert ("EchoChannel.handle_in returned 42 (int); valid returns: reply(status, response=None), "
             "noreply(), stop(reason, reply=None)") in bus.stderr()
 
@@ -388,9 +399,9 @@ def test_push_and_send_after_push_carry_the_join_ref(bus):
     c, t = b"push", "echo:push"
     bus.join_ok(c, t, b"12")
     bus.push(c, t, "push", {"p": 1}, join_ref=b"12")
-    bus.expect(wire.PUSH, EDGE, c, t.encode(), b"12", b"pushed", b'{"p":1}', wire.JSON)
+    bus.expect(wire.push(EDGE, c, t.encode(), b"12", b"pushed", b'{"p":1}', wire.JSON))
     bus.push(c, t, "push_after", {"later": True}, join_ref=b"12")
-    bus.expect(wire.PUSH, EDGE, c, t.encode(), b"12", b"push_after", b'{"later":true}', wire.JSON)
+    bus.expect(wire.push(EDGE, c, t.encode(), b"12", b"push_after", b'{"later":true}', wire.JSON))
 
 
 def test_broadcast_and_broadcast_from_publish_with_origin(bus):
@@ -398,11 +409,11 @@ def test_broadcast_and_broadcast_from_publish_with_origin(bus):
     bus.join_ok(c, t)
     bus.push(c, t, "bcast", {"b": 1}, ref=b"2")
     bus.expect_reply(c, t, b"2", b"ok", {})
-    assert bus.broadcast() == [wire.topic_key(t), wire.BROADCAST, b"bcast", b"", b'{"b":1}', wire.JSON]
+    assert bus.broadcast() == wire.Broadcast(wire.topic_key(t), b"bcast", b"", b'{"b":1}', wire.JSON)
     bus.push(c, t, "bcast_from", {"b": 2}, ref=b"3")
     bus.expect_reply(c, t, b"3", b"ok", {})
-    assert bus.broadcast() == [wire.topic_key(t), wire.BROADCAST, b"bcast", wire.origin_of(EDGE, c),
-                               b'{"b":2}', wire.JSON]
+    assert bus.broadcast() == wire.Broadcast(wire.topic_key(t), b"bcast", wire.origin_of(EDGE, c),
+                                             b'{"b":2}', wire.JSON)
 
 
 @pytest.mark.parametrize("topic, event, error", [
@@ -434,20 +445,20 @@ def test_intercepted_broadcasts_run_handle_out_per_channel(bus):
     assert bus.subscription() == b"\x01" + key
     bus.join_ok(b"ib", t, assigns={"user": "bob"})
     # not intercepted: the edge's fast lane delivers it, the worker ignores it
-    bus.publish(*wire.broadcast_frames(t, "plain", b'{"x":0}'))
-    bus.publish(*wire.broadcast_frames(t, "filtered", b'{"x":1}'))
+    bus.publish(wire.broadcast_frames(t, "plain", b'{"x":0}'))
+    bus.publish(wire.broadcast_frames(t, "filtered", b'{"x":1}'))
     got = sorted([bus.recv(), bus.recv()])
-    assert got == [[wire.PUSH, EDGE, conn, t.encode(), b"1", b"filtered", data, wire.JSON]
+    assert got == [wire.push(EDGE, conn, t.encode(), b"1", b"filtered", data, wire.JSON)
                    for conn, data in [(b"ia", b'{"x":1,"seen_by":"ann"}'), (b"ib", b'{"x":1,"seen_by":"bob"}')]]
     # handle_out may filter; broadcast_from skips its origin
-    bus.publish(*wire.broadcast_frames(t, "filtered", b'{"drop":true}'))
-    bus.publish(*wire.broadcast_frames(t, "filtered", b'{"x":2}', origin=wire.origin_of(EDGE, b"ia")))
-    bus.expect(wire.PUSH, EDGE, b"ib", t.encode(), b"1", b"filtered", b'{"x":2,"seen_by":"bob"}', wire.JSON)
+    bus.publish(wire.broadcast_frames(t, "filtered", b'{"drop":true}'))
+    bus.publish(wire.broadcast_frames(t, "filtered", b'{"x":2}', origin=wire.origin_of(EDGE, b"ia")))
+    bus.expect(wire.push(EDGE, b"ib", t.encode(), b"1", b"filtered", b'{"x":2,"seen_by":"bob"}', wire.JSON))
     # the last intercepting channel leaving unsubscribes the topic
     for ref, conn in [(b"5", b"ia"), (b"6", b"ib")]:
-        bus.send(wire.LEAVE, conn, t.encode(), b"1", ref)
+        bus.send(wire.leave(EDGE, conn, t.encode(), b"1", ref))
         bus.expect_reply(conn, t, ref, b"ok", {})
-        bus.expect(wire.CHANNEL_CLOSE, EDGE, conn, t.encode(), b"1")
+        bus.expect(wire.channel_close(EDGE, conn, t.encode(), b"1"))
     assert bus.subscription() == b"\x00" + key
 
 
@@ -455,14 +466,14 @@ def test_default_handle_out_pushes_unchanged_and_default_handle_info_only_logs(b
     c, t = b"df", "defaults:df"
     bus.join_ok(c, t)
     assert bus.subscription() == b"\x01" + wire.topic_key(t)
-    bus.publish(*wire.broadcast_frames(t, "filtered", b'{"x":1}'))
-    bus.expect(wire.PUSH, EDGE, c, t.encode(), b"1", b"filtered", b'{"x":1}', wire.JSON)
+    bus.publish(wire.broadcast_frames(t, "filtered", b'{"x":1}'))
+    bus.expect(wire.push(EDGE, c, t.encode(), b"1", b"filtered", b'{"x":1}', wire.JSON))
     bus.push(c, t, "info", "hello", ref=b"7")
     bus.expect_reply(c, t, b"7", b"ok", {})
     bus.push(c, t, "ping", ref=b"8")   # the channel lives on after the default handle_info
     bus.expect_reply(c, t, b"8", b"ok", {})
     assert "got a message but defines no handle_info: 'hello'" in bus.stderr()
-    bus.send(wire.TERMINATE, c, t.encode(), b"1", b"closed")
+    bus.send(wire.terminate(EDGE, c, t.encode(), b"1", b"closed"))
     assert bus.subscription() == b"\x00" + wire.topic_key(t)
 
 
@@ -471,17 +482,17 @@ def test_default_handle_out_pushes_unchanged_and_default_handle_info_only_logs(b
 def test_leave_runs_terminate_then_replies_then_closes(bus):
     c, t = b"lv", "terminate:lv"
     bus.join_ok(c, t, b"3")
-    bus.send(wire.LEAVE, c, t.encode(), b"3", b"4")
+    bus.send(wire.leave(EDGE, c, t.encode(), b"3", b"4"))
     bus.expect_reply(c, t, b"4", b"ok", {}, join_ref=b"3")
-    bus.expect(wire.CHANNEL_CLOSE, EDGE, c, t.encode(), b"3")
+    bus.expect(wire.channel_close(EDGE, c, t.encode(), b"3"))
     assert terminations(bus) == {"topic": "terminations:" + t, "reason": "('shutdown', 'left')"}
 
 
 def test_leave_of_unknown_channel_replies_ok_and_stale_leave_is_ignored(bus):
-    bus.send(wire.LEAVE, b"lv2", b"echo:never", b"9", b"10")
-    bus.expect(wire.REPLY, EDGE, b"lv2", b"echo:never", b"9", b"10", b"ok", b"{}", wire.JSON)
+    bus.send(wire.leave(EDGE, b"lv2", b"echo:never", b"9", b"10"))
+    bus.expect(wire.reply(EDGE, b"lv2", b"echo:never", b"9", b"10", b"ok", b"{}", wire.JSON))
     bus.join_ok(b"lv2", "echo:stale", b"3")
-    bus.send(wire.LEAVE, b"lv2", b"echo:stale", b"2", b"4")      # an older instance: nothing
+    bus.send(wire.leave(EDGE, b"lv2", b"echo:stale", b"2", b"4"))      # an older instance: nothing
     bus.push(b"lv2", "echo:stale", "ping", ref=b"5", join_ref=b"3")
     bus.expect_reply(b"lv2", "echo:stale", b"5", b"ok", {}, join_ref=b"3")
 
@@ -489,8 +500,8 @@ def test_leave_of_unknown_channel_replies_ok_and_stale_leave_is_ignored(bus):
 def test_terminate_closed_runs_terminate_and_duplicate_join_does_not(bus):
     bus.join_ok(b"tm", "terminate:dup")
     bus.join_ok(b"tm", "terminate:closed")
-    bus.send(wire.TERMINATE, b"tm", b"terminate:dup", b"1", b"duplicate_join")
-    bus.send(wire.TERMINATE, b"tm", b"terminate:closed", b"1", b"closed")
+    bus.send(wire.terminate(EDGE, b"tm", b"terminate:dup", b"1", b"duplicate_join"))
+    bus.send(wire.terminate(EDGE, b"tm", b"terminate:closed", b"1", b"closed"))
     # the first terminate broadcast is the closed one: duplicate_join ran none
     assert terminations(bus) == {"topic": "terminations:terminate:closed", "reason": "('shutdown', 'closed')"}
     assert bus.nothing_pending() == []
@@ -502,7 +513,7 @@ def test_duplicate_join_replaces_the_old_instance_silently(bus):
     bus.join_ok(c, t, b"5")
     bus.push(c, t, "ping", {"old": 1}, ref=b"6", join_ref=b"1")   # old instance: gone
     bus.push(c, t, "stop_normal", ref=b"7", join_ref=b"5")
-    bus.expect(wire.CHANNEL_CLOSE, EDGE, c, t.encode(), b"5")
+    bus.expect(wire.channel_close(EDGE, c, t.encode(), b"5"))
     assert terminations(bus)["reason"] == "normal"              # only the new one terminated
 
 
@@ -520,7 +531,7 @@ def test_edge_down_terminates_that_edges_channels_only(bus):
     other = b"E-other-edge"
     bus.join_ok(b"ed1", "terminate:ed1", edge=other)
     bus.join_ok(b"ed2", "terminate:ed2")
-    bus.send_raw(wire.EDGE_DOWN, other)
+    bus.send(wire.edge_down(other))
     assert terminations(bus) == {"topic": "terminations:terminate:ed1", "reason": "('shutdown', 'closed')"}
     bus.push(b"ed1", "terminate:ed1", "ping", ref=b"2", edge=other)   # gone
     bus.push(b"ed2", "terminate:ed2", "ping", ref=b"3")               # still there
@@ -536,13 +547,12 @@ def test_a_new_broker_instance_makes_the_worker_list_its_channels_to_each_edge(b
     bus.next_load()
     syncs: dict[bytes, set] = {}
     while EDGE not in syncs:   # one per edge that joined a channel here (earlier tests' too)
-        frames = bus.recv(timeout=3)
-        assert frames[0] == wire.SYNC, frames
-        syncs[frames[1]] = wire.unpack_channel_list(frames[2])
+        sync = bus.recv_as(wire.SYNC, timeout=3)
+        syncs[sync.peer] = sync.channels
     assert (b"sy1", b"echo:sy1", b"4") in syncs[EDGE]
     time.sleep(0.2)   # the SYNCs to the other edges left in the same turn
     assert all(f[0] == wire.SYNC for f in bus.nothing_pending())
-    bus.send(wire.TERMINATE, b"sy1", b"echo:sy1", b"4", b"closed")   # as the edge would answer
+    bus.send(wire.terminate(EDGE, b"sy1", b"echo:sy1", b"4", b"closed"))   # as the edge would answer
     bus.instance = b""
 
 
@@ -573,14 +583,14 @@ def test_a_slow_channel_does_not_block_other_channels(bus):
 # --- robustness ---------------------------------------------------------------------------
 
 def test_bad_bus_frames_are_logged_and_dropped(bus):
-    bus.send_raw(b"~", b"junk")
-    bus.send_raw(wire.IN, EDGE, b"too-few")
-    bus.send(wire.JOIN, b"bad", b"echo:bad", b"1", b"1", b"not json", b"{}")
-    bus.send(wire.IN, b"bad", b"\xff\xfe", b"1", b"2", b"ping", b"{}", wire.JSON)
+    bus.send([b"~", b"junk"])                                                       # no such kind
+    bus.send(wire.inbound(EDGE, b"bad", b"echo:bad", b"1", b"2", b"ping", b"{}", wire.JSON)[:3])  # cut short
+    bus.send(wire.join(EDGE, b"bad", b"echo:bad", b"1", b"1", b"not json", b"{}"))
+    bus.send(wire.inbound(EDGE, b"bad", b"\xff\xfe", b"1", b"2", b"ping", b"{}", wire.JSON))
     bus.join_ok(b"bad", "intercept:bad")
     assert bus.subscription() == b"\x01" + wire.topic_key("intercept:bad")
-    bus.publish(wire.topic_key("intercept:bad"), wire.BROADCAST, b"filtered")
-    bus.publish(*wire.broadcast_frames("intercept:bad", "filtered", b"{not json"))
+    bus.publish(wire.broadcast_frames("intercept:bad", "filtered", b"{}")[:3])   # cut short
+    bus.publish(wire.broadcast_frames("intercept:bad", "filtered", b"{not json"))
     bus.join_ok(b"bad", "echo:bad2")
     bus.push(b"bad", "echo:bad2", "ping", b"raw", ref=b"3")
     bus.expect_reply(b"bad", "echo:bad2", b"3", b"ok", b"raw", fmt=wire.BINARY)
@@ -603,7 +613,7 @@ def test_sigterm_says_bye_runs_terminate_and_exits_zero(tmp_path):
         fake.probe_broadcasts(b"probe", "echo:probe", "bcast", {}, replies=True)
         fake.join_ok(b"sd", "terminate:sd")
         fake.proc.send_signal(signal.SIGTERM)
-        fake.expect(wire.BYE, wire.ROLE_WORKER)
+        fake.expect(wire.bye(wire.ROLE_WORKER))
         assert terminations(fake) == {"topic": "terminations:terminate:sd", "reason": "shutdown"}
         assert fake.proc.wait(5) == 0
     finally:
@@ -642,34 +652,36 @@ def test_chat_connect_defaults_user_to_anonymous(chat):
 
 
 def test_chat_lobby_is_open_and_other_rooms_are_private(chat):
-    assert chat.join(b"c1", "room:lobby", assigns={"user": "ann"})[6:] == [b"ok", b"{}", b'["user_joined"]']
-    assert chat.join(b"c1", "room:secret")[6:] == [b"error", b'{"reason":"unauthorized"}', b"[]"]
+    assert answer(chat.join(b"c1", "room:lobby", assigns={"user": "ann"})) == (b"ok", b"{}", b'["user_joined"]')
+    assert answer(chat.join(b"c1", "room:secret")) == (b"error", b'{"reason":"unauthorized"}', b"[]")
 
 
 def test_chat_announces_joins_from_handle_info_and_broadcasts_messages(chat):
     chat.join_ok(b"c2", "room:lobby", assigns={"user": "bob"}, payload={"announce": True})
-    pushed = chat.recv()   # then tracked in presence, with the full state pushed to the client
-    assert pushed[:6] == [wire.PUSH, EDGE, b"c2", b"room:lobby", b"1", b"presence_state"]
-    assert list(orjson.loads(pushed[6])) == ["bob"]
-    assert chat.broadcast() == [wire.topic_key("room:lobby"), wire.BROADCAST, b"user_joined", b"",
-                                b'{"user":"bob"}', wire.JSON]
+    pushed = chat.recv_as(wire.PUSH)   # then tracked in presence, with the full state pushed to the client
+    assert (pushed.peer, pushed.conn_id, pushed.topic, pushed.join_ref, pushed.event) == \
+        (EDGE, b"c2", b"room:lobby", b"1", b"presence_state")
+    assert list(orjson.loads(pushed.payload)) == ["bob"]
+    assert chat.broadcast() == wire.Broadcast(wire.topic_key("room:lobby"), b"user_joined", b"",
+                                              b'{"user":"bob"}', wire.JSON)
     diff = chat.broadcast()
-    assert diff[2] == b"presence_diff" and list(orjson.loads(diff[4])["joins"]) == ["bob"]
+    assert diff.event == b"presence_diff" and list(orjson.loads(diff.payload)["joins"]) == ["bob"]
     chat.push(b"c2", "room:lobby", "new_msg", {"body": "hi"})
-    assert chat.broadcast()[2:5] == [b"new_msg", b"", b'{"body":"hi","user":"bob"}']
+    msg = chat.broadcast()
+    assert (msg.event, msg.origin, msg.payload) == (b"new_msg", b"", b'{"body":"hi","user":"bob"}')
     chat.push(b"c2", "room:lobby", "ping", {"t": 1}, ref=b"9")
     chat.expect_reply(b"c2", "room:lobby", b"9", b"ok", {"t": 1})
 
 
 def test_chat_handle_out_filters_ignored_users(chat):
     chat.join_ok(b"c3", "room:lobby", assigns={"user": "cid"}, payload={"ignore": ["eve"]})
-    chat.publish(*wire.broadcast_frames("room:lobby", "user_joined", b'{"user":"eve"}'))
-    chat.publish(*wire.broadcast_frames("room:lobby", "user_joined", b'{"user":"fay"}'))
+    chat.publish(wire.broadcast_frames("room:lobby", "user_joined", b'{"user":"eve"}'))
+    chat.publish(wire.broadcast_frames("room:lobby", "user_joined", b'{"user":"fay"}'))
     seen = []   # pushes to every lobby member, until c3's push of fay
     while (b"c3", b'{"user":"fay"}') not in seen:
-        frames = chat.recv()
-        assert frames[0] == wire.PUSH and frames[5] == b"user_joined", frames
-        seen.append((frames[2], frames[6]))
+        push = chat.recv_as(wire.PUSH)
+        assert push.event == b"user_joined", push
+        seen.append((push.conn_id, push.payload))
     # c3 handles eve's broadcast before fay's: had it pushed eve, that push would be in `seen`
     assert [data for conn, data in seen if conn == b"c3"] == [b'{"user":"fay"}']
     assert (b"probe", b'{"user":"eve"}') in seen
@@ -771,17 +783,19 @@ def test_connect_return_values(quirks):
     assert connect(quirks, b"q", {"mode": "unserialisable"}) == (b"error", {"reason": "assigns are not JSON-serialisable"})
     assert connect(quirks, b"q", {"mode": "badid"}) == (b"error", {"reason": "id returned an invalid value"})
     assert connect(quirks, b"q", {"sid": "users:7"}) == (b"ok", {"assigns": {"sid": "users:7"}, "id": "users:7"})
-    quirks.send(wire.CONNECT, b"q", orjson.dumps({"params": {"mode": "info"}, "connect_info": {"peer": "1.2.3.4"}}))
-    assert quirks.recv()[3:] == [b"ok", b'{"assigns":{"info":{"peer":"1.2.3.4"}},"id":null}']
+    request = {"params": {"mode": "info"}, "connect_info": {"peer": "1.2.3.4"}}
+    quirks.send(wire.connect(EDGE, b"q", orjson.dumps(request)))
+    reply = quirks.recv_as(wire.CONNECT_REPLY)
+    assert (reply.status, reply.body) == (b"ok", b'{"assigns":{"info":{"peer":"1.2.3.4"}},"id":null}')
     log = quirks.stderr()
     assert "connect returned 42 (int) for edge" in log and "valid returns: the socket" in log and "not JSON-serialisable" in log
 
 
 def test_async_join_merges_route_assigns_and_pushes_from_handle_info_after_the_reply(quirks):
     reply = quirks.join(b"j", "q:1", payload={"p": 1}, assigns={"user": "ann"})
-    assert reply[6] == b"ok"
-    assert orjson.loads(reply[7]) == {"assigns": {"user": "ann", "route": {"nested": 1}, "joined_with": {"p": 1}}}
-    quirks.expect(wire.PUSH, EDGE, b"j", b"q:1", b"1", b"hello", b'{"from":"handle_info"}', wire.JSON)
+    assert reply.status == b"ok"
+    assert orjson.loads(reply.response) == {"assigns": {"user": "ann", "route": {"nested": 1}, "joined_with": {"p": 1}}}
+    quirks.expect(wire.push(EDGE, b"j", b"q:1", b"1", b"hello", b'{"from":"handle_info"}', wire.JSON))
     # the cancelled send_after (due at 100 ms) never arrives: a wait past it, then two more messages
     quirks.push(b"j", "q:1", "wait", {"s": 0.2}, ref=b"2")
     quirks.expect_reply(b"j", "q:1", b"2", b"ok", {})
@@ -792,37 +806,37 @@ def test_async_join_merges_route_assigns_and_pushes_from_handle_info_after_the_r
 def test_socket_fields_during_handle_in_and_assigns_copied_per_channel(quirks):
     for topic, payload in [("q:a", {"a": 1}), ("q:b", {"b": 2})]:
         quirks.join_ok(b"s", topic, b"7", payload=payload, assigns={"user": "bob"})
-        assert quirks.recv()[5] == b"hello"
+        assert quirks.recv_as(wire.PUSH).event == b"hello"
     quirks.push(b"s", "q:a", "socket", ref=b"8", join_ref=b"7")
     quirks.expect_reply(b"s", "q:a", b"8", b"ok", {"ref": "8", "join_ref": "7", "topic": "q:a", "assigns": {
         "user": "bob", "route": {"nested": 1}, "joined_with": {"a": 1}}}, join_ref=b"7")
     quirks.push(b"s", "q:b", "socket", ref=b"9", join_ref=b"7")
-    assert orjson.loads(quirks.recv()[7])["assigns"]["joined_with"] == {"b": 2}
+    assert orjson.loads(quirks.recv_as(wire.REPLY).response)["assigns"]["joined_with"] == {"b": 2}
 
 
 def test_unserialisable_reply_and_non_object_push_crash_the_channel(quirks):
     for topic in ("q:reply", "q:push"):
         quirks.join_ok(b"x", topic)
-        assert quirks.recv()[5] == b"hello"
+        assert quirks.recv_as(wire.PUSH).event == b"hello"
     quirks.push(b"x", "q:reply", "bad_reply")
-    quirks.expect(wire.CHANNEL_ERROR, EDGE, b"x", b"q:reply", b"1")
+    quirks.expect(wire.channel_error(EDGE, b"x", b"q:reply", b"1"))
     quirks.push(b"x", "q:push", "bad_push")
-    quirks.expect(wire.CHANNEL_ERROR, EDGE, b"x", b"q:push", b"1")
+    quirks.expect(wire.channel_error(EDGE, b"x", b"q:push", b"1"))
     assert "push payload must be a dict (JSON object) or bytes, got list" in quirks.stderr()
 
 
 def test_push_and_broadcast_may_be_awaited(quirks):
     quirks.join_ok(b"aw", "q:aw")
-    assert quirks.recv()[5] == b"hello"
+    assert quirks.recv_as(wire.PUSH).event == b"hello"
     quirks.push(b"aw", "q:aw", "await_push")
-    quirks.expect(wire.PUSH, EDGE, b"aw", b"q:aw", b"1", b"awaited", b"{}", wire.JSON)
+    quirks.expect(wire.push(EDGE, b"aw", b"q:aw", b"1", b"awaited", b"{}", wire.JSON))
 
 
 def test_duplicate_join_while_the_first_async_join_waits(quirks):
     for join_ref in (b"1", b"2"):   # back to back: the first join is killed before it resumes
-        quirks.send(wire.JOIN, b"dj", b"q:dj", join_ref, join_ref, b'{"assigns":{},"id":null}', b"{}")
-    assert quirks.recv()[:7] == [wire.JOIN_REPLY, EDGE, b"dj", b"q:dj", b"2", b"2", b"ok"]
-    quirks.expect(wire.PUSH, EDGE, b"dj", b"q:dj", b"2", b"hello", b'{"from":"handle_info"}', wire.JSON)
+        quirks.send(wire.join(EDGE, b"dj", b"q:dj", join_ref, join_ref, b'{"assigns":{},"id":null}', b"{}"))
+    assert_joined(quirks.recv_as(wire.JOIN_REPLY), EDGE, b"dj", "q:dj", b"2")
+    quirks.expect(wire.push(EDGE, b"dj", b"q:dj", b"2", b"hello", b'{"from":"handle_info"}', wire.JSON))
     quirks.push(b"dj", "q:dj", "echo", {"n": 1}, ref=b"3", join_ref=b"2")
     quirks.expect_reply(b"dj", "q:dj", b"3", b"ok", {"n": 1}, join_ref=b"2")
     assert "Task was destroyed" not in quirks.stderr() and "never awaited" not in quirks.stderr()

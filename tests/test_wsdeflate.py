@@ -197,7 +197,7 @@ def test_the_fast_lane_compresses_a_broadcast_once_and_writes_it_to_every_compre
         lane.hold(ch)
         lane.add(ch)
     payload = json.dumps({"body": "compress me " * 40}).encode()
-    lane.deliver([wire.topic_key("room:z"), wire.BROADCAST, b"new_msg", b"", payload, wire.JSON])
+    lane.deliver(wire.broadcast_frames("room:z", "new_msg", payload))
     compressed = [c.transport.sent[0] for c in conns[1::2]]
     plain = [c.transport.sent[0] for c in conns[::2]]
     assert sum(c.transport.prebuilt for c in conns) == 2          # once per kind of frame

@@ -126,7 +126,7 @@ class ChannelHost:
         for proc in self.channels.values():
             by_edge.setdefault(proc.edge, []).append((proc.conn, proc.topic_b, proc.join_ref))
         for edge, channels in by_edge.items():
-            self.dealer.send([wire.SYNC, edge, wire.pack_channel_list(channels)])
+            self.dealer.send(wire.sync(edge, channels))
         log.info("worker %s: after a broker restart or silence, told %d edge(s) which of their channels are here",
                  self.slot, len(by_edge))
 
@@ -155,8 +155,8 @@ class ChannelHost:
             self.join_reply(proc, ref, _OK, response, self.intercepts_of(type(proc.channel))[1])
 
     def join_reply(self, proc: ChannelProc, ref: bytes, status: bytes, response: bytes, intercept: bytes) -> None:
-        self.dealer.send([wire.JOIN_REPLY, proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
-                          status, response, intercept])
+        self.dealer.send(wire.join_reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
+                                         status, response, intercept))
 
     async def step_in(self, proc: ChannelProc, ref: bytes, event: str, payload: Any) -> None:
         if proc.state == CLOSED:
@@ -212,10 +212,10 @@ class ChannelHost:
         if kind is Stop:
             self.detach(proc, ENDING)
             await self.terminate(proc, result.reason)
-            self.close(proc, wire.CHANNEL_CLOSE if result.graceful else wire.CHANNEL_ERROR)
+            self.close(proc, wire.channel_close if result.graceful else wire.channel_error)
         else:   # crashed: Phoenix does not call terminate after a raise
             self.detach(proc, CLOSED)
-            self.close(proc, wire.CHANNEL_ERROR)
+            self.close(proc, wire.channel_error)
 
     def reply(self, proc: ChannelProc, ref: bytes, result: Reply) -> None:
         response = result.response
@@ -223,22 +223,23 @@ class ChannelHost:
             data, fmt = response, wire.BINARY
         else:
             data, fmt = orjson.dumps(response), wire.JSON
-        self.dealer.send([wire.REPLY, proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
-                          result.status.encode(), data, fmt])
+        self.dealer.send(wire.reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
+                                    result.status.encode(), data, fmt))
 
-    def close(self, proc: ChannelProc, kind: bytes) -> None:
+    def close(self, proc: ChannelProc, end: Callable[..., list[bytes]]) -> None:
+        """``end`` is wire.channel_close (phx_close) or wire.channel_error (phx_error)."""
         proc.state = CLOSED
-        self.dealer.send([kind, proc.edge, proc.conn, proc.topic_b, proc.join_ref])
+        self.dealer.send(end(proc.edge, proc.conn, proc.topic_b, proc.join_ref))
 
     async def step_leave(self, proc: ChannelProc, ref: bytes) -> None:
         if proc.state == CLOSED:   # stopped by itself before the leave got its turn
-            self.dealer.send([wire.REPLY, proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
-                              _OK, _EMPTY_JSON, wire.JSON])
+            self.dealer.send(wire.reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
+                                        _OK, _EMPTY_JSON, wire.JSON))
             return
         await self.terminate(proc, ("shutdown", "left"))
-        self.dealer.send([wire.REPLY, proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
-                          _OK, _EMPTY_JSON, wire.JSON])
-        self.close(proc, wire.CHANNEL_CLOSE)
+        self.dealer.send(wire.reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
+                                    _OK, _EMPTY_JSON, wire.JSON))
+        self.close(proc, wire.channel_close)
 
     async def step_end(self, proc: ChannelProc, reason: Any) -> None:
         if proc.state != CLOSED:
@@ -365,8 +366,8 @@ class ChannelHost:
         if proc.state == CLOSED:
             log.debug("push %r from closed channel %r dropped", event, proc)
             return
-        self.dealer.send([wire.PUSH, proc.edge, proc.conn, proc.topic_b, proc.join_ref,
-                          event.encode(), data, fmt])
+        self.dealer.send(wire.push(proc.edge, proc.conn, proc.topic_b, proc.join_ref,
+                                   event.encode(), data, fmt))
 
     def publish(self, topic: str, event: str, data: bytes, fmt: bytes, origin: bytes) -> None:
         self.bus.publish(topic, event, data, fmt, origin)

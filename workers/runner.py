@@ -85,27 +85,23 @@ class Worker(ChannelHost):
         try:
             if handler is None:
                 raise wire.BusFrameError(f"unknown bus kind {kind[:8]!r}")
-            if kind in wire.EDGE_TO_WORKER:
-                wire.check_frames(frames)
-            elif len(frames) < 2:
-                raise wire.BusFrameError(f"bus kind {kind!r} without fields")
-            handler(frames)
+            handler(wire.parse(frames))   # checks the frame count and names the fields
         except (wire.BusFrameError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON
             self.bad_frame(frames, exc)
 
     def on_sub(self, frames: list[bytes]) -> None:
         try:
-            wire.check_broadcast(frames)
-            if frames[0] == presence.PRESENCE_KEY:
-                self.presence.on_bus(frames[2].decode(), frames[4])
+            msg = wire.parse_broadcast(frames)
+            if msg.key == presence.PRESENCE_KEY:
+                self.presence.on_bus(msg.event.decode(), msg.payload)
                 return
-            procs = self.intercepts.get(frames[0])
+            procs = self.intercepts.get(msg.key)
             if not procs:
                 return
-            event, origin, data, fmt = frames[2].decode(), frames[3], frames[4], frames[5]
+            event, origin, data = msg.event.decode(), msg.origin, msg.payload
             targets = [p for p in procs if event in p.intercept and not (origin and origin == p.origin)]
             for proc in targets:   # each channel gets its own decoded copy to change at will
-                payload = orjson.loads(data) if fmt == wire.JSON else data
+                payload = orjson.loads(data) if msg.fmt == wire.JSON else data
                 self.post(proc, self.step_out, event, payload)
         except (wire.BusFrameError, ValueError) as exc:
             self.bad_frame(frames, exc, source=f"broadcast on {frames[0][:60]!r}")
@@ -140,24 +136,22 @@ class Worker(ChannelHost):
         self.sync_scheduled = False
         self.sync_edges()
 
-    def on_unroutable(self, frames: list[bytes]) -> None:
-        log.debug("worker %s: broker could not deliver a %r to %r", self.slot,
-                  frames[2] if len(frames) > 2 else b"?", frames[1])
+    def on_unroutable(self, msg: wire.Unroutable) -> None:
+        log.debug("worker %s: broker could not deliver a %r to %r", self.slot, msg.kind, msg.dest)
 
-    def on_edge_down(self, frames: list[bytes]) -> None:
-        edge = frames[1]
+    def on_edge_down(self, msg: wire.PeerDown) -> None:
+        edge = msg.peer
         self.edges.discard(edge)
         procs = [p for p in self.channels.values() if p.edge == edge]
         log.info("worker %s: edge %r down, terminating its %d channel(s)", self.slot, edge, len(procs))
         for proc in procs:
             self.end(proc, self.step_end, ("shutdown", "closed"))
 
-    def on_edge_sync(self, frames: list[bytes]) -> None:
+    def on_edge_sync(self, msg: wire.ChannelList) -> None:
         """An edge back on the bus after a silence lists every channel it has (joined or
         joining): end ours of that edge it does not list (its TERMINATE was lost), and answer
         with our list, so it errors those we no longer have (our close was lost)."""
-        edge = frames[1]
-        listed = set(wire.unpack_channel_list(frames[2]))
+        edge, listed = msg.peer, msg.channels
         kept, orphans = [], []
         for proc in [p for p in self.channels.values() if p.edge == edge]:
             key = (proc.conn, proc.topic_b, proc.join_ref)
@@ -168,14 +162,13 @@ class Worker(ChannelHost):
             log.info("worker %s: edge %r back on the bus; ending %d channel(s) it no longer has",
                      self.slot, edge, len(orphans))
         self.edges.add(edge)
-        self.dealer.send([wire.SYNC, edge, wire.pack_channel_list(
-            [(p.conn, p.topic_b, p.join_ref) for p in kept])])
+        self.dealer.send(wire.sync(edge, [(p.conn, p.topic_b, p.join_ref) for p in kept]))
 
-    def on_worker_down(self, frames: list[bytes]) -> None:
+    def on_worker_down(self, msg: wire.PeerDown) -> None:
         """Another worker is gone: its presence entries leave now, not after OWNER_TIMEOUT."""
-        self.presence.owner_down(frames[1].decode(errors="replace"))
+        self.presence.owner_down(msg.peer.decode(errors="replace"))
 
-    def on_evicted(self, frames: list[bytes]) -> None:
+    def on_evicted(self, msg: wire.Evicted) -> None:
         """The broker declared us dead while we were only slow: every edge has already
         sent phx_error for our channels, so end them all; clients rejoin elsewhere."""
         procs = list(self.channels.values())
@@ -186,12 +179,12 @@ class Worker(ChannelHost):
 
     # --- connect ----------------------------------------------------------------------
 
-    def on_connect(self, frames: list[bytes]) -> None:
-        self.start(self.connect(frames[1], frames[2], frames[3]))
+    def on_connect(self, msg: wire.Connect) -> None:
+        self.start(self.connect(msg.peer, msg.request_id, msg.request))
 
     async def connect(self, edge: bytes, conn: bytes, request: bytes) -> None:
         status, body = await self.run_connect(edge, conn, request)
-        self.dealer.send([wire.CONNECT_REPLY, edge, conn, status, body])
+        self.dealer.send(wire.connect_reply(edge, conn, status, body))
 
     async def run_connect(self, edge: bytes, conn: bytes, request: bytes) -> tuple[bytes, bytes]:
         def refuse(reason: str) -> tuple[bytes, bytes]:
@@ -234,16 +227,16 @@ class Worker(ChannelHost):
 
     # --- channel frames (run by each channel's mailbox in workers/channels.py) --------
 
-    def on_join(self, frames: list[bytes]) -> None:
-        _, edge, conn, topic_b, join_ref, ref, socket_json, payload_b = frames
+    def on_join(self, msg: wire.Join) -> None:
+        edge, conn, topic_b, join_ref, ref = msg.peer, msg.conn_id, msg.topic, msg.join_ref, msg.ref
         self.edges.add(edge)
         topic = topic_b.decode()
         route = system_route(topic) if topic.startswith(SYSTEM_PREFIX) else self.app.route(topic)
         if route is None:
-            self.dealer.send([wire.JOIN_REPLY, edge, conn, topic_b, join_ref, ref, _ERROR,
-                              b'{"reason":"unmatched topic"}', b"[]"])
+            self.dealer.send(wire.join_reply(edge, conn, topic_b, join_ref, ref, _ERROR,
+                                             b'{"reason":"unmatched topic"}', b"[]"))
             return
-        info, payload = orjson.loads(socket_json), orjson.loads(payload_b)
+        info, payload = orjson.loads(msg.socket), orjson.loads(msg.payload)
         if not isinstance(info, dict) or not isinstance(info.get("assigns", {}), dict):
             raise wire.BusFrameError("join socket_json is not {\"assigns\": {...}, \"id\": ...}")
         old = self.channels.get((edge, conn, topic_b))
@@ -262,37 +255,40 @@ class Worker(ChannelHost):
             channel.__init__()
         except Exception:
             log.exception("%s.__init__ crashed (topic %r edge %r conn %r)", cls.__name__, topic, edge, conn)
-            self.dealer.send([wire.JOIN_REPLY, edge, conn, topic_b, join_ref, ref, _ERROR,
-                              b'{"reason":"join crashed"}', b"[]"])
+            self.dealer.send(wire.join_reply(edge, conn, topic_b, join_ref, ref, _ERROR,
+                                             b'{"reason":"join crashed"}', b"[]"))
             return
         self.channels[(edge, conn, topic_b)] = proc
         self.post(proc, self.step_join, ref, payload)
 
-    def on_in(self, frames: list[bytes]) -> None:
-        _, edge, conn, topic_b, join_ref, ref, event, data, fmt = frames
-        proc = self.channels.get((edge, conn, topic_b))
+    def on_in(self, msg: wire.In) -> None:
+        proc = self.channels.get((msg.peer, msg.conn_id, msg.topic))
+        join_ref = msg.join_ref
         if proc is None or (join_ref and join_ref != proc.join_ref):
-            log.debug("worker %s: no channel %r for conn %r join_ref %r; dropped", self.slot, topic_b, conn, join_ref)
+            log.debug("worker %s: no channel %r for conn %r join_ref %r; dropped",
+                      self.slot, msg.topic, msg.conn_id, join_ref)
             return
+        fmt = msg.fmt
         if fmt == wire.JSON:
-            payload = orjson.loads(data)
+            payload = orjson.loads(msg.payload)
         elif fmt == wire.BINARY:
-            payload = data
+            payload = msg.payload
         else:
             raise wire.BusFrameError(f"unknown payload format {fmt[:8]!r}")
-        self.post(proc, self.step_in, ref, event.decode(), payload)
+        self.post(proc, self.step_in, msg.ref, msg.event.decode(), payload)
 
-    def on_leave(self, frames: list[bytes]) -> None:
-        _, edge, conn, topic_b, join_ref, ref = frames
-        proc = self.channels.get((edge, conn, topic_b))
+    def on_leave(self, msg: wire.Leave) -> None:
+        proc = self.channels.get((msg.peer, msg.conn_id, msg.topic))
+        join_ref = msg.join_ref
         if proc is None:   # not joined here (any more): Phoenix still answers ok
-            self.dealer.send([wire.REPLY, edge, conn, topic_b, join_ref, ref, _OK, _EMPTY_JSON, wire.JSON])
+            self.dealer.send(wire.reply(msg.peer, msg.conn_id, msg.topic, join_ref, msg.ref,
+                                        _OK, _EMPTY_JSON, wire.JSON))
         elif not join_ref or join_ref == proc.join_ref:
-            self.end(proc, self.step_leave, ref)
+            self.end(proc, self.step_leave, msg.ref)
 
-    def on_terminate(self, frames: list[bytes]) -> None:
-        _, edge, conn, topic_b, join_ref, reason = frames
-        proc = self.channels.get((edge, conn, topic_b))
+    def on_terminate(self, msg: wire.Terminate) -> None:
+        proc = self.channels.get((msg.peer, msg.conn_id, msg.topic))
+        join_ref, reason = msg.join_ref, msg.reason
         if proc is None or (join_ref and join_ref != proc.join_ref):
             return
         if reason == b"duplicate_join":   # an exit signal in Phoenix: terminate is not called
