@@ -46,16 +46,18 @@ log = logging.getLogger("zchannels.worker")
 class Worker(ChannelHost):
     """One worker process on the bus: frames in, connects, liveness and shutdown."""
 
-    def __init__(self, app: api.Socket, sockets: PeerSockets, slot: int, peer_id: bytes,
-                 alive: Callable[[], None]):
+    def __init__(self, app: api.Socket, sockets: PeerSockets | None, slot: int, peer_id: bytes,
+                 alive: Callable[[], None], peer: Callable[..., BusPeer] = BusPeer):
+        """``peer`` makes this worker's place on the bus from ``sockets`` and BusPeer's
+        keyword arguments; zchannels.testing passes an in-memory stand-in (and no sockets)."""
         self.app, self.slot, self.peer_id, self.alive = app, slot, peer_id, alive
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
-        self.bus = BusPeer(sockets, wire.ROLE_WORKER, on_direct=self.on_dealer,
-                           on_broadcast=self.on_sub, load=lambda: len(self.channels),
-                           on_bus_state=self.on_bus_state, on_registered=self.on_registered,
-                           on_beat=self.on_beat, on_bad_frame=self.bad_frame,
-                           name=f"worker {slot}", logger=log, loop=self.loop)
+        self.bus = peer(sockets, wire.ROLE_WORKER, on_direct=self.on_dealer,
+                        on_broadcast=self.on_sub, load=lambda: len(self.channels),
+                        on_bus_state=self.on_bus_state, on_registered=self.on_registered,
+                        on_beat=self.on_beat, on_bad_frame=self.bad_frame,
+                        name=f"worker {slot}", logger=log, loop=self.loop)
         self.dealer, self.pub, self.sub = self.bus.dealer, self.bus.pub, self.bus.sub
         super().__init__()   # the channel table, intercepts and tasks (workers/channels.py)
         self.presence = presence.Tracker(
