@@ -426,14 +426,14 @@ def test_broadcast_with_a_nul_crashes_the_handler_with_a_clear_error(bus, topic,
     c, t = b"nul", "echo:nulcaller"
     bus.join_ok(c, t)
     bus.push(c, t, "kick", {"topic": topic, "event": event})
-    bus.expect(wire.CHANNEL_ERROR, EDGE, c, t.encode(), b"1")
+    bus.expect(wire.channel_error(EDGE, c, t.encode(), b"1"))
     wait_until(lambda: error in bus.stderr(), TIMEOUT, message=f"no {error!r} in the worker's log")
     bus.join_ok(c, t, b"3")                   # the worker lives on
     bus.push(c, t, "ping", {"n": 1}, ref=b"4", join_ref=b"3")
     bus.expect_reply(c, t, b"4", b"ok", {"n": 1}, join_ref=b"3")
-    bus.send(wire.LEAVE, c, t.encode(), b"3", b"5")
+    bus.send(wire.leave(EDGE, c, t.encode(), b"3", b"5"))
     bus.expect_reply(c, t, b"5", b"ok", {}, join_ref=b"3")
-    bus.expect(wire.CHANNEL_CLOSE, EDGE, c, t.encode(), b"3")
+    bus.expect(wire.channel_close(EDGE, c, t.encode(), b"3"))
 
 
 # --- intercepts ---------------------------------------------------------------------------
