@@ -14,12 +14,10 @@ import base64
 import json
 import os
 import re
-import shutil
 import socket
 import ssl
 import subprocess
 import sys
-import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -27,24 +25,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, Cluster, Proc, wait_until
+from tests.tlscert import OPENSSL, make_cert
 
-OPENSSL = shutil.which("openssl")
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed")
 
 API_KEY = "tls-test-api-key"
 STATUS_TOKEN = "tls-test-status-token"
-
-
-def make_cert(directory: Path, name: str = "edge") -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its unencrypted key."""
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-keyout", str(key),
-                    "-out", str(cert), "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=30)
-    return cert, key
 
 
 @pytest.fixture(scope="module")
