@@ -252,6 +252,9 @@ class RequestGate(httputil.HTTPMessageDelegate):
         # stands and its connection closes when written.)
         if stream is None or stream.closed() or getattr(self.conn, "_write_finished", False):
             return
+        if isinstance(stream, SSLIOStream) and stream.socket.version() is None:
+            stream.close()      # no TLS session yet, so no way to send an answer
+            return
         try:
             done = stream.write(raw_response(status, reason, text, headers))
         except Exception:         # StreamClosedError: the peer went first

@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -172,6 +173,34 @@ def test_plain_http_on_the_tls_port_fails_cleanly_and_the_edge_serves_on(tls_edg
     log = edge.stderr_text()
     assert "TLS handshake with 127.0.0.1:" in log and "Traceback" not in log
     assert "SSL Error on" not in log      # Tornado's line per failure is replaced by the counted one
+
+
+@pytest.mark.timeout(30)
+def test_a_connection_that_never_finishes_its_handshake_is_closed_at_the_header_timeout(
+        cluster_factory, cert):
+    certfile, keyfile = cert
+    edge = cluster_factory(edges=1, workers=1, edge_args=[
+        "--certfile", str(certfile), "--keyfile", str(keyfile), "--header-timeout", "1"])
+    port = int(edge.http_urls[0].rsplit(":", 1)[1])
+    for start in (b"", b"\x16\x03\x01\x00\xf0\x01\x00"):   # silent; half a ClientHello
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(start)
+            opened = time.monotonic()
+            assert s.recv(100) == b""       # closed, with no answer it could not encrypt
+            assert time.monotonic() - opened < 3
+    assert "2 header timeouts so far" in edge.edge_procs[0].stderr_text()
+
+
+@pytest.mark.timeout(30)
+def test_sigterm_drains_wss_clients_with_1012_and_the_edge_exits_0(cluster_factory, cert, js_client):
+    certfile, keyfile = cert
+    edge = cluster_factory(edges=1, workers=1, edge_args=[
+        "--certfile", str(certfile), "--keyfile", str(keyfile), "--drain-period", "1"])
+    client = js_client("drained", env=trusting(cert))
+    assert client.connect(edge.ws_urls[0], reconnectAfterMs=60_000)["status"] == "open"
+    assert client.join("c", f"echo:{uid()}")["status"] == "ok"
+    assert edge.edge_procs[0].stop(10) == 0
+    assert client.wait_event({"type": "socket_close"}, 5)["code"] == 1012
 
 
 # --- a slow consumer over TLS: back-pressure and the cut-off ----------------------------------
