@@ -304,15 +304,20 @@ def test_bad_certfile_or_keyfile_is_one_line_and_exit_code_2(cert, tmp_path):
 # --- other ways of starting an edge -------------------------------------------------------------
 
 @pytest.mark.timeout(60)
-def test_edge_processes_share_the_tls_port(cluster_factory, cert, js_client):
+def test_edge_processes_share_the_tls_port_and_compress_over_it(cluster_factory, cert, js_client):
     certfile, keyfile = cert
     edges = cluster_factory(edges=1, workers=1, edge_args=[
-        "--certfile", str(certfile), "--keyfile", str(keyfile), "--processes", "2"])
+        "--certfile", str(certfile), "--keyfile", str(keyfile), "--processes", "2", "--compress"])
     assert edges.http_urls[0].startswith("https://") and edges.edge_ready[0]["processes"] == "2"
     client = js_client("multi", env=trusting(cert))
     assert client.connect(edges.ws_urls[0])["status"] == "open"
-    assert client.join("c", f"echo:{uid()}")["status"] == "ok"
+    assert "permessage-deflate" in client.wait_event({"type": "socket_open"})["extensions"]
+    topic = f"echo:{uid()}"
+    assert client.join("c", topic, on=["bcast"])["status"] == "ok"
     assert client.push("c", "ping", {"n": 1})["response"] == {"n": 1}
+    assert client.push("c", "bcast", {"text": "compressed " * 100})["status"] == "ok"
+    client.wait_event({"type": "message", "chan": "c", "event": "bcast",
+                       "payload": {"text": "compressed " * 100}}, 10)
 
 
 @pytest.mark.timeout(90)
