@@ -6,6 +6,8 @@ import logging
 import os
 import signal
 import socket
+import ssl
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from edge.metrics import MetricsHandler, make_registry
 from edge.origin import OriginCheck
 from edge.publish_api import PATH as PUBLISH_PATH, BroadcastHandler
 from edge.status import StatusAccess, StatusPage
+from edge.tls import HANDSHAKE_FAILURE_KINDS, TLSConfigError, install_handshake_failure_log, load_context
 from edge.websocket import WebSocketUpgrade
 
 log = logging.getLogger("edge")
@@ -116,7 +119,7 @@ def http_limits_from(args) -> HttpLimits:
         max_pending_per_peer=getattr(args, "max_pending_per_peer", d.max_pending_per_peer))
 
 
-async def serve(args, origin_check: OriginCheck) -> int:
+async def serve(args, origin_check: OriginCheck, tls: ssl.SSLContext | None = None) -> int:
     window = args.longpoll_window
     limits = Limits(max_channels=args.max_channels, max_frame_size=args.max_frame_size,
                     heartbeat_timeout=args.heartbeat_timeout, max_outbound=args.max_outbound,
@@ -130,7 +133,10 @@ async def serve(args, origin_check: OriginCheck) -> int:
                   status_access=StatusAccess.from_options(getattr(args, "status_token", None)),
                   bus_loss_timeout=getattr(args, "bus_loss_timeout", BUS_LOSS_TIMEOUT))
     hub.start()
-    refusals = Refusals(hub.stats, REFUSAL_KINDS + Admission.KINDS + HANDLER_REFUSAL_KINDS)
+    refusals = Refusals(hub.stats, REFUSAL_KINDS + Admission.KINDS + HANDLER_REFUSAL_KINDS +
+                        HANDSHAKE_FAILURE_KINDS)
+    if tls is not None:
+        install_handshake_failure_log(refusals)
     api_key = getattr(args, "api_key", None) or os.environ.get("ZCHANNELS_API_KEY") or None
     app = make_app(hub, args.static, websocket=not args.no_websocket, longpoll=not args.no_longpoll,
                    api_key=api_key, refusals=refusals)
@@ -145,7 +151,7 @@ async def serve(args, origin_check: OriginCheck) -> int:
                             refusals=refusals)
     sockets = bind_sockets(args.port, args.host, family=socket.AF_INET if ":" not in args.host else socket.AF_UNSPEC,
                            reuse_port=args.reuse_port)
-    acceptors = [Acceptor(server, sock, admission) for sock in sockets]
+    acceptors = [Acceptor(server, sock, admission, tls) for sock in sockets]
     for acceptor in acceptors:
         acceptor.start()
     port = sockets[0].getsockname()[1]
@@ -154,14 +160,17 @@ async def serve(args, origin_check: OriginCheck) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("edge %s up on http://%s:%d, bus %s; origins allowed: %s; rate limit: %s; "
-             "status page: %s", hub.edge_id.decode(), args.host, port, args.bus,
+    scheme = "https" if tls is not None else "http"
+    log.info("edge %s up on %s://%s:%d, bus %s; origins allowed: %s; rate limit: %s; "
+             "status page: %s", hub.edge_id.decode(), scheme, args.host, port, args.bus,
              origin_check.describe(), f"{limits.max_rate:g}/s, burst {limits.max_burst}"
              if limits.max_rate > 0 and limits.max_burst > 0 else "off",
              "on (/status?status_token=...)" if hub.status_access.enabled else "off")
     log.info("HTTP limits: %s; forwarding headers trusted from: %s; descriptor reserve %d",
              http_limits.describe(), trusted.describe(), admission.reserve_size)
-    announce_ready(http=f"http://{args.host}:{port}", edge=hub.edge_id.decode())
+    if tls is not None:
+        log.info("TLS on: certificate %s, key %s (https:// and wss://)", args.certfile, args.keyfile)
+    announce_ready(http=f"{scheme}://{args.host}:{port}", edge=hub.edge_id.decode())
     await stop.wait()
     # Drain: no new connections (the balancer sees the port closed and picks another edge),
     # then the open ones in batches over --drain-period; a second signal closes the rest at once.
@@ -185,6 +194,11 @@ def main(args) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    try:
+        tls = load_context(getattr(args, "certfile", None), getattr(args, "keyfile", None))
+    except TLSConfigError as exc:
+        print(f"zchannels edge: error: {exc}", file=sys.stderr)
+        return 2
     if args.log_level != "debug":
         # One line per WebSocket upgrade is noise at 10k clients; errors still show.
         logging.getLogger("tornado.access").setLevel(logging.WARNING)
@@ -192,4 +206,4 @@ def main(args) -> int:
     if args.processes > 1:
         from edge.multiproc import run_many
         return run_many(args)
-    return run_loop(serve(args, origin_check))
+    return run_loop(serve(args, origin_check, tls))

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, SSLIOStream
 
 from edge.admission import Admission, Refusals, Slot
 from edge.forwarded import TrustedProxies
@@ -160,10 +160,11 @@ class RequestGate(httputil.HTTPMessageDelegate):
         server, slot = self.server, self.slot
         slot.requests += 1
         context = self.conn.context
+        scheme = "https" if isinstance(self.conn.stream, SSLIOStream) else "http"
         if slot.trusted:
-            context.remote_ip, context.protocol = server.trusted.client(slot.ip, "http", headers)
+            context.remote_ip, context.protocol = server.trusted.client(slot.ip, scheme, headers)
         else:
-            context.remote_ip, context.protocol = slot.ip, "http"
+            context.remote_ip, context.protocol = slot.ip, scheme
         # An upgrade stays pending until it is handed over or answered: its connect runs first.
         self.upgrade = headers.get("Upgrade", "").lower() == "websocket"
         self.limit = server.limits.body_limit(start_line.path.partition("?")[0])
@@ -250,6 +251,9 @@ class RequestGate(httputil.HTTPMessageDelegate):
         # (Tornado keeps no public flag for "the handler has answered"; if it has, that answer
         # stands and its connection closes when written.)
         if stream is None or stream.closed() or getattr(self.conn, "_write_finished", False):
+            return
+        if isinstance(stream, SSLIOStream) and stream.socket.version() is None:
+            stream.close()      # no TLS session yet, so no way to send an answer
             return
         try:
             done = stream.write(raw_response(status, reason, text, headers))

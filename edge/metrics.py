@@ -90,6 +90,9 @@ STATS = {
                                "LongPoll POSTs answered 410 from their headers, body unread"),
     "api_key_refusals": ("zchannels_edge_api_key_refusals",
                          "POST /api/broadcast answered 401 from its headers, body unread"),
+    "tls_handshake_failures": ("zchannels_edge_tls_handshake_failures",
+                               "TLS handshakes that failed (plain HTTP on the TLS port, a client "
+                               "that does not trust the certificate)"),
 }
 
 

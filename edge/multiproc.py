@@ -84,8 +84,9 @@ def run_many(args: argparse.Namespace) -> int:
                 return 1
         if reserved is not None:
             reserved.close()
-        log.info("%d edge processes up on http://%s:%d", len(children), args.host, port)
-        announce_ready(http=f"http://{args.host}:{port}", processes=len(children),
+        scheme = "https" if getattr(args, "certfile", None) else "http"
+        log.info("%d edge processes up on %s://%s:%d", len(children), scheme, args.host, port)
+        announce_ready(http=f"{scheme}://{args.host}:{port}", processes=len(children),
                        edges=",".join(c.fields.get("edge", "?") for c in children))
         while not stopping.wait(0.5):
             for child in children:

@@ -3,7 +3,8 @@
 The upgrade request runs the user's ``connect`` in a worker first and is
 refused with 403 (as Phoenix does) when it says no, or 503 when no worker is
 up.  Once accepted, the socket leaves Tornado for ``wsproto.WebSocketProtocol``
-on the event loop's own transport, which frames and parses the WebSocket.
+on the event loop's own transport, which frames and parses the WebSocket; on a
+TLS edge, on ``tlstransport.TLSTransport`` over the same TLS session.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from edge.connection import Connection
 from edge.handshake import connect_info, origin_allowed
 from edge.hub import ConnectRefused, EdgeHub
 from edge.params import decode_params
+from edge.tlstransport import TLSStream, TLSTransport
 from edge.wsdeflate import DeflateWebSocketProtocol, negotiate
 from edge.wsproto import WebSocketProtocol
 
@@ -69,7 +71,9 @@ class WebSocketUpgrade(web.RequestHandler):
             raise web.HTTPError(426, reason="Only WebSocket version 13 is supported")
         if not key:
             raise web.HTTPError(400, reason="Missing Sec-WebSocket-Key")
-        if isinstance(req.connection.stream, SSLIOStream):
+        stream = req.connection.stream
+        if isinstance(stream, SSLIOStream) and not isinstance(stream, TLSStream):
+            # TLS the edge did not set up (edge/tls.py) could not be handed over.
             raise web.HTTPError(501, reason="Terminate TLS in front of the edge")
         if not origin_allowed(self.hub.origin_check, req, self.refused):
             raise web.HTTPError(403)
@@ -115,12 +119,6 @@ class WebSocketUpgrade(web.RequestHandler):
         if stream.closed() or stream.socket is None:
             log.info("conn %s: hung up while connect ran", label)
             return
-        # Take the descriptor itself (no dup: at the open-files limit there is none to spare).
-        stream.io_loop.remove_handler(stream.socket)
-        sock = pysocket.socket(fileno=stream.socket.detach())
-        stream.close()   # its socket object no longer owns the descriptor
-        sock.setblocking(False)
-        sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
         hub = self.hub
 
         def make_connection(transport: WebSocketProtocol) -> Connection:
@@ -130,5 +128,16 @@ class WebSocketUpgrade(web.RequestHandler):
             return conn
 
         loop = asyncio.get_running_loop()
+        if isinstance(stream, TLSStream):
+            tls_sock = stream.release()
+            tls_sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+            TLSTransport(loop, tls_sock, protocol_class(hub, make_connection, handshake))
+            return
+        # Take the descriptor itself (no dup: at the open-files limit there is none to spare).
+        stream.io_loop.remove_handler(stream.socket)
+        sock = pysocket.socket(fileno=stream.socket.detach())
+        stream.close()   # its socket object no longer owns the descriptor
+        sock.setblocking(False)
+        sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
         await loop.connect_accepted_socket(
             lambda: protocol_class(hub, make_connection, handshake), sock=sock)

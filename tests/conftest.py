@@ -213,7 +213,8 @@ class Cluster:
             self.stop()
             raise
         self.http_urls = [r["http"] for r in self.edge_ready]
-        self.ws_urls = [u.replace("http://", "ws://", 1) + "/socket" for u in self.http_urls]
+        self.ws_urls = [("wss://" + u[len("https://"):] if u.startswith("https://") else
+                         u.replace("http://", "ws://", 1)) + "/socket" for u in self.http_urls]
         self.edge_ids = [r.get("edge") for r in self.edge_ready]
 
     def _add(self, proc: Proc) -> Proc:
@@ -355,9 +356,9 @@ class JsClients:
     def __init__(self) -> None:
         self.clients = []
 
-    def __call__(self, name: str | None = None):
+    def __call__(self, name: str | None = None, env: dict[str, str] | None = None):
         from tests.jsclient import JsClient
-        client = JsClient(name or f"js{len(self.clients)}")
+        client = JsClient(name or f"js{len(self.clients)}", env=env)
         self.clients.append(client)
         return client
 

@@ -56,7 +56,9 @@ class DriverError(AssertionError):
 class JsClient:
     """One phoenix.js `Socket` in its own Node process. Thread-safe enough for one test thread."""
 
-    def __init__(self, name: str = "js", start_timeout: float = 10.0):
+    def __init__(self, name: str = "js", start_timeout: float = 10.0,
+                 env: dict[str, str] | None = None):
+        """``env`` is added to the Node process's environment (e.g. NODE_EXTRA_CA_CERTS)."""
         self.name = name
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
@@ -70,7 +72,7 @@ class JsClient:
         with open(self._stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
                 [NODE, str(DRIVER)], cwd=str(ROOT), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=err, bufsize=0)
+                stderr=err, bufsize=0, env=None if env is None else {**os.environ, **env})
         self._reader = threading.Thread(target=self._read, name=f"jsclient-{name}", daemon=True)
         self._reader.start()
         self.wait_event({"type": "driver_ready"}, timeout=start_timeout)

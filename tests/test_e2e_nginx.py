@@ -1,8 +1,13 @@
-"""Two edges behind nginx round-robin, no stickiness: WebSocket and LongPoll clients both work.
+"""Two edges behind nginx round-robin, no stickiness, configured by the shipped deploy/nginx.conf:
+WebSocket and LongPoll clients both work, over http:// and over https:// (TLS ending at nginx).
 
 A LongPoll session lives on the edge that created it; with round-robin its later requests
 land on the other edge too, which forwards them over the bus to the holder.  nginx's access
 log (with the upstream address) proves the requests really were spread over both edges.
+
+The test renders deploy/nginx.conf for its own ports and certificate by replacing the lines
+that name them (each must be there exactly once) and includes it in an nginx.conf of its own
+(pid, logs and temporary files under the test's directory).
 """
 from __future__ import annotations
 
@@ -16,12 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
+from tests.tlscert import OPENSSL, make_cert
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-pytestmark = pytest.mark.skipif(not os.path.exists(NGINX), reason="nginx is not installed")
+SHIPPED = ROOT / "deploy" / "nginx.conf"
+pytestmark = [pytest.mark.skipif(not os.path.exists(NGINX), reason="nginx is not installed"),
+              pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed")]
 
-CONFIG = """
+# What runs around the shipped file: a foreground nginx whose files are all in the test's folder.
+MAIN = """
 worker_processes 1;
 daemon off;
 pid {tmp}/nginx.pid;
@@ -35,24 +44,26 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
-    upstream edges {{
-{servers}
-    }}
-    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://edges;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header Host $host;
-            proxy_read_timeout 60s;
-            proxy_buffering off;
-        }}
-    }}
+    include {tmp}/zchannels.conf;
 }}
 """
+
+
+def render_shipped(upstreams: list[str], port: int, tls_port: int, cert: Path, key: Path) -> str:
+    """deploy/nginx.conf with the test's edges, ports and certificate in place of its own."""
+    text = SHIPPED.read_text()
+    servers = "".join(f"    server {u.split('://', 1)[1]};\n" for u in upstreams)
+    swaps = {
+        "    server 127.0.0.1:4001;\n    server 127.0.0.1:4002;\n": servers,
+        "    listen 80;\n": f"    listen 127.0.0.1:{port};\n",
+        "    listen 443 ssl;\n": f"    listen 127.0.0.1:{tls_port} ssl;\n",
+        "/etc/zchannels/tls/cert.pem": str(cert),
+        "/etc/zchannels/tls/key.pem": str(key),
+    }
+    for old, new in swaps.items():
+        assert text.count(old) == 1, f"deploy/nginx.conf should hold {old!r} exactly once"
+        text = text.replace(old, new)
+    return text
 
 
 def free_port() -> int:
@@ -64,24 +75,26 @@ def free_port() -> int:
 class Nginx:
     def __init__(self, tmp: Path, upstreams: list[str]):
         self.tmp = tmp
-        servers = "\n".join(f"        server {u.split('://', 1)[1]};" for u in upstreams)
+        self.cert, self.key = make_cert(tmp, "nginx")
+        conf = tmp / "nginx.conf"
+        conf.write_text(MAIN.format(tmp=tmp))
         for attempt in range(5):
-            self.port = free_port()
-            conf = tmp / "nginx.conf"
-            conf.write_text(CONFIG.format(tmp=tmp, servers=servers, port=self.port))
+            self.port, self.tls_port = free_port(), free_port()
+            (tmp / "zchannels.conf").write_text(
+                render_shipped(upstreams, self.port, self.tls_port, self.cert, self.key))
             self.proc = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(conf)],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if self._listening():
+            if self._listening(self.port) and self._listening(self.tls_port):
                 return
             self.proc.kill()
             self.proc.wait()
         raise RuntimeError(f"nginx did not start: {(tmp / 'error.log').read_text()[-2000:]}")
 
-    def _listening(self, timeout: float = 5.0) -> bool:
+    def _listening(self, port: int, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
                 return True
             except OSError:
                 time.sleep(0.05)
@@ -90,6 +103,14 @@ class Nginx:
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/socket"
+
+    @property
+    def tls_url(self) -> str:
+        return f"wss://127.0.0.1:{self.tls_port}/socket"
+
+    def trusting(self) -> dict[str, str]:
+        """The environment of a Node client that trusts nginx's certificate."""
+        return {"NODE_EXTRA_CA_CERTS": str(self.cert)}
 
     def upstreams_for(self, path: str) -> set[str]:
         log = (self.tmp / "access.log")
@@ -159,3 +180,26 @@ def test_longpoll_session_spread_over_both_edges_keeps_working(behind_nginx, js_
                    "payload": {"from": "lp"}}, timeout=10)
     wait_until(lambda: len(nginx.upstreams_for("/socket/longpoll")) == 2, timeout=5)
     assert not lp.find({"type": "socket_close"}), "the LongPoll session broke"
+
+
+@pytest.mark.timeout(60)
+def test_tls_ends_at_nginx_and_the_edges_see_https_from_the_trusted_proxy(cluster_factory, tmp_path,
+                                                                          js_client):
+    """deploy/nginx.conf's https server: wss:// and LongPoll https:// through nginx to plain
+    edges, which (given --trusted-proxies) report the client's scheme as https."""
+    cluster = cluster_factory(app="tests/apps/connect_info_app.py", edges=2, workers=1,
+                              edge_args=["--trusted-proxies", "127.0.0.1/32"])
+    nginx = Nginx(tmp_path, cluster.http_urls)
+    try:
+        for transport in ("websocket", "longpoll"):
+            client = js_client(f"tls-{transport}", env=nginx.trusting())
+            assert client.connect(nginx.tls_url, transport=transport)["status"] == "open"
+            joined = client.join("c", f"info:{uid()}")
+            assert joined["status"] == "ok"
+            assert joined["response"] == {"peer": "127.0.0.1", "scheme": "https",
+                                          "transport": transport}
+        plain = js_client("plain")
+        assert plain.connect(nginx.url)["status"] == "open"
+        assert plain.join("c", f"info:{uid()}")["response"]["scheme"] == "http"
+    finally:
+        nginx.stop()

@@ -117,6 +117,12 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP listen address (default: %(default)s)")
     p.add_argument("--port", type=int, default=4000, help="HTTP listen port, 0 = any free port "
                    "(default: %(default)s)")
+    p.add_argument("--certfile", default=None, metavar="FILE",
+                   help="serve https:// and wss:// with this PEM certificate (its chain after it); "
+                        "needs --keyfile (default: plain http://, e.g. behind a TLS-terminating "
+                        "proxy)")
+    p.add_argument("--keyfile", default=None, metavar="FILE",
+                   help="the unencrypted PEM private key of --certfile")
     p.add_argument("--static", default=None, metavar="DIR",
                    help="directory served at / (index.html); phoenix.js is always served at "
                         "/js/phoenix.js")

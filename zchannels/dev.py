@@ -132,6 +132,9 @@ def main(args) -> int:
                 edge_args.append("--" + flag.replace("_", "-"))
         if static:
             edge_args += ["--static", static]
+        for flag in ("certfile", "keyfile"):
+            if getattr(args, flag, None):
+                edge_args += ["--" + flag, getattr(args, flag)]
         edge = Child("edge", edge_args, env={"ZCHANNELS_STATUS_TOKEN": status_token or ""})
         children.append(edge)
         if edge.ready.wait(10):
