@@ -1,10 +1,30 @@
-"""The `zchannels` command: one entry point, one subcommand per process kind."""
+"""The `zchannels` command: one entry point, one subcommand per process kind.
+
+Each subcommand's options are argparse flags; zchannels/config.py fills the ones a command
+line leaves out from ZCHANNELS_* environment variables and a TOML config file, and
+`zchannels config COMMAND ...` shows the result.  A mistake found before or while a process
+starts is one line, ``zchannels COMMAND: error: ...``, and exit code 2 (bus/startup.py).
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+from bus.startup import STARTUP_ERROR_EXIT, StartupError
+from zchannels import config
 
 DEFAULT_BUS = "tcp://127.0.0.1:5570"
+# What `zchannels dev` runs without an APP, when it is there (from a checkout).
+CHAT_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "chat" / "channels.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, not the whole usage block (`--help` has that)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
 def _add_bus(p: argparse.ArgumentParser, curve: str = "client") -> None:
@@ -236,14 +256,28 @@ def _add_edge_process_options(p: argparse.ArgumentParser) -> None:
                    help="bind with SO_REUSEPORT, so separately started edges can share the port")
 
 
-def _add_worker_options(p: argparse.ArgumentParser) -> None:
+def _add_worker_options(p: argparse.ArgumentParser, default_app: str | None = None) -> None:
     p.add_argument("-n", "--workers", type=int, default=2, help="worker processes (default: %(default)s)")
     p.add_argument("--stuck-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="kill and restart a worker whose event loop made no progress for this long "
                         "(default: %(default)s)")
-    p.add_argument("app", metavar="APP",
+    # Optional to argparse so that it may come from env ZCHANNELS_APP or the config file;
+    # zchannels/config.py insists on it when there is no default.
+    p.add_argument("app", metavar="APP", nargs="?", default=default_app,
                    help="handler module: package.module[:attr] or path/to/file.py[:attr]; "
-                        "attr defaults to `socket`")
+                        "attr defaults to `socket`" +
+                        (" (default: the chat example, %(default)s)" if default_app else ""))
+
+
+def _chat_example() -> str | None:
+    """The chat example's handler module, as a path from the current directory when it is
+    below it; None where it is not (an installed package without the examples)."""
+    if not CHAT_EXAMPLE.is_file():
+        return None
+    try:
+        return str(CHAT_EXAMPLE.relative_to(Path.cwd()))
+    except ValueError:
+        return str(CHAT_EXAMPLE)
 
 
 def _add_edge_command(p: argparse.ArgumentParser) -> None:
@@ -267,7 +301,8 @@ def edge_process_options(args: argparse.Namespace) -> list[str]:
     _add_edge_command(parser)
     options: list[str] = []
     for action in parser._actions:   # argparse has no public list of a parser's options
-        if not action.option_strings or action.dest in _PER_PROCESS:
+        # Secrets go to the children through their environment (``args.process_env``).
+        if not action.option_strings or action.dest in _PER_PROCESS or config.is_secret(action):
             continue
         value = getattr(args, action.dest, None)
         if action.nargs == 0:   # a flag (store_true)
@@ -278,22 +313,27 @@ def edge_process_options(args: argparse.Namespace) -> list[str]:
     return options
 
 
-def _bus_problem(bus: str) -> str:
-    """Why a worker could never connect to this --bus address; "" when it is well formed."""
+def _bus_problem(bus: str, command: str) -> str:
+    """Why this --bus address could never work for ``command``; "" when it is well formed.
+    The broker binds it (any interface: *, port 0: free ports); the others connect to it."""
     from bus.wire import bus_endpoints
+    binds = command in ("broker", "dev")
     try:
-        bus_endpoints(bus)
+        bus_endpoints(bus[:-1] + "1" if binds and bus.endswith(":0") else bus)
     except ValueError as exc:
         return str(exc)
     host = bus.partition("://")[2].rpartition(":")[0]
-    if not host or host == "*" or any(c.isspace() for c in host) or \
+    if not host or (host == "*" and command != "broker") or any(c.isspace() for c in host) or \
             host.startswith("[") != host.endswith("]"):
         return f"--bus must name the broker's host, as in tcp://HOST:PORT, got {bus!r}"
     return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zchannels", description="Phoenix Channels for Python.")
+    from zchannels.version import version
+    parser = _Parser(prog="zchannels", description="Phoenix Channels for Python.")
+    parser.add_argument("--version", action="version", version=f"zchannels {version()}")
+    config.add_config_option(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", help="run the central ZeroMQ broker")
@@ -320,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bus(p, curve="dev")
     _add_edge_options(p)
     _add_status(p, dev=True)
-    _add_worker_options(p)
+    _add_worker_options(p, default_app=_chat_example())
     p.add_argument("--reload", action="store_true",
                    help="watch the APP's Python files and roll the workers onto the new code "
                         "when one changes (clients rejoin by themselves)")
@@ -340,29 +380,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", action="append", metavar="NAME",
                    help="make the client keypair NAME.key / NAME.key_secret (repeatable; default: "
                         "client); an existing broker keypair in DIR is kept")
+
+    for p in config.commands(parser).values():
+        config.add_config_option(p)
+    p = sub.add_parser("config", help="print the configuration COMMAND would run with, and where "
+                                      "each value comes from (flag, env, file, default)")
+    config.add_config_option(p)
+    p.add_argument("shown", nargs=argparse.REMAINDER, metavar="COMMAND [FLAGS...]",
+                   help="the command line to show the configuration of, e.g. `edge --port 4001`")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the `zchannels` command line ``argv`` (default: ``sys.argv[1:]``); the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        resolved = config.resolve(parser, argv)
+        if resolved.command == "config":
+            return _show_config(resolved.args)
+    except config.ConfigError as exc:
+        print(f"{exc.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _start(parser, resolved) or 0
+    except StartupError as exc:
+        print(f"zchannels {resolved.command}: error: {exc}", file=sys.stderr)
+        return STARTUP_ERROR_EXIT
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    from zchannels.showconfig import render
+    shown = list(args.shown)
+    names = [name for name in config.commands(build_parser()) if name != "config"]
+    if not shown or shown[0] not in names:
+        print(f"zchannels config: error: name the COMMAND to show, one of {', '.join(names)}; "
+              f"got {shown[0] if shown else 'none'}", file=sys.stderr)
+        return 2
+    if getattr(args, "config", None):
+        shown[1:1] = ["--config", args.config]
+    resolved = config.resolve(build_parser(), shown, require=False)
+    print(render(resolved), end="")
+    return 0
+
+
+def _check_ports(args: argparse.Namespace) -> None:
+    for flag in ("port", "metrics_port"):
+        port = getattr(args, flag, None)
+        if port is not None and not 0 <= port <= 65535:
+            raise StartupError(f"--{flag.replace('_', '-')} {port} is not a port number (0-65535)")
+
+
+def _check_static(args: argparse.Namespace) -> None:
+    static = getattr(args, "static", None)
+    if static is not None and not os.path.isdir(static):
+        raise StartupError(f"--static {static}: no such directory" if not os.path.exists(static)
+                           else f"--static {static}: not a directory")
+
+
+def _start(parser: argparse.ArgumentParser, resolved: config.Resolved) -> int:
+    """Check what can be checked before anything starts, then run the command."""
+    args = resolved.args
     if args.command == "keys":
         from zchannels.keys import main as run
         return run(args)
-    if args.command == "workers":
-        problem = _bus_problem(args.bus)
-        if problem:   # before forking: a worker could never connect, so none is started
-            print(f"zchannels workers: error: {problem}", file=sys.stderr)
-            return 2
+    problem = _bus_problem(args.bus, args.command)
+    if problem:   # before anything starts (for workers: before forking, so none is started)
+        raise StartupError(problem)
     from bus.curve import CurveError
     try:
         args.curve = _load_curve(args)
     except CurveError as exc:
-        print(f"zchannels {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        raise StartupError(str(exc)) from None
     problem = _check_bus_limit(args)
     if problem is not None:
-        print(f"zchannels {args.command}: error: {problem}", file=sys.stderr)
-        return 2
+        raise StartupError(problem)
+    _check_ports(args)
+    _check_static(args)
+    # Children (`dev`'s processes, `edge --processes N`) get every option on their command
+    # line, secrets in their environment, and no ZCHANNELS_* configuration to read again.
+    args.process_env = config.child_environ(parser, os.environ, resolved.settings)
     if args.command == "broker":
         from broker.server import main as run
     elif args.command == "edge":
@@ -374,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         from zchannels.publisher import cli as run
     else:
         from zchannels.dev import main as run
-    return run(args) or 0
+    return run(args)
 
 
 if __name__ == "__main__":
