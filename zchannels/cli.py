@@ -54,21 +54,6 @@ def _add_bus(p: argparse.ArgumentParser, curve: str = "client") -> None:
                             "and admits its *.key, the edge and workers use client.key_secret")
 
 
-def _load_curve(args: argparse.Namespace):
-    """Read and check the key files before anything starts; edges and workers install theirs."""
-    from bus import curve
-    if args.command == "broker":
-        keys = curve.load_server_keys(args.curve_secret, args.curve_clients)
-    elif args.command == "dev":
-        return curve.dev_flags(args.curve_keys)
-    else:
-        keys = curve.load_client_keys(args.curve_server_key, args.curve_secret)
-        curve.install(keys)
-    for warning in curve.secret_file_warnings(args.curve_secret):
-        print(f"zchannels {args.command}: warning: {warning}", file=sys.stderr)
-    return keys
-
-
 def _add_bus_limit(p: argparse.ArgumentParser) -> None:
     from bus.wire import DEFAULT_MAX_BUS_MESSAGE
     p.add_argument("--max-bus-message", type=int, default=DEFAULT_MAX_BUS_MESSAGE, metavar="BYTES",
@@ -77,23 +62,6 @@ def _add_bus_limit(p: argparse.ArgumentParser) -> None:
                         "and workers refuse to send one (counted, logged). Give every process the "
                         "same value; an edge needs at least 4 x --max-frame-size + 64 KiB "
                         "(default: %(default)s)")
-
-
-def _check_bus_limit(args: argparse.Namespace) -> str | None:
-    """Install the bus message limit of this process; an error text if it cannot work."""
-    from bus import loopsock, wire
-    limit = getattr(args, "max_bus_message", None)
-    if limit is None:
-        return None
-    if limit <= 0:
-        return f"--max-bus-message must be a positive number of bytes, got {limit}"
-    frame = getattr(args, "max_frame_size", None)
-    if frame is not None and wire.edge_bus_message_need(frame) > limit:
-        return (f"--max-frame-size {frame} needs --max-bus-message of at least "
-                f"{wire.edge_bus_message_need(frame)} (4 x the frame size + 64 KiB, on every "
-                f"process), got {limit}")
-    loopsock.set_max_message(limit)
-    return None
 
 
 def _add_status(p: argparse.ArgumentParser, dev: bool = False) -> None:
@@ -313,22 +281,6 @@ def edge_process_options(args: argparse.Namespace) -> list[str]:
     return options
 
 
-def _bus_problem(bus: str, command: str) -> str:
-    """Why this --bus address could never work for ``command``; "" when it is well formed.
-    The broker binds it (any interface: *, port 0: free ports); the others connect to it."""
-    from bus.wire import bus_endpoints
-    binds = command in ("broker", "dev")
-    try:
-        bus_endpoints(bus[:-1] + "1" if binds and bus.endswith(":0") else bus)
-    except ValueError as exc:
-        return str(exc)
-    host = bus.partition("://")[2].rpartition(":")[0]
-    if not host or (host == "*" and command != "broker") or any(c.isspace() for c in host) or \
-            host.startswith("[") != host.endswith("]"):
-        return f"--bus must name the broker's host, as in tcp://HOST:PORT, got {bus!r}"
-    return ""
-
-
 def build_parser() -> argparse.ArgumentParser:
     from zchannels.version import version
     parser = _Parser(prog="zchannels", description="Phoenix Channels for Python.")
@@ -424,39 +376,14 @@ def _show_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_ports(args: argparse.Namespace) -> None:
-    for flag in ("port", "metrics_port"):
-        port = getattr(args, flag, None)
-        if port is not None and not 0 <= port <= 65535:
-            raise StartupError(f"--{flag.replace('_', '-')} {port} is not a port number (0-65535)")
-
-
-def _check_static(args: argparse.Namespace) -> None:
-    static = getattr(args, "static", None)
-    if static is not None and not os.path.isdir(static):
-        raise StartupError(f"--static {static}: no such directory" if not os.path.exists(static)
-                           else f"--static {static}: not a directory")
-
-
 def _start(parser: argparse.ArgumentParser, resolved: config.Resolved) -> int:
     """Check what can be checked before anything starts, then run the command."""
     args = resolved.args
     if args.command == "keys":
         from zchannels.keys import main as run
         return run(args)
-    problem = _bus_problem(args.bus, args.command)
-    if problem:   # before anything starts (for workers: before forking, so none is started)
-        raise StartupError(problem)
-    from bus.curve import CurveError
-    try:
-        args.curve = _load_curve(args)
-    except CurveError as exc:
-        raise StartupError(str(exc)) from None
-    problem = _check_bus_limit(args)
-    if problem is not None:
-        raise StartupError(problem)
-    _check_ports(args)
-    _check_static(args)
+    from zchannels.preflight import check
+    args.curve = check(args)   # StartupError: one line before anything starts
     # Children (`dev`'s processes, `edge --processes N`) get every option on their command
     # line, secrets in their environment, and no ZCHANNELS_* configuration to read again.
     args.process_env = config.child_environ(parser, os.environ, resolved.settings)
