@@ -118,24 +118,27 @@ def main(args) -> int:
 
     ready = {"bus": bus}
     metrics_server = None
+    up = False
     try:
         if getattr(args, "metrics_port", None) is not None:
             from broker import metrics
             host = metrics.metrics_host(bus)
             try:
                 metrics_server = metrics.serve(router, host, args.metrics_port, monitor)
-            except OSError as exc:
-                log.error("cannot serve metrics on %s port %d: %s", host, args.metrics_port, exc)
-                return 2
+            except OSError as exc:   # one line by the command line, before READY
+                raise StartupError(f"cannot serve metrics on {host} port {args.metrics_port} "
+                                   f"(--metrics-port): {exc.strerror or exc}") from None
             ready["metrics"] = f"http://{host}:{metrics_server.server_port}/metrics"
             log.info("metrics at %s", ready["metrics"])
         log.info("broker up: routing %s, publish-in %s, subscribe-out %s; bus messages up to %d bytes",
                  *wire.bus_endpoints(bus), max_message)
         announce_ready(**ready)
+        up = True
         router.run(lambda: bool(stopping))
     finally:
-        log.info("broker stopping: %d frames routed, %d unroutable, %d malformed",
-                 router.routed, router.unroutable, router.malformed)
+        if up:
+            log.info("broker stopping: %d frames routed, %d unroutable, %d malformed",
+                     router.routed, router.unroutable, router.malformed)
         fanout.stop()
         monitor.stop()
         if metrics_server is not None:

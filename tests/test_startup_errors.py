@@ -145,6 +145,15 @@ def test_broker_on_a_busy_bus_port_names_the_port(busy_port):
 
 
 @pytest.mark.parametrize("command, extra", [
+    ("broker", ["--bus", "tcp://127.0.0.1:0"]),
+    ("workers", ["--bus", UNUSED_BUS, "tests/apps/e2e_app.py"]),
+])
+def test_a_busy_metrics_port_names_the_port(busy_port, command, extra):
+    done = zchannels(command, "--metrics-port", busy_port, *extra)
+    assert_one_line(done, command, f"cannot serve metrics on 127.0.0.1 port {busy_port} (--metrics-port)")
+
+
+@pytest.mark.parametrize("command, extra", [
     ("edge", ["--port", "0"]), ("workers", ["tests/apps/e2e_app.py"]), ("broker", []),
     ("dev", ["--port", "0"]), ("publish", ["room:x", "ev", "{}"]),
 ])
