@@ -202,7 +202,10 @@ def _wait_for(children: list[Child], wanted: list[Child], console: Console,
               stopping: threading.Event, deadline: float) -> bool:
     """Wait until every child in ``wanted`` said READY; False if stopped by a signal.
     Raises StartFailed when a child exits first or time runs out."""
-    while not all(child.ready.is_set() for child in wanted):
+    while True:
+        console.changed.clear()   # before looking, so that nothing that happens next is missed
+        if all(child.ready.is_set() for child in wanted):
+            return True
         if stopping.is_set():
             return False
         for child in children:
@@ -211,11 +214,11 @@ def _wait_for(children: list[Child], wanted: list[Child], console: Console,
                 raise _failure(child, code, console)
         left = deadline - time.monotonic()
         if left <= 0:
-            late = ", ".join(c.name for c in wanted if not c.ready.is_set())
-            raise StartFailed(f"the {late} did not start within {START_TIMEOUT:.0f}s", 1)
+            late = [c.name for c in wanted if not c.ready.is_set()]
+            output = "\n".join(line for name in late for line in console.output_of(name)[-20:])
+            raise StartFailed(f"the {' and the '.join(late)} did not start within "
+                              f"{START_TIMEOUT:.0f}s" + (f"; its output:\n{output}" if output else ""), 1)
         console.changed.wait(min(left, 0.5))
-        console.changed.clear()
-    return True
 
 
 def _failure(child: Child, code: int, console: Console) -> StartFailed:
