@@ -1,6 +1,7 @@
 """The broker process: binds the three bus endpoints and runs fan-out and routing."""
 from __future__ import annotations
 
+import errno
 import logging
 import random
 import signal
@@ -12,6 +13,7 @@ from broker.busmonitor import BusMonitor
 from broker.fanout import Fanout
 from bus.logsetup import announce_ready, setup_logging
 from bus.loopsock import tune_link
+from bus.startup import StartupError
 from bus.timing import BROKER_LINK_MARGIN_MS, PEER_LIVENESS
 from broker.router import Router
 
@@ -26,12 +28,13 @@ def bind_bus(ctx: zmq.Context, base: str, keys: curve.ServerKeys | None = None,
     """Bind ROUTER, XSUB, XPUB on PORT, PORT+1, PORT+2; port 0 picks three free ones.
     With ``keys`` every one of them is a CURVE server.  A peer that sends a message over
     ``max_message`` bytes has its connection closed by libzmq before the body is read; a
-    connection that carries nothing for ``peer_timeout`` + 1 s is closed."""
+    connection that carries nothing for ``peer_timeout`` + 1 s is closed.  Raises
+    ``StartupError`` naming the port when one of them cannot be bound."""
     host = base.rpartition(":")[0]
     wire.bus_endpoints(base if not base.endswith(":0") else host + ":1")  # validates the form
     wanted = int(base.rpartition(":")[2])
     attempts = 50 if wanted == 0 else 1
-    last_error: Exception | None = None
+    last_error = ""
     for _ in range(attempts):
         port = wanted or random.randrange(20000, 60000)
         sockets = [ctx.socket(kind) for kind in (zmq.ROUTER, zmq.XSUB, zmq.XPUB)]
@@ -49,12 +52,30 @@ def bind_bus(ctx: zmq.Context, base: str, keys: curve.ServerKeys | None = None,
                 curve.secure_server(sock, keys)
                 sock.bind(f"{host}:{port + offset}")
         except zmq.ZMQError as exc:
-            last_error = exc
+            last_error = _bind_problem(host, port + offset, offset, exc)
             for sock in sockets:
                 sock.close(linger=0)
             continue
         return f"{host}:{port}", sockets[0], sockets[1], sockets[2]
-    raise SystemExit(f"broker: cannot bind {base} and the next two ports: {last_error}")
+    if wanted:
+        raise StartupError(f"{last_error} (--bus {base} takes ports {wanted}, {wanted + 1} and {wanted + 2})")
+    raise StartupError(f"--bus {base}: found no three free ports in a row in {attempts} tries; "
+                       f"the last: {last_error}")
+
+
+_ENDPOINT_NAMES = ("routing", "publish-in", "subscribe-out")
+
+
+def _bind_problem(host: str, port: int, offset: int, exc: zmq.ZMQError) -> str:
+    """One line on why ``host:port`` (the bus endpoint at ``offset``) could not be bound."""
+    where = f"port {port} on {host.partition('://')[2]} (bus {_ENDPOINT_NAMES[offset]})"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where} is already in use: is another broker running?"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: {host.partition('://')[2]} is not an address of this machine"
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need privileges)"
+    return f"cannot bind {where}: {exc.strerror}"
 
 
 def _is_loopback(bus: str) -> bool:
@@ -71,9 +92,11 @@ def main(args) -> int:
     gate = curve.Gatekeeper(ctx, keys) if keys is not None else None
     try:
         bus, router_sock, xsub, xpub = bind_bus(ctx, args.bus, keys, max_message, args.peer_timeout)
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
+    except (ValueError, StartupError) as exc:   # told as one line by the command line
+        if gate is not None:
+            gate.stop()
+        ctx.term()
+        raise StartupError(str(exc)) from None
     # Before the fan-out thread takes the sockets: libzmq sockets are not thread-safe.
     monitor = BusMonitor(ctx, {"routing": router_sock, "publish-in": xsub, "subscribe-out": xpub},
                          max_message)
@@ -96,24 +119,27 @@ def main(args) -> int:
 
     ready = {"bus": bus}
     metrics_server = None
+    up = False
     try:
         if getattr(args, "metrics_port", None) is not None:
             from broker import metrics
             host = metrics.metrics_host(bus)
             try:
                 metrics_server = metrics.serve(router, host, args.metrics_port, monitor)
-            except OSError as exc:
-                log.error("cannot serve metrics on %s port %d: %s", host, args.metrics_port, exc)
-                return 2
+            except OSError as exc:   # one line by the command line, before READY
+                raise StartupError(f"cannot serve metrics on {host} port {args.metrics_port} "
+                                   f"(--metrics-port): {exc.strerror or exc}") from None
             ready["metrics"] = f"http://{host}:{metrics_server.server_port}/metrics"
             log.info("metrics at %s", ready["metrics"])
         log.info("broker up: routing %s, publish-in %s, subscribe-out %s; bus messages up to %d bytes",
                  *wire.bus_endpoints(bus), max_message)
         announce_ready(**ready)
+        up = True
         router.run(lambda: bool(stopping))
     finally:
-        log.info("broker stopping: %d frames routed, %d unroutable, %d malformed",
-                 router.routed, router.unroutable, router.malformed)
+        if up:
+            log.info("broker stopping: %d frames routed, %d unroutable, %d malformed",
+                     router.routed, router.unroutable, router.malformed)
         fanout.stop()
         monitor.stop()
         if metrics_server is not None:

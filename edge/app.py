@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from tornado import web
-from tornado.netutil import bind_sockets
 
 from bus.logsetup import announce_ready, setup_logging
 from bus.loopsock import run_loop
@@ -23,6 +22,7 @@ from edge.drain import drain, wait_closed
 from edge.forwarded import TrustedProxies
 from edge.httplimits import REFUSAL_KINDS, EdgeHTTPServer, HttpLimits, longpoll_body_limit
 from edge.hub import EdgeHub, Limits
+from edge.listen import listen_sockets, reserve_port
 from edge.longpoll import LongPollHandler
 from edge.metrics import MetricsHandler, make_registry
 from edge.origin import OriginCheck
@@ -119,7 +119,8 @@ def http_limits_from(args) -> HttpLimits:
         max_pending_per_peer=getattr(args, "max_pending_per_peer", d.max_pending_per_peer))
 
 
-async def serve(args, origin_check: OriginCheck, tls: ssl.SSLContext | None = None) -> int:
+async def serve(args, origin_check: OriginCheck, sockets: list[socket.socket],
+                tls: ssl.SSLContext | None = None) -> int:
     window = args.longpoll_window
     limits = Limits(max_channels=args.max_channels, max_frame_size=args.max_frame_size,
                     heartbeat_timeout=args.heartbeat_timeout, max_outbound=args.max_outbound,
@@ -149,8 +150,6 @@ async def serve(args, origin_check: OriginCheck, tls: ssl.SSLContext | None = No
                           http_limits.max_body_inflight, trusted, refusals)
     server = EdgeHTTPServer(app, limits=http_limits, admission=admission, trusted=trusted,
                             refusals=refusals)
-    sockets = bind_sockets(args.port, args.host, family=socket.AF_INET if ":" not in args.host else socket.AF_UNSPEC,
-                           reuse_port=args.reuse_port)
     acceptors = [Acceptor(server, sock, admission, tls) for sock in sockets]
     for acceptor in acceptors:
         acceptor.start()
@@ -202,8 +201,12 @@ def main(args) -> int:
     if args.log_level != "debug":
         # One line per WebSocket upgrade is noise at 10k clients; errors still show.
         logging.getLogger("tornado.access").setLevel(logging.WARNING)
-    raise_nofile_limit()   # before any child starts: they inherit it
+    # The port first: one that cannot be bound is one line (StartupError) before the bus.
     if args.processes > 1:
+        reserved = reserve_port(args.host, args.port)
+        raise_nofile_limit()   # before any child starts: they inherit it
         from edge.multiproc import run_many
-        return run_many(args)
-    return run_loop(serve(args, origin_check, tls))
+        return run_many(args, reserved)
+    sockets = listen_sockets(args.host, args.port, args.reuse_port)
+    raise_nofile_limit()
+    return run_loop(serve(args, origin_check, sockets, tls))

@@ -24,16 +24,6 @@ log = logging.getLogger("edge")
 RESTART_BACKOFF_MAX = 10.0
 
 
-def reserve_port(host: str) -> socket.socket:
-    """A bound (not listening) SO_REUSEPORT socket: picks a free port that the children can
-    share, and keeps others off it until they listen."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, 0))
-    return sock
-
-
 def child_argv(args: argparse.Namespace, port: int) -> list[str]:
     """The `edge` command line of one child: every option as given (``args.process_options``,
     from zchannels/cli.py), one process, on ``port``."""
@@ -41,9 +31,10 @@ def child_argv(args: argparse.Namespace, port: int) -> list[str]:
 
 
 class Child:
-    def __init__(self, slot: int, argv: list[str]):
+    def __init__(self, slot: int, argv: list[str], env: dict[str, str] | None = None):
         self.slot = slot
         self.argv = argv
+        self.env = env
         self.failures = 0
         self.ready = threading.Event()
         self.fields: dict[str, str] = {}
@@ -53,7 +44,7 @@ class Child:
     def start(self) -> None:
         self.ready.clear()
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True, env=self.env)
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
         log.info("edge process started slot=%d pid=%d", self.slot, self.proc.pid)
 
@@ -64,13 +55,14 @@ class Child:
                 self.ready.set()
 
 
-def run_many(args: argparse.Namespace) -> int:
-    reserved = None
-    port = args.port
-    if port == 0:
-        reserved = reserve_port(args.host)
-        port = reserved.getsockname()[1]
-    children = [Child(i, child_argv(args, port)) for i in range(args.processes)]
+def run_many(args: argparse.Namespace, reserved: socket.socket) -> int:
+    """Run ``args.processes`` edges on the port of ``reserved`` (edge/listen.py's
+    ``reserve_port``: bound before anything starts, so a port in use is one line, and port 0
+    is one free port all the children share), which is closed once they all listen."""
+    port = reserved.getsockname()[1]
+    # Secrets (--status-token, --api-key) travel in the environment, not on command lines.
+    env = getattr(args, "process_env", None)
+    children = [Child(i, child_argv(args, port), env) for i in range(args.processes)]
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())

@@ -4,6 +4,8 @@ A worker (workers/runner.py) loads the module named on the command line, such as
 ``examples/chat/channels.py`` or ``my_package.channels:socket``, once at start; a module
 that cannot be loaded is an ``AppLoadError`` naming the spec and the cause, which the
 worker turns into a ConfigError so that its supervisor stops instead of restarting it.
+``describe`` makes it one line that ends with the user's own failing line (file:line), not
+with importlib's internals.
 """
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ import importlib
 import importlib.util
 import os
 import sys
+import sysconfig
 from typing import Any
 
 from workers.api import Socket
 
-__all__ = ["AppLoadError", "load_app", "parse_spec"]
+__all__ = ["AppLoadError", "describe", "load_app", "parse_spec"]
 
 
 class AppLoadError(Exception):
@@ -98,3 +101,36 @@ def load_app(spec: str) -> Socket:
         raise AppLoadError(f"cannot load app {spec!r}: {attr} is a {type(app).__name__}, "
                            "expected a workers.Socket")
     return app
+
+
+
+# Directories whose files are never the user's own line: the interpreter's and installed
+# libraries', and this package's (a module calling the handler API wrongly fails in it).
+_NOT_THE_USERS = tuple({os.path.join(os.path.realpath(path), "") for path in (
+    *(sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")),
+    os.path.dirname(__file__))})
+
+
+def raised_at(exc: BaseException | None) -> str:
+    """\" (at path/file.py:12)\": the line of the user's own code that raised ``exc`` (the
+    deepest such frame; else the deepest outside importlib and this module), or "" when no
+    code ran, as for a module that does not exist."""
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        return f" (at {exc.filename}:{exc.lineno})"
+    users: list[tuple[str, int]] = []
+    others: list[tuple[str, int]] = []
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        real = os.path.realpath(name)
+        if not name.startswith("<") and os.path.basename(os.path.dirname(real)) != "importlib" \
+                and real != os.path.realpath(__file__):
+            (others if real.startswith(_NOT_THE_USERS) else users).append((name, tb.tb_lineno))
+        tb = tb.tb_next
+    found = users or others
+    return f" (at {found[-1][0]}:{found[-1][1]})" if found else ""
+
+
+def describe(exc: AppLoadError) -> str:
+    """``exc`` as one line: what could not be loaded, why, and where the user's code raised."""
+    return f"{exc}{raised_at(exc.__cause__)}"

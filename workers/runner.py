@@ -31,7 +31,7 @@ from workers import api, metrics, presence
 from workers.api import Channel, Error, SocketState
 from workers.channels import _EMPTY_JSON, _ERROR, _OK, ChannelHost, ChannelProc, _maybe_await
 from workers.configerror import HANDLER_LOAD_ERROR, ConfigError
-from workers.loadapp import AppLoadError, load_app
+from workers.loadapp import AppLoadError, describe, load_app
 from workers.routes import SYSTEM_PREFIX
 from workers.status import publish_forever as publish_status, system_route
 
@@ -388,7 +388,7 @@ def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callab
     except AppLoadError as exc:
         if exc.__cause__ is not None:   # the whole traceback for whoever asks for debug logs
             log.debug("loading the app failed", exc_info=exc.__cause__)
-        raise ConfigError(f"{exc}{_raised_at(exc.__cause__)}") from None
+        raise ConfigError(describe(exc)) from None
     if not app.routes:
         log.warning("app %s declares no channels (socket.channel(...)): every join is refused", app_spec)
     peer_id = wire.new_peer_id(wire.ROLE_WORKER, f"w{slot}")
@@ -411,16 +411,6 @@ def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callab
             sock.close(linger=CLOSE_LINGER_MS)
         ctx.term()
     return 0
-
-
-def _raised_at(exc: BaseException | None) -> str:
-    """" (at file.py:12)": where the app's own code raised, for a one-line error."""
-    tb = exc.__traceback__ if exc is not None else None
-    if tb is None:
-        return ""
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return f" (at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -365,11 +365,15 @@ class Supervisor:
 def main(args) -> int:
     """`zchannels workers`: supervise `args.workers` runners for `args.app`."""
     from bus.logsetup import setup_logging
+    from bus.startup import StartupError
+    from workers.appcheck import app_problem
     log_format = getattr(args, "log_format", "text")
     setup_logging(args.log_level, "workers", log_format)
     if args.workers < 1:
-        log.error("--workers must be at least 1, got %d", args.workers)
-        return 2
+        raise StartupError(f"--workers must be at least 1, got {args.workers}")
+    problem = app_problem(args.app)   # before anything starts: one line, exit code 2
+    if problem:
+        raise StartupError(problem)
 
     metrics = None
     if getattr(args, "metrics_port", None) is not None:
@@ -377,8 +381,8 @@ def main(args) -> int:
         try:
             metrics = SupervisorMetrics(args.metrics_port)
         except OSError as exc:
-            log.error("cannot serve metrics on 127.0.0.1 port %d: %s", args.metrics_port, exc)
-            return 2
+            raise StartupError(f"cannot serve metrics on 127.0.0.1 port {args.metrics_port} "
+                               f"(--metrics-port): {exc.strerror or exc}") from None
         log.info("metrics at %s (directory %s)", metrics.url, metrics.dir)
         print(f"METRICS {metrics.url}", flush=True)   # for tooling, like the READY lines
 

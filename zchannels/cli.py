@@ -1,10 +1,30 @@
-"""The `zchannels` command: one entry point, one subcommand per process kind."""
+"""The `zchannels` command: one entry point, one subcommand per process kind.
+
+Each subcommand's options are argparse flags; zchannels/config.py fills the ones a command
+line leaves out from ZCHANNELS_* environment variables and a TOML config file, and
+`zchannels config COMMAND ...` shows the result.  A mistake found before or while a process
+starts is one line, ``zchannels COMMAND: error: ...``, and exit code 2 (bus/startup.py).
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+from bus.startup import STARTUP_ERROR_EXIT, StartupError
+from zchannels import config
 
 DEFAULT_BUS = "tcp://127.0.0.1:5570"
+# What `zchannels dev` runs without an APP, when it is there (from a checkout).
+CHAT_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "chat" / "channels.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, not the whole usage block (`--help` has that)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
 def _add_bus(p: argparse.ArgumentParser, curve: str = "client") -> None:
@@ -34,21 +54,6 @@ def _add_bus(p: argparse.ArgumentParser, curve: str = "client") -> None:
                             "and admits its *.key, the edge and workers use client.key_secret")
 
 
-def _load_curve(args: argparse.Namespace):
-    """Read and check the key files before anything starts; edges and workers install theirs."""
-    from bus import curve
-    if args.command == "broker":
-        keys = curve.load_server_keys(args.curve_secret, args.curve_clients)
-    elif args.command == "dev":
-        return curve.dev_flags(args.curve_keys)
-    else:
-        keys = curve.load_client_keys(args.curve_server_key, args.curve_secret)
-        curve.install(keys)
-    for warning in curve.secret_file_warnings(args.curve_secret):
-        print(f"zchannels {args.command}: warning: {warning}", file=sys.stderr)
-    return keys
-
-
 def _add_bus_limit(p: argparse.ArgumentParser) -> None:
     from bus.wire import DEFAULT_MAX_BUS_MESSAGE
     p.add_argument("--max-bus-message", type=int, default=DEFAULT_MAX_BUS_MESSAGE, metavar="BYTES",
@@ -57,23 +62,6 @@ def _add_bus_limit(p: argparse.ArgumentParser) -> None:
                         "and workers refuse to send one (counted, logged). Give every process the "
                         "same value; an edge needs at least 4 x --max-frame-size + 64 KiB "
                         "(default: %(default)s)")
-
-
-def _check_bus_limit(args: argparse.Namespace) -> str | None:
-    """Install the bus message limit of this process; an error text if it cannot work."""
-    from bus import loopsock, wire
-    limit = getattr(args, "max_bus_message", None)
-    if limit is None:
-        return None
-    if limit <= 0:
-        return f"--max-bus-message must be a positive number of bytes, got {limit}"
-    frame = getattr(args, "max_frame_size", None)
-    if frame is not None and wire.edge_bus_message_need(frame) > limit:
-        return (f"--max-frame-size {frame} needs --max-bus-message of at least "
-                f"{wire.edge_bus_message_need(frame)} (4 x the frame size + 64 KiB, on every "
-                f"process), got {limit}")
-    loopsock.set_max_message(limit)
-    return None
 
 
 def _add_status(p: argparse.ArgumentParser, dev: bool = False) -> None:
@@ -244,14 +232,28 @@ def _add_edge_process_options(p: argparse.ArgumentParser) -> None:
                    help="bind with SO_REUSEPORT, so separately started edges can share the port")
 
 
-def _add_worker_options(p: argparse.ArgumentParser) -> None:
+def _add_worker_options(p: argparse.ArgumentParser, default_app: str | None = None) -> None:
     p.add_argument("-n", "--workers", type=int, default=2, help="worker processes (default: %(default)s)")
     p.add_argument("--stuck-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="kill and restart a worker whose event loop made no progress for this long "
                         "(default: %(default)s)")
-    p.add_argument("app", metavar="APP",
+    # Optional to argparse so that it may come from env ZCHANNELS_APP or the config file;
+    # zchannels/config.py insists on it when there is no default.
+    p.add_argument("app", metavar="APP", nargs="?", default=default_app,
                    help="handler module: package.module[:attr] or path/to/file.py[:attr]; "
-                        "attr defaults to `socket`")
+                        "attr defaults to `socket`" +
+                        (" (default: the chat example, %(default)s)" if default_app else ""))
+
+
+def _chat_example() -> str | None:
+    """The chat example's handler module, as a path from the current directory when it is
+    below it; None where it is not (an installed package without the examples)."""
+    if not CHAT_EXAMPLE.is_file():
+        return None
+    try:
+        return str(CHAT_EXAMPLE.relative_to(Path.cwd()))
+    except ValueError:
+        return str(CHAT_EXAMPLE)
 
 
 def _add_edge_command(p: argparse.ArgumentParser) -> None:
@@ -275,7 +277,8 @@ def edge_process_options(args: argparse.Namespace) -> list[str]:
     _add_edge_command(parser)
     options: list[str] = []
     for action in parser._actions:   # argparse has no public list of a parser's options
-        if not action.option_strings or action.dest in _PER_PROCESS:
+        # Secrets go to the children through their environment (``args.process_env``).
+        if not action.option_strings or action.dest in _PER_PROCESS or config.is_secret(action):
             continue
         value = getattr(args, action.dest, None)
         if action.nargs == 0:   # a flag (store_true)
@@ -286,22 +289,11 @@ def edge_process_options(args: argparse.Namespace) -> list[str]:
     return options
 
 
-def _bus_problem(bus: str) -> str:
-    """Why a worker could never connect to this --bus address; "" when it is well formed."""
-    from bus.wire import bus_endpoints
-    try:
-        bus_endpoints(bus)
-    except ValueError as exc:
-        return str(exc)
-    host = bus.partition("://")[2].rpartition(":")[0]
-    if not host or host == "*" or any(c.isspace() for c in host) or \
-            host.startswith("[") != host.endswith("]"):
-        return f"--bus must name the broker's host, as in tcp://HOST:PORT, got {bus!r}"
-    return ""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zchannels", description="Phoenix Channels for Python.")
+    from zchannels.version import version
+    parser = _Parser(prog="zchannels", description="Phoenix Channels for Python.")
+    parser.add_argument("--version", action="version", version=f"zchannels {version()}")
+    config.add_config_option(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("broker", help="run the central ZeroMQ broker")
@@ -329,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bus(p, curve="dev")
     _add_edge_options(p)
     _add_status(p, dev=True)
-    _add_worker_options(p)
+    _add_worker_options(p, default_app=_chat_example())
     p.add_argument("--reload", action="store_true",
                    help="watch the APP's Python files and roll the workers onto the new code "
                         "when one changes (clients rejoin by themselves)")
@@ -349,29 +341,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", action="append", metavar="NAME",
                    help="make the client keypair NAME.key / NAME.key_secret (repeatable; default: "
                         "client); an existing broker keypair in DIR is kept")
+
+    for p in config.commands(parser).values():
+        config.add_config_option(p)
+    p = sub.add_parser("config", help="print the configuration COMMAND would run with, and where "
+                                      "each value comes from (flag, env, file, default)")
+    config.add_config_option(p)
+    p.add_argument("shown", nargs=argparse.REMAINDER, metavar="COMMAND [FLAGS...]",
+                   help="the command line to show the configuration of, e.g. `edge --port 4001`")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the `zchannels` command line ``argv`` (default: ``sys.argv[1:]``); the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        resolved = config.resolve(parser, argv)
+        if resolved.command == "config":
+            return _show_config(resolved.args)
+    except config.ConfigError as exc:
+        print(f"{exc.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _start(parser, resolved) or 0
+    except StartupError as exc:
+        print(f"zchannels {resolved.command}: error: {exc}", file=sys.stderr)
+        return STARTUP_ERROR_EXIT
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    from zchannels.showconfig import render
+    shown = list(args.shown)
+    names = [name for name in config.commands(build_parser()) if name != "config"]
+    if not shown or shown[0] not in names:
+        print(f"zchannels config: error: name the COMMAND to show, one of {', '.join(names)}; "
+              f"got {shown[0] if shown else 'none'}", file=sys.stderr)
+        return 2
+    if getattr(args, "config", None):
+        shown[1:1] = ["--config", args.config]
+    resolved = config.resolve(build_parser(), shown, require=False)
+    print(render(resolved), end="")
+    return 0
+
+
+def _start(parser: argparse.ArgumentParser, resolved: config.Resolved) -> int:
+    """Check what can be checked before anything starts, then run the command."""
+    args = resolved.args
     if args.command == "keys":
         from zchannels.keys import main as run
         return run(args)
-    if args.command == "workers":
-        problem = _bus_problem(args.bus)
-        if problem:   # before forking: a worker could never connect, so none is started
-            print(f"zchannels workers: error: {problem}", file=sys.stderr)
-            return 2
-    from bus.curve import CurveError
-    try:
-        args.curve = _load_curve(args)
-    except CurveError as exc:
-        print(f"zchannels {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    problem = _check_bus_limit(args)
-    if problem is not None:
-        print(f"zchannels {args.command}: error: {problem}", file=sys.stderr)
-        return 2
+    from zchannels.preflight import check
+    args.curve = check(args)   # StartupError: one line before anything starts
+    # Children (`dev`'s processes, `edge --processes N`) get every option on their command
+    # line, secrets in their environment, and no ZCHANNELS_* configuration to read again.
+    args.process_env = config.child_environ(parser, os.environ, resolved.settings)
     if args.command == "broker":
         from broker.server import main as run
     elif args.command == "edge":
@@ -383,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         from zchannels.publisher import cli as run
     else:
         from zchannels.dev import main as run
-    return run(args) or 0
+    return run(args)
 
 
 if __name__ == "__main__":
