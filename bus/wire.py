@@ -579,3 +579,15 @@ def unpack_broadcast(data: bytes) -> list[bytes]:
     if end == 0:
         raise BusFrameError("broadcast without a topic key")
     return [data[:end], *unpack_fields(data, end)]
+
+
+# --- a message handed back ---------------------------------------------------------------
+def parse_returned(frames: list[bytes]):
+    """UNROUTABLE as delivered, ``[UNROUTABLE, dest, kind, *fields]`` -> the message the
+    broker handed back, named by ``parse`` as if it had been delivered: its ``peer`` is the
+    destination the broker did not know (``b""`` when it had no worker to place it on).
+    BusFrameError for a notice too short to name a message, or a message its kind's parser
+    refuses."""
+    if len(frames) < 3 or frames[0] != UNROUTABLE:
+        raise BusFrameError(f"UNROUTABLE needs at least 3 frames, got {len(frames)}")
+    return parse([frames[2], frames[1], *frames[3:]])
