@@ -295,15 +295,15 @@ class Connection:
 
     def on_join_reply(self, r: wire.JoinReply) -> None:
         """The worker's answer to a join of this connection."""
-        topic, join_ref = r.topic.decode(), ref_of(r.join_ref)
-        ch = self.channels.get(topic)
-        if ch is not None and ch.join_ref == join_ref and ch.state != JOINED:
+        ch = self.channels.get(r.topic.decode())
+        if ch is not None and ch.join_ref != ref_of(r.join_ref):
+            ch = None    # the topic's channel now is another instance
+        if ch is not None and ch.state != JOINED:
             self.joined(ch, r.peer, ref_of(r.ref), r.status.decode(), r.response, r.intercept)
             return
         # A join no longer waiting: the client left meanwhile, or the join was sent twice
         # (edge/replace.py) and this answers the copy that lost.
-        current = ch is not None and ch.join_ref == join_ref
-        if current and ch.worker == r.peer:
+        if ch is not None and ch.worker == r.peer:
             # Both copies reached the worker that holds the channel: a worker keeps one
             # instance per channel (its second join replaced the first), the one we hold,
             # unless that second join failed and left none.
@@ -311,7 +311,7 @@ class Connection:
                 self.channel_lost(ch)
             return
         if r.status == b"ok":   # end the orphan instance (its terminate runs)
-            if current:
+            if ch is not None:
                 ch.orphan = r.peer
             self.hub.end_late_join(r)
 

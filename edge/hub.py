@@ -228,7 +228,7 @@ class EdgeHub:
         elif kind == wire.UNROUTABLE:
             try:
                 self._on_unroutable(wire.parse_returned(frames))
-            except wire.BusFrameError as exc:
+            except ValueError as exc:   # BusFrameError, UnicodeDecodeError
                 self._bad_frame(frames, str(exc))
         else:
             self._bad_frame(frames, "unknown kind")

@@ -11,7 +11,7 @@ has the members fits.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from edge.serializer import Message
 
@@ -59,13 +59,15 @@ class Transport(Protocol):
     # "longpoll"): the fast lane builds one frame per (serializer, frame_kind).
     frame_kind: str
 
-    def prebuild(self, data: bytes, binary: bool) -> object:
+    # A prebuilt frame is opaque (WebSocket frame bytes, a LongPoll JSON value): only a
+    # transport of the same frame_kind takes it, hence Any rather than one type for all.
+    def prebuild(self, data: bytes, binary: bool) -> Any:
         """The message framed for this kind of transport, to hand to ``send_prebuilt``."""
 
     def send(self, data: bytes, binary: bool) -> None:
         """Frame and write one message (``send_prebuilt(prebuild(data, binary))``)."""
 
-    def send_prebuilt(self, frame: object) -> None:
+    def send_prebuilt(self, frame: Any) -> None:
         """Write a frame ``prebuild`` made; dropped once the transport is closing."""
 
     def close(self, code: int = ..., reason: str = ...) -> None:
