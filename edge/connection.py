@@ -23,6 +23,7 @@ import orjson
 
 from bus import wire
 from edge.channel import JOINED, JOINING, ChannelRef
+from edge.fastlane import socket_id_key
 from edge.holding import HeldMessages, hold
 from edge.ratelimit import CLOSE_POLICY_VIOLATION, RATE_LIMITED, bucket_for
 from edge.serializer import Message
@@ -440,20 +441,6 @@ class Connection:
             held.cancel()
         self.drop_channels(b"closed")
         self.hub.remove_connection(self)
-
-
-def socket_id_key(socket_json: bytes) -> bytes | None:
-    """The topic key of the socket id in the worker's connect answer; None for no id."""
-    try:
-        sid = orjson.loads(socket_json).get("id")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    if not isinstance(sid, str) or not sid:
-        return None
-    if "\x00" in sid:
-        log.warning("socket id %.60r contains NUL; it cannot be a topic, ignored", sid)
-        return None
-    return wire.topic_key(sid)
 
 
 ref_bytes = wire.encode_ref   # refs travel as bytes on the bus, any JSON type kept

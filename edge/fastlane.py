@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable
 
+import orjson
+
 from bus import wire
 
 if TYPE_CHECKING:
@@ -161,3 +163,17 @@ class FastLane:
             return delivered * next(iter(sizes.values()))
         return sum(sizes.get(conn.fmt_key, 0) for conn, ch in subs.items()
                    if not (origin and conn.origin == origin) and not (ch.intercept and event in ch.intercept))
+
+
+def socket_id_key(socket_json: bytes) -> bytes | None:
+    """The topic key of the socket id in the worker's connect answer; None for no id."""
+    try:
+        sid = orjson.loads(socket_json).get("id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(sid, str) or not sid:
+        return None
+    if "\x00" in sid:
+        log.warning("socket id %.60r contains NUL; it cannot be a topic, ignored", sid)
+        return None
+    return wire.topic_key(sid)
