@@ -330,6 +330,12 @@ class Unroutable(NamedTuple):
     kind: bytes             # the message handed back: its kind ...
     fields: list[bytes]     # ... and its fields after the destination
 
+    def message(self):
+        """The message handed back, named by ``parse`` as if it had been delivered: its
+        ``peer`` is the destination the broker did not know.  BusFrameError if its kind's
+        parser refuses it."""
+        return parse([self.kind, self.dest, *self.fields])
+
 
 class Broadcast(NamedTuple):
     key: bytes              # topic_key(topic)
@@ -501,8 +507,20 @@ def parse(frames: list[bytes]):
 
 
 def parse_broadcast(frames: list[bytes]) -> Broadcast:
-    check_broadcast(frames)
-    return Broadcast(frames[0], *frames[2:])
+    """A broadcast as delivered -> Broadcast; BusFrameError for a malformed one.  Every edge
+    runs it once per broadcast, so it checks the frames itself and builds the tuple with
+    tuple.__new__ (the named tuple's own __new__ is a Python function, twice the cost)."""
+    if len(frames) != BROADCAST_FRAMES or frames[1] != BROADCAST:
+        raise BusFrameError(f"malformed broadcast ({len(frames)} frames)")
+    key, _marker, event, origin, payload, fmt = frames
+    if not key.endswith(TOPIC_TERMINATOR):
+        raise BusFrameError("broadcast topic key without terminator")
+    if fmt != JSON and fmt != BINARY:
+        raise BusFrameError(f"unknown payload format {fmt[:8]!r}")
+    return _tuple_new(Broadcast, (key, event, origin, payload, fmt))
+
+
+_tuple_new = tuple.__new__
 
 
 def broadcast_frames(topic: str, event: str, payload: bytes, fmt: bytes = JSON,
@@ -511,12 +529,8 @@ def broadcast_frames(topic: str, event: str, payload: bytes, fmt: bytes = JSON,
 
 
 def check_broadcast(frames: list[bytes]) -> None:
-    if len(frames) != BROADCAST_FRAMES or frames[1] != BROADCAST:
-        raise BusFrameError(f"malformed broadcast ({len(frames)} frames)")
-    if not frames[0].endswith(TOPIC_TERMINATOR):
-        raise BusFrameError("broadcast topic key without terminator")
-    if frames[5] not in (JSON, BINARY):
-        raise BusFrameError(f"unknown payload format {frames[5][:8]!r}")
+    """BusFrameError for a malformed broadcast (``parse_broadcast``'s checks)."""
+    parse_broadcast(frames)
 
 
 def bus_endpoints(base: str) -> tuple[str, str, str]:
@@ -630,3 +644,6 @@ def unpack_broadcast(data: bytes) -> list[bytes]:
     if end == 0:
         raise BusFrameError("broadcast without a topic key")
     return [data[:end], *unpack_fields(data, end)]
+
+
+# --- a message handed back ---------------------------------------------------------------

@@ -1,27 +1,37 @@
 """One client connection, whatever its transport (Phoenix's ``socket.ex``).
 
-It owns the connection's channels (topic -> ``ChannelRef``), turns decoded
-client messages into bus frames for the workers, and is the single place that
-writes Phoenix frames back to the client.  Transports only move bytes: they
-hand in decoded ``Message``s and expose ``send(data, binary)``,
-``send_prebuilt(frame)`` and ``close(code, reason)``.
+It owns the connection's channels (topic -> ``ChannelRef``): only its own methods add or
+remove one.  It turns decoded client messages into bus messages for the workers, and the
+workers' answers, which the hub (edge/hub.py) routes here by connection id, into Phoenix
+frames: it writes everything its client gets, except broadcasts, which the fast lane
+(edge/fastlane.py) frames once per wire format and writes to every subscriber.  Its
+serializer and transport (edge/transport.py) only translate and move bytes: the transport
+hands in decoded ``Message``s and takes frames.
+
+A channel asks the hub one thing at each step of its life: ``channel_opened`` when its join
+goes out (subscribe to the topic, hold its broadcasts, send the join again if no worker
+answers), ``channel_joined`` once the join's ok is written (the held broadcasts, then live
+ones), and ``channel_closed`` when it ends, however it ends.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 
 import orjson
 
 from bus import wire
+from edge.channel import JOINED, JOINING, ChannelRef
+from edge.fastlane import socket_id_key
+from edge.holding import HeldMessages, hold
 from edge.ratelimit import CLOSE_POLICY_VIOLATION, RATE_LIMITED, bucket_for
 from edge.serializer import Message
+from edge.status import TOKEN_PARAM, UNAUTHORIZED
 
 if TYPE_CHECKING:
     from edge.hub import EdgeHub
+    from edge.transport import Serializer, Transport
 
 log = logging.getLogger(__name__)
 
@@ -30,53 +40,11 @@ UNMATCHED = b'{"reason":"unmatched topic"}'
 TOO_MANY = b'{"reason":"too many channels joined"}'
 NO_WORKER = b'{"reason":"no worker available"}'
 INVALID_TOPIC = b'{"reason":"invalid topic"}'
+JOIN_PENDING = b'{"reason":"join pending"}'
 LOST = b'{"reason":"channel lost"}'
 MAX_PENDING_REPLIES = 64     # refs remembered per channel for the error replies of a lost one
 MAX_BUFFERED_WHILE_JOINING = 100
 MAX_TOPIC_BYTES = 255
-# Messages that arrive while a join of the connection is pending wait for its reply (see
-# Connection.handle), at most this many and, each batch, at most this long: a join is answered
-# (ok, error, or "no worker available") within a few seconds, and a client pipelining more than
-# this behind one join is not waiting for it.  Past either bound they go on without it.
-MAX_HELD = 256
-MAX_HOLD_SECONDS = 5.0
-
-JOINING, JOINED = 0, 1
-
-
-class ChannelRef:
-    """The edge's view of one joined channel instance (connection x topic x join_ref)."""
-    __slots__ = ("conn", "topic", "key", "join_ref", "worker", "state", "intercept",
-                 "replaces", "buffered", "early", "pending", "retry", "orphan")
-
-    def __init__(self, conn: "Connection", topic: str, join_ref: str | None):
-        self.conn = conn
-        self.topic = topic
-        self.key = wire.topic_key(topic)
-        self.join_ref = join_ref
-        self.worker: bytes | None = None
-        self.state = JOINING
-        self.intercept: frozenset[str] = frozenset()
-        self.replaces: str | None = None          # join_ref of a duplicate join's old instance
-        self.buffered: list[Message] | None = None     # pushes while joining
-        self.early: list[list[bytes]] | None = None    # broadcasts while joining (edge/fastlane.py)
-        # Refs (bus form) of pushes sent to the worker and not answered yet, oldest first: if
-        # the instance is lost they get an error reply instead of phoenix.js's 10 s timeout.
-        self.pending: dict[bytes, None] | None = None
-        # The timer that sends the JOIN again if no worker answers it in time (edge/replace.py),
-        # and the worker whose late ok to that second copy (or the first) is being ended: its
-        # frames about this channel are dropped quietly, they are not an intruder's.
-        self.retry = None
-        self.orphan: bytes | None = None
-
-
-class Held:
-    """Messages read while a join was pending, in order, and the timer that bounds their wait."""
-    __slots__ = ("messages", "timer")
-
-    def __init__(self, timer: asyncio.TimerHandle):
-        self.messages: deque[Message] = deque()
-        self.timer = timer
 
 
 class Connection:
@@ -84,7 +52,8 @@ class Connection:
                  "channels", "last_recv", "closed", "fmt_key", "id_key", "bucket",
                  "awaiting", "held", "__weakref__")
 
-    def __init__(self, hub: "EdgeHub", serializer, transport, socket_json: bytes, label: str):
+    def __init__(self, hub: "EdgeHub", serializer: "Serializer", transport: "Transport",
+                 socket_json: bytes, label: str):
         self.hub = hub
         self.serializer = serializer
         self.transport = transport
@@ -99,7 +68,7 @@ class Connection:
         self.id_key = socket_id_key(socket_json)     # the socket id's topic key, for "disconnect"
         self.bucket = bucket_for(hub.limits.max_rate, hub.limits.max_burst, self.last_recv)
         self.awaiting: ChannelRef | None = None   # the join whose reply the next message waits for
-        self.held: Held | None = None
+        self.held: HeldMessages | None = None     # ... and the messages waiting for it
 
     # --- writing --------------------------------------------------------------
     def send(self, encoded: tuple[bytes, bool]) -> None:
@@ -112,21 +81,19 @@ class Connection:
     def reply(self, join_ref, ref, topic, status: str, response: bytes, fmt: bytes = wire.JSON) -> None:
         self.send(self.serializer.encode_reply(join_ref, ref, topic, status, response, fmt))
 
+    def close(self, code: int, reason: str) -> None:
+        """Close the transport (a WebSocket close frame; a LongPoll session ends)."""
+        self.transport.close(code, reason)
+
     # --- reading ----------------------------------------------------------------
     def handle(self, msg: Message) -> None:
-        """One decoded client message, from either transport.
-
-        While a join of this connection is pending, later messages wait for its reply, as in
-        Phoenix, whose socket process runs a join to its reply before it reads the next
-        message (Phoenix.Socket.__in__ -> Phoenix.Channel.Server.join/4 blocks in `receive`).
-        So the replies to a LongPoll POST, or to frames pipelined on a WebSocket, come back
-        in the order of their messages even where the edge answers by itself (heartbeats,
-        unmatched topics, rate limits) and the join goes to a worker.  Joins of one
-        connection therefore run one after the other, as in Phoenix."""
+        """One decoded client message, from either transport.  While a join of this
+        connection is pending, later messages wait for its reply, in order, as in Phoenix
+        (edge/holding.py): joins of one connection run one after the other."""
         now = self.last_recv = time.monotonic()
         self.hub.frames_in += 1
         if self.awaiting is not None:
-            self.hold(msg)
+            hold(self, msg)
             return
         self.dispatch(msg, now)
 
@@ -170,53 +137,18 @@ class Connection:
             stats["rate_limit_closes"] += 1
             log.info("conn %s: still over %g messages/s after being refused; closing with %d",
                      self.label, self.bucket.rate, CLOSE_POLICY_VIOLATION)
-            self.transport.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+            self.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
             return True
         if first:
             log.info("conn %s: over %g messages/s (burst %g); refusing messages", self.label,
                      self.bucket.rate, self.bucket.burst)
         return False
 
-    # --- messages waiting for a pending join ------------------------------------------
-    def hold(self, msg: Message) -> None:
-        held = self.held
-        if held is None:
-            timer = asyncio.get_running_loop().call_later(MAX_HOLD_SECONDS, self.stop_holding)
-            held = self.held = Held(timer)
-        elif len(held.messages) >= MAX_HELD:
-            self.order_given_up(f"{MAX_HELD} messages are waiting for it")
-            self.dispatch(msg, time.monotonic())   # handled now, out of order
-            return
-        held.messages.append(msg)
-
     def release(self) -> None:
-        """The awaited join is answered (its reply written): handle what waited for it, in
-        order, until one of those is a join that is pending in turn."""
+        """The awaited join is answered (its reply written): handle what waited for it."""
         self.awaiting = None
-        held, self.held = self.held, None
-        if held is None:
-            return
-        held.timer.cancel()
-        messages = held.messages
-        while messages and not self.closed:
-            self.dispatch(messages.popleft(), time.monotonic())
-            if self.awaiting is not None and messages:   # the rest waits for that join
-                held.timer = asyncio.get_running_loop().call_later(MAX_HOLD_SECONDS, self.stop_holding)
-                self.held = held
-                return
-
-    def stop_holding(self) -> None:
-        """MAX_HOLD_SECONDS passed and the awaited join is still unanswered."""
-        self.order_given_up(f"it is unanswered after {MAX_HOLD_SECONDS:g}s")
-        self.release()
-
-    def order_given_up(self, why: str) -> None:
-        stats = self.hub.stats
-        n = stats["order_given_up"] = stats["order_given_up"] + 1
-        if n <= 20 or n % 1000 == 0:
-            ch = self.awaiting
-            log.info("conn %s: messages no longer wait for the join of %.60r: %s (%d so far)",
-                     self.label, ch.topic if ch is not None else "", why, n)
+        if self.held is not None:
+            self.held.release()
 
     def join(self, msg: Message) -> None:
         topic = msg.topic
@@ -224,7 +156,7 @@ class Connection:
             self.reply(None, msg.ref, topic, "error", INVALID_TOPIC)
             log.info("conn %s: join refused, invalid topic %.60r", self.label, topic)
             return
-        if topic == wire.STATUS_TOPIC and not self.hub.may_join_status(self, msg.join_ref, msg.ref, msg.payload):
+        if topic == wire.STATUS_TOPIC and not self.may_join_status(msg):
             return
         payload = EMPTY if msg.binary else orjson.dumps(msg.payload)
         old = self.channels.pop(topic, None)
@@ -234,13 +166,24 @@ class Connection:
         ch = ChannelRef(self, topic, msg.join_ref)
         if old is not None:
             ch.replaces = old.join_ref
-            self.hub.drop_channel(old, reason=b"duplicate_join")
+            self.drop(old, reason=b"duplicate_join")
         if self.awaiting is None or self.awaiting is old:
             self.awaiting = ch
         self.channels[topic] = ch
-        self.hub.subscribe(ch)
-        self.hub.send_join(ch, [wire.JOIN, b"", self.conn_id, topic.encode(),
-                                ref_bytes(msg.join_ref), ref_bytes(msg.ref), self.socket_json, payload])
+        self.hub.channel_opened(ch, wire.join(b"", self.conn_id, topic.encode(), ref_bytes(msg.join_ref),
+                                              ref_bytes(msg.ref), self.socket_json, payload))
+
+    def may_join_status(self, msg: Message) -> bool:
+        """A join of ``zchannels:status`` needs the status token in its payload; else the
+        error reply {"reason":"unauthorized"} (topic names and pids are for the operator)."""
+        payload = msg.payload
+        token = payload.get(TOKEN_PARAM) if isinstance(payload, dict) else None
+        access = self.hub.status_access
+        if access.allows(token):
+            return True
+        access.refuse(f"conn {self.label}", f"join {wire.STATUS_TOPIC}")
+        self.reply(msg.join_ref, msg.ref, wire.STATUS_TOPIC, "error", UNAUTHORIZED)
+        return False
 
     def leave(self, msg: Message) -> None:
         ch = self.channels.get(msg.topic)
@@ -250,12 +193,11 @@ class Connection:
         if msg.join_ref is not None and msg.join_ref != ch.join_ref:
             return                                                             # S10
         del self.channels[msg.topic]
-        self.hub.unsubscribe(ch)
+        self.hub.channel_closed(ch)
         if ch.state == JOINED and ch.worker is not None:
             # The worker runs terminate, replies ok and sends phx_close.
-            self.hub.forget_worker_channel(ch)
-            self.hub.bus_send([wire.LEAVE, ch.worker, self.conn_id, msg.topic.encode(),
-                               ref_bytes(ch.join_ref), ref_bytes(msg.ref)])
+            self.hub.bus_send(wire.leave(ch.worker, self.conn_id, msg.topic.encode(),
+                                         ref_bytes(ch.join_ref), ref_bytes(msg.ref)))
         else:
             # Still joining: answer for the channel; a late join ok gets terminated.
             self.reply(ch.join_ref, msg.ref, msg.topic, "ok", EMPTY)
@@ -276,15 +218,15 @@ class Connection:
             if len(ch.buffered) < MAX_BUFFERED_WHILE_JOINING:
                 ch.buffered.append(msg)
             else:
-                self.reply(msg.join_ref, msg.ref, msg.topic, "error", b'{"reason":"join pending"}')
+                self.reply(msg.join_ref, msg.ref, msg.topic, "error", JOIN_PENDING)
             return
         if msg.binary:
             payload, fmt = msg.payload, wire.BINARY
         else:
             payload, fmt = orjson.dumps(msg.payload), wire.JSON
         ref = ref_bytes(msg.ref)
-        self.hub.bus_send([wire.IN, ch.worker, self.conn_id, msg.topic.encode(), ref_bytes(ch.join_ref),
-                           ref, msg.event.encode(), payload, fmt])
+        self.hub.bus_send(wire.inbound(ch.worker, self.conn_id, msg.topic.encode(), ref_bytes(ch.join_ref),
+                                       ref, msg.event.encode(), payload, fmt))
         if ref:
             pending = ch.pending
             if pending is None:
@@ -293,9 +235,90 @@ class Connection:
                 del pending[next(iter(pending))]
             pending[ref] = None
 
-    # --- answers from workers -----------------------------------------------------
-    def joined(self, ch: ChannelRef, worker: bytes, ref: str | None, status: str,
-               response: bytes, intercept: bytes) -> None:
+    # --- answers from workers (the hub routes them here) ---------------------------------
+    def on_reply(self, r: wire.Reply) -> None:
+        topic, join_ref = r.topic.decode(), ref_of(r.join_ref)
+        ch = self.channels.get(topic)
+        if ch is not None and ch.join_ref == join_ref and ch.worker == r.peer:
+            if ch.pending:      # the common case, answered by the channel's own worker
+                ch.pending.pop(r.ref, None)
+        elif not self.from_holder(r, ch, join_ref):
+            return
+        self.reply(join_ref, ref_of(r.ref), topic, r.status.decode(), r.response, r.fmt)
+
+    def on_push(self, p: wire.Push) -> None:
+        topic = p.topic.decode()
+        ch = self.channels.get(topic)
+        if ch is None or ch.worker != p.peer or ch.join_ref != ref_of(p.join_ref):
+            self.from_holder(p, ch, ref_of(p.join_ref))   # counts a foreign one
+            return
+        try:
+            self.send(self.serializer.encode_push(ch.join_ref, topic, p.event.decode(), p.payload, p.fmt))
+        except ValueError as exc:
+            log.info("conn %s: push %s not sent: %s", self.label, p.event[:60], exc)
+
+    def on_channel_end(self, c: wire.ChannelEnd, error: bool) -> None:
+        """A worker closed (phx_close) or lost (phx_error) a channel instance."""
+        topic, join_ref = c.topic.decode(), ref_of(c.join_ref)
+        ch = self.channels.get(topic)
+        if not self.from_holder(c, ch, join_ref):
+            return
+        if ch is not None and ch.join_ref == join_ref:
+            del self.channels[topic]
+            self.hub.channel_closed(ch)
+            if error:
+                self.lost(ch)
+                return
+        encode = self.serializer.encode_error if error else self.serializer.encode_close
+        self.send(encode(join_ref, topic))
+
+    def from_holder(self, msg, ch: ChannelRef | None, join_ref) -> bool:
+        """Whether a worker's frame about ``ch`` (the channel of its topic, if any) may pass.
+        The channel the edge holds takes frames only from its worker (frames from the late
+        instance of a join sent twice, being ended, are dropped quietly).  One it holds no
+        more (a leave or a duplicate join crossed the frame) passes a reply or a close, which
+        the client matches by join_ref (the worker's answer to a leave comes that way), but
+        not a push."""
+        if ch is not None:
+            if ch.join_ref == join_ref:
+                if ch.worker == msg.peer:
+                    return True
+                if ch.orphan == msg.peer:
+                    return False
+                self.hub.foreign(msg, f"channel {ch.topic[:60]!r} is held by {ch.worker!r}" if ch.worker
+                                 else f"channel {ch.topic[:60]!r} is still joining")
+                return False
+            if join_ref is None:
+                # A client takes a frame without join_ref for the current channel of the topic.
+                self.hub.foreign(msg, f"no join_ref while {ch.topic[:60]!r} is joined")
+                return False
+        return type(msg) is not wire.Push
+
+    def on_join_reply(self, r: wire.JoinReply) -> None:
+        """The worker's answer to a join of this connection."""
+        ch = self.channels.get(r.topic.decode())
+        if ch is not None and ch.join_ref != ref_of(r.join_ref):
+            ch = None    # the topic's channel now is another instance
+        if ch is not None and ch.state != JOINED:
+            self.joined(ch, r.peer, ref_of(r.ref), r.status.decode(), r.response, r.intercept)
+            return
+        # A join no longer waiting: the client left meanwhile, or the join was sent twice
+        # (edge/replace.py) and this answers the copy that lost.
+        if ch is not None and ch.worker == r.peer:
+            # Both copies reached the worker that holds the channel: a worker keeps one
+            # instance per channel (its second join replaced the first), the one we hold,
+            # unless that second join failed and left none.
+            if r.status != b"ok":
+                self.channel_lost(ch)
+            return
+        if r.status == b"ok":   # end the orphan instance (its terminate runs)
+            if ch is not None:
+                ch.orphan = r.peer
+            self.hub.end_late_join(r)
+
+    def joined(self, ch: ChannelRef, worker: bytes, ref, status: str, response: bytes,
+               intercept: bytes) -> None:
+        """The awaited answer to the join of ``ch``: write the reply, then what waited for it."""
         topic = ch.topic
         if status == "ok":
             ch.state = JOINED
@@ -305,13 +328,12 @@ class Connection:
                 ch.intercept = frozenset(e for e in events if isinstance(e, str))
             except orjson.JSONDecodeError:
                 log.warning("worker %r sent a bad intercept list for %s", worker, topic)
-            self.hub.remember_worker_channel(ch)
             self.hub.joins += 1
             self.reply(ch.join_ref, ref, topic, "ok", response)
-            self.hub.activate(ch)   # after the reply: broadcasts held meanwhile come next
+            self.hub.channel_joined(ch)   # after the reply: broadcasts held meanwhile come next
         else:
             del self.channels[topic]
-            self.hub.unsubscribe(ch)
+            self.hub.channel_closed(ch)
             join_ref = None if response == UNMATCHED else ch.join_ref           # S7
             self.reply(join_ref, ref, topic, status, response)
         if ch.replaces is not None:
@@ -323,18 +345,43 @@ class Connection:
         if self.awaiting is ch:
             self.release()
 
-    def channel_gone(self, topic: str, join_ref: str | None, error: bool) -> None:
-        """A worker closed (phx_close) or lost (phx_error) a channel instance."""
-        ch = self.channels.get(topic)
-        if ch is not None and ch.join_ref == join_ref:
-            del self.channels[topic]
-            self.hub.unsubscribe(ch)
-            self.hub.forget_worker_channel(ch)
-            if error:
-                self.lost(ch)
-                return
-        encode = self.serializer.encode_error if error else self.serializer.encode_close
-        self.send(encode(join_ref, topic))
+    # --- messages the broker handed back (UNROUTABLE) -------------------------------------
+    def join_unplaced(self, j: wire.Join) -> None:
+        """No live worker could take the join: the client gets the error reply now, and
+        phoenix.js retries on its rejoin schedule."""
+        ch = self.channels.get(j.topic.decode())
+        if ch is not None and ch.join_ref == ref_of(j.join_ref):
+            self.joined(ch, b"", ref_of(j.ref), "error", NO_WORKER, b"[]")
+
+    def push_unroutable(self, i: wire.In) -> None:
+        """A push to a worker the broker does not know (it died while the broker was down,
+        say): it gets an error reply with the channel's phx_error (the hub errors the
+        worker's channels next), even if its ref had left the pending list."""
+        ch = self.channels.get(i.topic.decode())
+        if ch is not None and ch.worker == i.peer and ref_bytes(ch.join_ref) == i.join_ref and i.ref:
+            if ch.pending is None:
+                ch.pending = {}
+            ch.pending[i.ref] = None
+
+    def leave_unanswered(self, lv: wire.Leave) -> None:
+        """The edge forgot the channel when it sent the leave; the worker that would have
+        answered it (ok, then phx_close) is gone, so the edge answers for it."""
+        topic, join_ref = lv.topic.decode(), ref_of(lv.join_ref)
+        self.reply(join_ref, ref_of(lv.ref), topic, "ok", EMPTY)
+        self.send(self.serializer.encode_close(join_ref, topic))
+
+    # --- channels lost ---------------------------------------------------------------------
+    def channel_lost(self, ch: ChannelRef) -> None:
+        """Its worker no longer has this instance (it died, lost it, or the broker evicted this
+        edge): forget it, and the client gets phx_error."""
+        if self.channels.get(ch.topic) is ch:
+            del self.channels[ch.topic]
+            self.hub.channel_closed(ch)
+        self.lost(ch)
+
+    def lose_channels(self) -> None:
+        for ch in list(self.channels.values()):
+            self.channel_lost(ch)
 
     def lost(self, ch: ChannelRef) -> None:
         """The channel instance ended without answering (its handler crashed or its worker
@@ -347,22 +394,43 @@ class Connection:
         if self.awaiting is ch:   # lost while joining (the broker evicted this edge)
             self.release()
 
-    def join_failed(self, ch: ChannelRef, ref: str | None) -> None:
-        """The broker could not place the join (no live worker): the client gets the error
-        reply now, and phoenix.js retries on its rejoin schedule."""
-        self.joined(ch, b"", ref, "error", NO_WORKER, b"[]")
+    def answer_pushes(self, ch: ChannelRef, refs: list[bytes], response: bytes) -> int:
+        """Those of ``refs`` still waiting on ``ch`` (if it is still this connection's) get
+        an error reply with ``response`` now; how many did."""
+        if self.closed or self.channels.get(ch.topic) is not ch or not ch.pending:
+            return 0
+        answered = 0
+        for ref in refs:
+            if ref in ch.pending:
+                del ch.pending[ref]
+                self.reply(ch.join_ref, ref_of(ref), ch.topic, "error", response)
+                answered += 1
+        return answered
 
     # --- end of the connection ------------------------------------------------------
+    def drop(self, ch: ChannelRef, reason: bytes) -> None:
+        """Forget a channel the table no longer lists and tell its worker (connection closed,
+        duplicate join).  A channel still joining is terminated when its join reply finds it
+        gone."""
+        self.hub.channel_closed(ch)
+        if ch.state == JOINED and ch.worker:
+            self.hub.bus_send(wire.terminate(ch.worker, self.conn_id, ch.topic.encode(),
+                                             ref_bytes(ch.join_ref), reason))
+
+    def drop_channels(self, reason: bytes) -> None:
+        """Every channel ends; its terminate runs with ("shutdown", ``reason``)."""
+        for ch in list(self.channels.values()):
+            self.drop(ch, reason)
+        self.channels.clear()
+
     def shut_down(self, code: int, why: str, terminate_reason: bytes) -> None:
         """End the connection from the server side (e.g. a "disconnect" broadcast to its socket
         id): its channels terminate with ("shutdown", terminate_reason), then the transport
         closes with `code` (a LongPoll session just ends; its next request gets 410)."""
         if self.closed:
             return
-        for ch in list(self.channels.values()):
-            self.hub.drop_channel(ch, reason=terminate_reason)
-        self.channels.clear()
-        self.transport.close(code, why)
+        self.drop_channels(terminate_reason)
+        self.close(code, why)
 
     def on_transport_closed(self) -> None:
         if self.closed:
@@ -371,25 +439,9 @@ class Connection:
         self.awaiting = None
         held, self.held = self.held, None
         if held is not None:
-            held.timer.cancel()
-        for ch in list(self.channels.values()):
-            self.hub.drop_channel(ch, reason=b"closed")
-        self.channels.clear()
+            held.cancel()
+        self.drop_channels(b"closed")
         self.hub.remove_connection(self)
-
-
-def socket_id_key(socket_json: bytes) -> bytes | None:
-    """The topic key of the socket id in the worker's connect answer; None for no id."""
-    try:
-        sid = orjson.loads(socket_json).get("id")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    if not isinstance(sid, str) or not sid:
-        return None
-    if "\x00" in sid:
-        log.warning("socket id %.60r contains NUL; it cannot be a topic, ignored", sid)
-        return None
-    return wire.topic_key(sid)
 
 
 ref_bytes = wire.encode_ref   # refs travel as bytes on the bus, any JSON type kept

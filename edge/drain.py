@@ -8,7 +8,7 @@ batch_interval: 2_000, shutdown: 30_000]``); here the batches are sized so that 
 fit in one period, ``BATCH_INTERVAL`` apart.
 
 Used on SIGTERM (``--drain-period``, edge/app.py) and when the edge has lost the bus
-(edge/hub.py).  A WebSocket gets close code 1012 ("service restart"); a LongPoll session
+(edge/busloss.py).  A WebSocket gets close code 1012 ("service restart"); a LongPoll session
 ends, so its next request gets ``{"status":410}`` and phoenix.js starts a new session.
 """
 from __future__ import annotations

@@ -4,7 +4,10 @@ Phoenix's ``fastlane!``: a broadcast that no subscriber intercepts is encoded
 once per wire format in use (V1 text, V2 text, V2 binary), framed once by the
 transport, and the same bytes are written to every joined channel of the topic
 on this edge.  Subscribers that intercept the event are skipped here; their
-worker receives the broadcast too and runs ``handle_out``.
+worker receives the broadcast too and runs ``handle_out``.  These writes go
+straight to each subscriber's transport (edge/transport.py): the one kind of frame a
+client gets that its ``Connection`` does not write, so that a broadcast costs one
+encoding and one framing however many receive it.
 
 It also knows the connections of each socket id topic (``Socket.id``): there the
 only event that means anything is ``"disconnect"``, handed to the hub to close them.
@@ -14,10 +17,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable
 
+import orjson
+
 from bus import wire
 
 if TYPE_CHECKING:
-    from edge.connection import ChannelRef, Connection
+    from edge.channel import ChannelRef
+    from edge.connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +55,8 @@ class FastLane:
         self._unhold(ch)
         early, ch.early = ch.early, None
         if early:
-            for frames in early:
-                self._fan({ch.conn: ch}, frames)
+            for b in early:
+                self._fan({ch.conn: ch}, b)
         subs = self.index.get(ch.key)
         if subs is None:
             subs = self.index[ch.key] = {}
@@ -83,25 +89,27 @@ class FastLane:
                 del self.sockets[conn.id_key]
 
     def deliver(self, frames: list[bytes]) -> None:
-        if len(frames) != wire.BROADCAST_FRAMES or frames[1] != wire.BROADCAST:
+        try:
+            b = wire.parse_broadcast(frames)
+        except wire.BusFrameError as exc:
             self.malformed += 1
             if self.malformed <= 20:
-                log.warning("dropped malformed broadcast (%d frames)", len(frames))
+                log.warning("dropped malformed broadcast: %s", exc)
             return
-        key, _kind, event_b, origin, payload, fmt = frames
-        if key in self.sockets and event_b == DISCONNECT:
+        key = b.key
+        if key in self.sockets and b.event == DISCONNECT:
             self.on_disconnect(key)      # other events on an id topic are ignored, as in Phoenix
         joining = self.joining.get(key)
         if joining:
-            self._hold_for(joining, frames)
+            self._hold_for(joining, b)
         subs = self.index.get(key)
         if subs:
-            self._fan(subs, frames)
+            self._fan(subs, b)
 
-    def _hold_for(self, joining: dict, frames: list[bytes]) -> None:
+    def _hold_for(self, joining: dict, b: wire.Broadcast) -> None:
         for ch in joining.values():
             if len(ch.early) < MAX_HELD_WHILE_JOINING:
-                ch.early.append(frames)
+                ch.early.append(b)
             else:
                 self.held_overflow += 1
                 if self.held_overflow in (1, 10, 100) or self.held_overflow % 10000 == 0:
@@ -109,11 +117,11 @@ class FastLane:
                                 "dropped the next (%d so far)", ch.topic, MAX_HELD_WHILE_JOINING,
                                 self.held_overflow)
 
-    def _fan(self, subs: dict, frames: list[bytes]) -> None:
-        key, _kind, event_b, origin, payload, fmt = frames
+    def _fan(self, subs: dict, b: wire.Broadcast) -> None:
+        origin, payload, fmt = b.origin, b.payload, b.fmt
         try:
-            event = event_b.decode()
-            topic = key[:-1].decode()
+            event = b.event.decode()
+            topic = b.key[:-1].decode()
         except UnicodeDecodeError:
             self.malformed += 1
             if self.malformed <= 20 or self.malformed % 1000 == 0:
@@ -155,3 +163,17 @@ class FastLane:
             return delivered * next(iter(sizes.values()))
         return sum(sizes.get(conn.fmt_key, 0) for conn, ch in subs.items()
                    if not (origin and conn.origin == origin) and not (ch.intercept and event in ch.intercept))
+
+
+def socket_id_key(socket_json: bytes) -> bytes | None:
+    """The topic key of the socket id in the worker's connect answer; None for no id."""
+    try:
+        sid = orjson.loads(socket_json).get("id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(sid, str) or not sid:
+        return None
+    if "\x00" in sid:
+        log.warning("socket id %.60r contains NUL; it cannot be a topic, ignored", sid)
+        return None
+    return wire.topic_key(sid)

@@ -23,8 +23,9 @@ from tornado import web
 
 from edge import serializer as serializers
 from edge.admission import Refusals
+from edge.connectrpc import ConnectRefused
 from edge.handshake import connect_info, origin_allowed
-from edge.hub import ConnectRefused, EdgeHub
+from edge.hub import EdgeHub
 from edge.lpsession import GONE, parse_token
 from edge.params import decode_params
 

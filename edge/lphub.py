@@ -112,8 +112,8 @@ class LongPollHub:
             # The holder holds the poll no longer than we wait for it, whatever its own window:
             # an answer that came after we gave up would take the frames with it.
             hold_ms = str(int(self.window * 1000)).encode()
-            self.hub.bus_send([wire.LP_REQUEST, token.edge, request_id, token.text.encode(),
-                               method, hold_ms, content_type.encode(), body])
+            self.hub.bus_send(wire.lp_request(token.edge, request_id, token.text.encode(),
+                                              method, hold_ms, content_type.encode(), body))
             return await asyncio.wait_for(fut, self.window + RELAY_MARGIN)
         except asyncio.TimeoutError:
             # The holder is alive (a gone one comes back UNROUTABLE) but its answer was lost,
@@ -128,17 +128,16 @@ class LongPollHub:
             self._relays.pop(request_id, None)
 
     # --- the bus side of relaying -----------------------------------------------------------
-    def on_bus_request(self, frames: list[bytes]) -> None:
+    def on_bus_request(self, r: wire.LpRequest) -> None:
         """LP_REQUEST from another edge: serve it here and send back LP_RESPONSE."""
-        _, sender, request_id, token_b, method, hold_ms, content_type, body = frames
-        token = parse_token(token_b.decode(errors="replace"))
-        if token is None or token.edge != self.hub.edge_id or method not in (GET, POST):
-            self._respond(sender, request_id, 200, GONE)
+        token = parse_token(r.token.decode(errors="replace"))
+        if token is None or token.edge != self.hub.edge_id or r.method not in (GET, POST):
+            self._respond(r.peer, r.request_id, 200, GONE)
             return
-        window = int(hold_ms) / 1000            # a ValueError is logged as a bad frame
-        content_type = content_type.decode(errors="replace")
+        window = int(r.hold_ms) / 1000            # a ValueError is logged as a bad frame
+        content_type = r.content_type.decode(errors="replace")
         task = asyncio.get_running_loop().create_task(
-            self._serve_relayed(sender, request_id, token, method, window, content_type, body))
+            self._serve_relayed(r.peer, r.request_id, token, r.method, window, content_type, r.body))
         self._serving.add(task)
         task.add_done_callback(self._serving.discard)
 
@@ -152,19 +151,18 @@ class LongPollHub:
         self._respond(sender, request_id, status, answer)
 
     def _respond(self, dest: bytes, request_id: bytes, status: int, body: bytes) -> None:
-        self.hub.bus_send([wire.LP_RESPONSE, dest, request_id, str(status).encode(), body])
+        self.hub.bus_send(wire.lp_response(dest, request_id, str(status).encode(), body))
 
-    def on_bus_response(self, frames: list[bytes]) -> None:
-        _, _sender, request_id, status, body = frames
-        code = int(status)                          # a ValueError is logged as a bad frame
+    def on_bus_response(self, r: wire.LpResponse) -> None:
+        code = int(r.status)                          # a ValueError is logged as a bad frame
         if code not in (200, 400):
             raise ValueError(f"LP_RESPONSE with HTTP status {code}")
-        fut = self._relays.get(request_id)
+        fut = self._relays.get(r.request_id)
         if fut is not None and not fut.done():
-            fut.set_result((code, body))
+            fut.set_result((code, r.body))
 
-    def on_unroutable(self, fields: list[bytes]) -> None:
+    def on_unroutable(self, r: wire.LpRequest) -> None:
         """Our LP_REQUEST found no edge: the holding edge is gone, and its sessions with it."""
-        fut = self._relays.get(fields[0]) if fields else None
+        fut = self._relays.get(r.request_id)
         if fut is not None and not fut.done():
             fut.set_result((200, GONE))

@@ -270,9 +270,7 @@ class LongPollSession:
         if terminate_reason != b"closed":
             # Connection.on_transport_closed terminates with ("shutdown", "closed"); Phoenix
             # ends the channels of an abandoned LongPoll session with {:shutdown, :inactive}.
-            for ch in list(conn.channels.values()):
-                conn.hub.drop_channel(ch, reason=terminate_reason)
-            conn.channels.clear()
+            conn.drop_channels(terminate_reason)
         conn.on_transport_closed()
         # The Connection's transport is this session: drop our side of the cycle so an ended
         # session's memory comes back without waiting for a garbage collection.  Frames still

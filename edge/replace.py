@@ -7,8 +7,8 @@ The edge does not learn where a request went until the answer comes, so it sends
 unanswered request again, unchanged (same request id, or same join_ref and ref: the client
 sees nothing of it), and the broker places the copy on a worker that is still heard from.
 
-The first answer wins (``EdgeHub._on_connect_reply`` and ``_on_join_reply``): a later connect
-answer finds its request gone, a later join ok is an orphan instance that the hub ends with
+The first answer wins (``ConnectRpc.on_reply`` and ``Connection.on_join_reply``): a later
+connect answer finds its request gone, a later join ok is an orphan instance that is ended with
 TERMINATE.  Pushes buffered and broadcasts held while joining wait on the ``ChannelRef`` and
 are released once, by the first reply.
 """

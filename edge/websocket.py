@@ -20,8 +20,9 @@ from tornado.iostream import SSLIOStream
 
 from edge import serializer as serializers
 from edge.connection import Connection
+from edge.connectrpc import ConnectRefused
 from edge.handshake import connect_info, origin_allowed
-from edge.hub import ConnectRefused, EdgeHub
+from edge.hub import EdgeHub
 from edge.params import decode_params
 from edge.tlstransport import TLSStream, TLSTransport
 from edge.wsdeflate import DeflateWebSocketProtocol, negotiate

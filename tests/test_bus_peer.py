@@ -19,6 +19,7 @@ import zmq
 from broker.fanout import Fanout
 from broker.router import Router
 from broker.server import bind_bus
+from bus.startup import StartupError
 from bus import wire
 from bus.peer import BusPeer, connect_peer
 
@@ -43,7 +44,7 @@ class InProcessBroker:
             try:
                 self.bus, router_sock, xsub, xpub = bind_bus(self.ctx, self.bus)
                 break
-            except SystemExit:
+            except StartupError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)

@@ -6,7 +6,7 @@ join's reply precedes the replies to everything sent after it, and the replies t
 writes itself (heartbeat, unmatched topic, leave of a topic not joined) keep the order of
 their messages.  A push's reply comes when its channel answers, in Phoenix too.  The edge
 answers heartbeats and errors at once and sends joins to workers, so it holds the messages
-that come after a pending join (edge/connection.py), within bounds.
+that come after a pending join (edge/holding.py), within bounds.
 
 One broker, one edge, two workers running tests/apps/protocol_app.py; ``slowjoin:*`` joins
 take as long as their payload says.
@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from edge.connection import MAX_HELD, MAX_HOLD_SECONDS
+from edge.holding import MAX_HELD, MAX_HOLD_SECONDS
 from tests.rawws import RawWS
 from tests.test_e2e_longpoll import NDJSON, http, lp_url
 
