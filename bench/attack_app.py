@@ -19,7 +19,7 @@ if ROOT not in sys.path:   # the workers may run from another checkout (attack.p
     sys.path.append(ROOT)
 
 from examples.chat.channels import RoomChannel  # noqa: E402
-from workers import Channel, Socket, noreply, ok, reply  # noqa: E402
+from zchannels import Channel, Socket, noreply, ok, reply  # noqa: E402
 
 MAX_BLOCK_S = 60.0   # a bound even for a benchmark typo
 

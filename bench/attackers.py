@@ -370,7 +370,7 @@ async def attack_bus_message(t: Target, o) -> dict:
 
 def _bus_message(t: Target, o) -> dict:
     import zmq
-    from bus import wire
+    from zchannels.bus import wire
     _, pub_in, sub_out = wire.bus_endpoints(t.bus)
     topic = "attack:bus"
     ctx = zmq.Context()

@@ -59,12 +59,12 @@ class System:
         self.tmpdir = tmpdir
         self.procs: list[Proc] = []
         try:
-            broker = self._add(ServerProc("broker", [PY, "-m", "broker", "--bus", "tcp://127.0.0.1:0"],
+            broker = self._add(ServerProc("broker", [PY, "-m", "zchannels.broker", "--bus", "tcp://127.0.0.1:0"],
                                           tmpdir, root))
             self.bus = broker.wait_line("READY", 30).split("bus=", 1)[1].split()[0]
-            sup = self._add(ServerProc("workers", [PY, "-m", "workers", "--bus", self.bus, "-n", str(workers),
+            sup = self._add(ServerProc("workers", [PY, "-m", "zchannels.workers", "--bus", self.bus, "-n", str(workers),
                                                    app], tmpdir, root))
-            edge = self._add(ServerProc("edge", [PY, "-m", "edge", "--bus", self.bus, "--port", "0",
+            edge = self._add(ServerProc("edge", [PY, "-m", "zchannels.edge", "--bus", self.bus, "--port", "0",
                                                  *(edge_args or [])], tmpdir, root))
             self.http = edge.wait_line("READY", 30).split("http=", 1)[1].split()[0]
             for _ in range(workers):

@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge.hub import Limits  # noqa: E402
-from edge.websocket import accept_value  # noqa: E402
-from edge.wsdeflate import DeflateWebSocketProtocol, negotiate  # noqa: E402
-from edge.wsproto import CLOSE_BAD_DATA, OP_TEXT, InboundBudget, WebSocketProtocol  # noqa: E402
+from zchannels.edge.hub import Limits  # noqa: E402
+from zchannels.edge.websocket import accept_value  # noqa: E402
+from zchannels.edge.wsdeflate import DeflateWebSocketProtocol, negotiate  # noqa: E402
+from zchannels.edge.wsproto import CLOSE_BAD_DATA, OP_TEXT, InboundBudget, WebSocketProtocol  # noqa: E402
 
 
 class Hub:

@@ -19,9 +19,9 @@ import time
 
 import zmq
 
-from broker import router as router_mod
-from bus import wire
-from broker.router import Router
+from zchannels.broker import router as router_mod
+from zchannels.bus import wire
+from zchannels.broker.router import Router
 from tests.conftest import Proc
 
 
@@ -31,7 +31,7 @@ def vm_mb(pid: int, field: str) -> int:
 
 
 def oversize(mb: int, broker_args: list[str]) -> None:
-    broker = Proc("broker", "--bus", "tcp://127.0.0.1:0", *broker_args)
+    broker = Proc("zchannels.broker", "--bus", "tcp://127.0.0.1:0", *broker_args)
     ctx = zmq.Context()
     try:
         bus = broker.wait_ready(1)[0]["bus"]

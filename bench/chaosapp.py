@@ -4,7 +4,7 @@ Load it as ``bench/chaosapp.py`` (attr ``socket``).  The chaos benchmark's clien
 ``ping`` every 500 ms and expect their payload back; the numbered broadcasts they count come
 from a Publisher outside the workers, so the channel itself does nothing else.
 """
-from workers import Channel, Socket, ok, reply
+from zchannels import Channel, Socket, ok, reply
 
 
 class RoomChannel(Channel):

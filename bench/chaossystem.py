@@ -194,10 +194,10 @@ class System:
     # ---- start ------------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> None:
-        broker = self._start("broker1", [PY, "-m", "broker", "--bus", "tcp://127.0.0.1:0", *self.broker_args])
+        broker = self._start("broker1", [PY, "-m", "zchannels.broker", "--bus", "tcp://127.0.0.1:0", *self.broker_args])
         self.brokers.append(broker)
         self.bus = broker.wait_ready(1, timeout)[0][1]["bus"]
-        self.supervisor = self._start("workers", [PY, "-m", "workers", "--bus", self.bus,
+        self.supervisor = self._start("workers", [PY, "-m", "zchannels.workers", "--bus", self.bus,
                                                   "-n", str(self.n_workers), *self.worker_args, self.app])
         for i in range(self.n_edges):
             self.edges.append([self._start(f"edge{i + 1}.1", self._edge_argv(0))])
@@ -207,7 +207,7 @@ class System:
         self.supervisor.wait_ready(self.n_workers, timeout)
 
     def _edge_argv(self, port: int) -> list[str]:
-        return [PY, "-m", "edge", "--bus", self.bus, "--host", "127.0.0.1", "--port", str(port), *self.edge_args]
+        return [PY, "-m", "zchannels.edge", "--bus", self.bus, "--host", "127.0.0.1", "--port", str(port), *self.edge_args]
 
     @property
     def urls(self) -> list[str]:
@@ -263,7 +263,7 @@ class System:
 
     def start_broker(self) -> Child:
         broker = self._start(f"broker{len(self.brokers) + 1}",
-                             [PY, "-m", "broker", "--bus", self.bus, *self.broker_args])
+                             [PY, "-m", "zchannels.broker", "--bus", self.bus, *self.broker_args])
         self.brokers.append(broker)
         return broker
 

@@ -124,16 +124,16 @@ class Cluster:
         there is one edge instead, started with `--processes N` (N children sharing one port
         with SO_REUSEPORT; its parent prints one READY line for all of them)."""
         log(f"process logs in {self.tmpdir}")
-        broker = Proc("broker", [PY, "-m", "broker", "--bus", "tcp://127.0.0.1:0"], self.tmpdir)
+        broker = Proc("broker", [PY, "-m", "zchannels.broker", "--bus", "tcp://127.0.0.1:0"], self.tmpdir)
         self.procs.append(broker)
         bus = broker.wait_line("READY", 30).split("bus=", 1)[1].split()[0]
         self.server["broker"] = broker.p
-        sup = Proc("workers", [PY, "-m", "workers", "--bus", bus, "-n", str(workers), app], self.tmpdir)
+        sup = Proc("workers", [PY, "-m", "zchannels.workers", "--bus", bus, "-n", str(workers), app], self.tmpdir)
         self.procs.append(sup)
         self.server["workers"] = sup.p
         # The per-client rate limit (a policy, 200/s by default) would throttle the load
         # generator's pipelined clients; the benchmark measures capacity, so it is off.
-        edge_argv = [PY, "-m", "edge", "--bus", bus, "--port", "0", "--max-rate", "0"]
+        edge_argv = [PY, "-m", "zchannels.edge", "--bus", bus, "--port", "0", "--max-rate", "0"]
         if edge_processes > 0:
             edges, edge_argv = 1, edge_argv + ["--processes", str(edge_processes)]
         for i in range(edges):

@@ -87,7 +87,7 @@ def main() -> int:
     link = balancer = None
     try:
         net = Namespaces() if args.netns else None
-        broker = Proc("broker", "--bus", "tcp://0.0.0.0:0" if net else "tcp://127.0.0.1:0", name="broker")
+        broker = Proc("zchannels.broker", "--bus", "tcp://0.0.0.0:0" if net else "tcp://127.0.0.1:0", name="broker")
         procs.append(broker)
         bus = broker.wait_ready()[0]["bus"].replace("0.0.0.0", "127.0.0.1")
         if net:
@@ -100,12 +100,12 @@ def main() -> int:
         keep = ["--bus-loss-timeout", "0"] if args.keep_clients else []
         edge_a = (net.proc("edge", "--bus", far_bus, "--port", "0", "--host", "0.0.0.0", *keep, name="edgeA")
                   if net and args.side == "edge" else
-                  Proc("edge", "--bus", far_bus if args.side == "edge" else bus, "--port", "0", *keep,
+                  Proc("zchannels.edge", "--bus", far_bus if args.side == "edge" else bus, "--port", "0", *keep,
                        name="edgeA"))
-        edge_b = Proc("edge", "--bus", bus, "--port", "0", name="edgeB")
+        edge_b = Proc("zchannels.edge", "--bus", bus, "--port", "0", name="edgeB")
         workers = (net.proc("workers", "--bus", far_bus, "-n", "2", E2E_APP, name="workers")
                    if net and args.side == "workers" else
-                   Proc("workers", "--bus", far_bus if args.side == "workers" else bus, "-n", "2",
+                   Proc("zchannels.workers", "--bus", far_bus if args.side == "workers" else bus, "-n", "2",
                         E2E_APP, name="workers"))
         procs += [edge_a, edge_b, workers]
         urls = [p.wait_ready()[0]["http"] for p in (edge_a, edge_b)]

@@ -131,14 +131,14 @@ async def open_subscribers(socks: Sockets, host: str, port: int, n: int) -> list
 
 
 def start(tmpdir: str, compress: bool) -> tuple[list[Proc], str, str, int]:
-    broker = Proc("broker", [PY, "-m", "broker", "--bus", "tcp://127.0.0.1:0"], tmpdir)
+    broker = Proc("broker", [PY, "-m", "zchannels.broker", "--bus", "tcp://127.0.0.1:0"], tmpdir)
     bus = broker.wait_line("READY", 30).split("bus=", 1)[1].split()[0]
     procs = [broker]
     try:
-        workers = Proc("workers", [PY, "-m", "workers", "--bus", bus, "-n", "1",
+        workers = Proc("workers", [PY, "-m", "zchannels.workers", "--bus", bus, "-n", "1",
                                    str(HERE / "attack_app.py")], tmpdir)
         procs.append(workers)
-        edge = Proc("edge", [PY, "-m", "edge", "--bus", bus, "--port", "0", "--max-rate", "0",
+        edge = Proc("edge", [PY, "-m", "zchannels.edge", "--bus", bus, "--port", "0", "--max-rate", "0",
                              *(["--compress"] if compress else [])], tmpdir)
         procs.append(edge)
         http = edge.wait_line("READY", 30).split("http=", 1)[1].split()[0]

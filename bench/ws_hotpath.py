@@ -33,10 +33,10 @@ def main() -> None:
 async def measure(repeat: int) -> None:
     from tornado.util import _websocket_mask as mask
 
-    from edge import wsproto
-    from edge.connection import Connection
-    from edge.hub import EdgeHub, Limits
-    from edge.serializer import V2
+    from zchannels.edge import wsproto
+    from zchannels.edge.connection import Connection
+    from zchannels.edge.hub import EdgeHub, Limits
+    from zchannels.edge.serializer import V2
 
     class Bus:
         def send(self, frames): pass

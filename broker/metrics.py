@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from broker.busmonitor import BusMonitor
-    from broker.router import Router
+    from zchannels.broker.busmonitor import BusMonitor
+    from zchannels.broker.router import Router
 
 # Router attribute -> (metric name without _total, help)
 COUNTERS = {

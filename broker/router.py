@@ -20,8 +20,8 @@ import time
 
 import zmq
 
-from bus import wire
-from bus.timing import (BROKER_PROBE_INTERVAL, BROKER_WARM_UP, CUT_SILENCE, PEER_LIVENESS, PLACE_FRESH,
+from zchannels.bus import wire
+from zchannels.bus.timing import (BROKER_PROBE_INTERVAL, BROKER_WARM_UP, CUT_SILENCE, PEER_LIVENESS, PLACE_FRESH,
                         WORKER_WAIT)
 
 log = logging.getLogger(__name__)

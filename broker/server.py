@@ -8,14 +8,14 @@ import signal
 
 import zmq
 
-from bus import curve, wire
-from broker.busmonitor import BusMonitor
-from broker.fanout import Fanout
-from bus.logsetup import announce_ready, setup_logging
-from bus.loopsock import tune_link
-from bus.startup import StartupError
-from bus.timing import BROKER_LINK_MARGIN_MS, PEER_LIVENESS
-from broker.router import Router
+from zchannels.bus import curve, wire
+from zchannels.broker.busmonitor import BusMonitor
+from zchannels.broker.fanout import Fanout
+from zchannels.bus.logsetup import announce_ready, setup_logging
+from zchannels.bus.loopsock import tune_link
+from zchannels.bus.startup import StartupError
+from zchannels.bus.timing import BROKER_LINK_MARGIN_MS, PEER_LIVENESS
+from zchannels.broker.router import Router
 
 log = logging.getLogger("broker")
 
@@ -122,7 +122,7 @@ def main(args) -> int:
     up = False
     try:
         if getattr(args, "metrics_port", None) is not None:
-            from broker import metrics
+            from zchannels.broker import metrics
             host = metrics.metrics_host(bus)
             try:
                 metrics_server = metrics.serve(router, host, args.metrics_port, monitor)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import orjson
 
-from bus import wire
+from zchannels.bus import wire
 
 NUL = wire.TOPIC_TERMINATOR.decode()
 PAYLOAD_TYPES = (dict, bytes, bytearray, memoryview)

@@ -18,8 +18,8 @@ from typing import Callable
 
 import zmq
 
-from bus import wire
-from bus.timing import (LINK_CONNECT_TIMEOUT_MS, LINK_HANDSHAKE_MS, LINK_HEARTBEAT_MS,
+from zchannels.bus import wire
+from zchannels.bus.timing import (LINK_CONNECT_TIMEOUT_MS, LINK_HANDSHAKE_MS, LINK_HEARTBEAT_MS,
                         LINK_RECONNECT_MAX_MS, LINK_RECONNECT_MIN_MS, LINK_TIMEOUT_MS)
 
 log = logging.getLogger(__name__)

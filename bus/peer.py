@@ -27,9 +27,9 @@ from typing import Callable, NamedTuple
 
 import zmq
 
-from bus import curve, loopsock, wire
-from bus.loopsock import LoopSocket, tune_link
-from bus.timing import BROKER_SILENCE_LIMIT, PEER_HEARTBEAT_INTERVAL, SAME_OUTAGE_WINDOW
+from zchannels.bus import curve, loopsock, wire
+from zchannels.bus.loopsock import LoopSocket, tune_link
+from zchannels.bus.timing import BROKER_SILENCE_LIMIT, PEER_HEARTBEAT_INTERVAL, SAME_OUTAGE_WINDOW
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import ssl
 
 from tornado.iostream import IOStream
 
-from edge.admission import Admission
-from edge.httplimits import EdgeHTTPServer, raw_response
-from edge.tlstransport import TLSStream
+from zchannels.edge.admission import Admission
+from zchannels.edge.httplimits import EdgeHTTPServer, raw_response
+from zchannels.edge.tlstransport import TLSStream
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ import logging
 import resource
 import time
 
-from edge.forwarded import TrustedProxies
+from zchannels.edge.forwarded import TrustedProxies
 
 log = logging.getLogger("edge")
 

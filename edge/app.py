@@ -13,23 +13,23 @@ from pathlib import Path
 
 from tornado import web
 
-from bus.logsetup import announce_ready, setup_logging
-from bus.loopsock import run_loop
-from bus.timing import BUS_LOSS_TIMEOUT
-from edge.accept import Acceptor
-from edge.admission import Admission, Refusals, raise_nofile_limit
-from edge.drain import drain, wait_closed
-from edge.forwarded import TrustedProxies
-from edge.httplimits import REFUSAL_KINDS, EdgeHTTPServer, HttpLimits, longpoll_body_limit
-from edge.hub import EdgeHub, Limits
-from edge.listen import listen_sockets, reserve_port
-from edge.longpoll import LongPollHandler
-from edge.metrics import MetricsHandler, make_registry
-from edge.origin import OriginCheck
-from edge.publish_api import PATH as PUBLISH_PATH, BroadcastHandler
-from edge.status import StatusAccess, StatusPage
-from edge.tls import HANDSHAKE_FAILURE_KINDS, TLSConfigError, install_handshake_failure_log, load_context
-from edge.websocket import WebSocketUpgrade
+from zchannels.bus.logsetup import announce_ready, setup_logging
+from zchannels.bus.loopsock import run_loop
+from zchannels.bus.timing import BUS_LOSS_TIMEOUT
+from zchannels.edge.accept import Acceptor
+from zchannels.edge.admission import Admission, Refusals, raise_nofile_limit
+from zchannels.edge.drain import drain, wait_closed
+from zchannels.edge.forwarded import TrustedProxies
+from zchannels.edge.httplimits import REFUSAL_KINDS, EdgeHTTPServer, HttpLimits, longpoll_body_limit
+from zchannels.edge.hub import EdgeHub, Limits
+from zchannels.edge.listen import listen_sockets, reserve_port
+from zchannels.edge.longpoll import LongPollHandler
+from zchannels.edge.metrics import MetricsHandler, make_registry
+from zchannels.edge.origin import OriginCheck
+from zchannels.edge.publish_api import PATH as PUBLISH_PATH, BroadcastHandler
+from zchannels.edge.status import StatusAccess, StatusPage
+from zchannels.edge.tls import HANDSHAKE_FAILURE_KINDS, TLSConfigError, install_handshake_failure_log, load_context
+from zchannels.edge.websocket import WebSocketUpgrade
 
 log = logging.getLogger("edge")
 
@@ -39,7 +39,11 @@ HANDLER_REFUSAL_KINDS = ("longpoll_posts_refused", "api_key_refusals", "connect_
                          "connect_unavailable", "origin_refusals")
 
 ROOT = Path(__file__).resolve().parent.parent
+# An installed package carries phoenix.js (scripts/build copies it from npm); a checkout
+# serves it from node_modules.
+BUNDLED_JS = Path(__file__).resolve().parent / "static_js"
 PHOENIX_JS_CANDIDATES = (
+    BUNDLED_JS,
     Path.cwd() / "node_modules/phoenix/priv/static",
     ROOT / "node_modules/phoenix/priv/static",
 )
@@ -205,7 +209,7 @@ def main(args) -> int:
     if args.processes > 1:
         reserved = reserve_port(args.host, args.port)
         raise_nofile_limit()   # before any child starts: they inherit it
-        from edge.multiproc import run_many
+        from zchannels.edge.multiproc import run_many
         return run_many(args, reserved)
     sockets = listen_sockets(args.host, args.port, args.reuse_port)
     raise_nofile_limit()

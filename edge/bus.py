@@ -14,8 +14,8 @@ from typing import Callable
 
 import zmq
 
-from bus import wire
-from bus.peer import BusPeer, connect_peer
+from zchannels.bus import wire
+from zchannels.bus.peer import BusPeer, connect_peer
 
 log = logging.getLogger(__name__)
 

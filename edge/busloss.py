@@ -12,11 +12,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from bus.timing import BUS_LOSS_DRAIN, BUS_LOSS_TIMEOUT
-from edge.drain import drain
+from zchannels.bus.timing import BUS_LOSS_DRAIN, BUS_LOSS_TIMEOUT
+from zchannels.edge.drain import drain
 
 if TYPE_CHECKING:
-    from edge.hub import EdgeHub
+    from zchannels.edge.hub import EdgeHub
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bus import wire
+from zchannels.bus import wire
 
 if TYPE_CHECKING:
-    from edge.connection import Connection
-    from edge.serializer import Message
+    from zchannels.edge.connection import Connection
+    from zchannels.edge.serializer import Message
 
 JOINING, JOINED = 0, 1
 

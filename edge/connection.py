@@ -21,17 +21,17 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from bus import wire
-from edge.channel import JOINED, JOINING, ChannelRef
-from edge.fastlane import socket_id_key
-from edge.holding import HeldMessages, hold
-from edge.ratelimit import CLOSE_POLICY_VIOLATION, RATE_LIMITED, bucket_for
-from edge.serializer import Message
-from edge.status import TOKEN_PARAM, UNAUTHORIZED
+from zchannels.bus import wire
+from zchannels.edge.channel import JOINED, JOINING, ChannelRef
+from zchannels.edge.fastlane import socket_id_key
+from zchannels.edge.holding import HeldMessages, hold
+from zchannels.edge.ratelimit import CLOSE_POLICY_VIOLATION, RATE_LIMITED, bucket_for
+from zchannels.edge.serializer import Message
+from zchannels.edge.status import TOKEN_PARAM, UNAUTHORIZED
 
 if TYPE_CHECKING:
-    from edge.hub import EdgeHub
-    from edge.transport import Serializer, Transport
+    from zchannels.edge.hub import EdgeHub
+    from zchannels.edge.transport import Serializer, Transport
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from bus import wire
+from zchannels.bus import wire
 
 if TYPE_CHECKING:
-    from edge.hub import EdgeHub
+    from zchannels.edge.hub import EdgeHub
 
 CONNECT_TIMEOUT = 5.0
 UNAVAILABLE = b"unavailable"   # the status of a connect no worker could take

@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from edge.hub import EdgeHub
+    from zchannels.edge.hub import EdgeHub
 
 log = logging.getLogger(__name__)
 

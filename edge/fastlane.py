@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Callable
 
 import orjson
 
-from bus import wire
+from zchannels.bus import wire
 
 if TYPE_CHECKING:
-    from edge.channel import ChannelRef
-    from edge.connection import Connection
+    from zchannels.edge.channel import ChannelRef
+    from zchannels.edge.connection import Connection
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from tornado.httputil import HTTPServerRequest
 
-from edge.origin import OriginCheck
+from zchannels.edge.origin import OriginCheck
 
 
 def origin_allowed(check: OriginCheck, req: HTTPServerRequest, refused) -> bool:

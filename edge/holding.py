@@ -19,8 +19,8 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from edge.connection import Connection
-    from edge.serializer import Message
+    from zchannels.edge.connection import Connection
+    from zchannels.edge.serializer import Message
 
 log = logging.getLogger(__name__)
 

@@ -41,9 +41,9 @@ from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, SSLIOStream
 
-from edge.admission import Admission, Refusals, Slot
-from edge.forwarded import TrustedProxies
-from edge.lpsession import MAX_LINES
+from zchannels.edge.admission import Admission, Refusals, Slot
+from zchannels.edge.forwarded import TrustedProxies
+from zchannels.edge.lpsession import MAX_LINES
 
 log = logging.getLogger("edge")
 

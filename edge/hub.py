@@ -24,21 +24,21 @@ import os
 import time
 from dataclasses import dataclass
 
-from bus import wire
-from bus.timing import BUS_LOSS_TIMEOUT
-from edge.bus import EdgeBus
-from edge.busloss import BusLoss
-from edge.channel import ChannelRef
-from edge.connection import Connection
-from edge.connectrpc import ConnectRpc
-from edge.fastlane import FastLane
-from edge.lphub import LongPollHub
-from edge.lpsession import FRAME_KIND as LONGPOLL
-from edge.origin import OriginCheck
-from edge.replace import Replacer
-from edge.resync import Resync
-from edge.status import EdgeStatus, StatusAccess
-from edge.wsproto import InboundBudget
+from zchannels.bus import wire
+from zchannels.bus.timing import BUS_LOSS_TIMEOUT
+from zchannels.edge.bus import EdgeBus
+from zchannels.edge.busloss import BusLoss
+from zchannels.edge.channel import ChannelRef
+from zchannels.edge.connection import Connection
+from zchannels.edge.connectrpc import ConnectRpc
+from zchannels.edge.fastlane import FastLane
+from zchannels.edge.lphub import LongPollHub
+from zchannels.edge.lpsession import FRAME_KIND as LONGPOLL
+from zchannels.edge.origin import OriginCheck
+from zchannels.edge.replace import Replacer
+from zchannels.edge.resync import Resync
+from zchannels.edge.status import EdgeStatus, StatusAccess
+from zchannels.edge.wsproto import InboundBudget
 
 log = logging.getLogger(__name__)
 

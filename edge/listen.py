@@ -12,7 +12,7 @@ import socket
 
 from tornado.netutil import bind_sockets
 
-from bus.startup import StartupError
+from zchannels.bus.startup import StartupError
 
 
 def _where(host: str, port: int) -> str:

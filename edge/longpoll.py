@@ -21,13 +21,13 @@ from urllib.parse import parse_qsl
 
 from tornado import web
 
-from edge import serializer as serializers
-from edge.admission import Refusals
-from edge.connectrpc import ConnectRefused
-from edge.handshake import connect_info, origin_allowed
-from edge.hub import EdgeHub
-from edge.lpsession import GONE, parse_token
-from edge.params import decode_params
+from zchannels.edge import serializer as serializers
+from zchannels.edge.admission import Refusals
+from zchannels.edge.connectrpc import ConnectRefused
+from zchannels.edge.handshake import connect_info, origin_allowed
+from zchannels.edge.hub import EdgeHub
+from zchannels.edge.lpsession import GONE, parse_token
+from zchannels.edge.params import decode_params
 
 log = logging.getLogger(__name__)
 

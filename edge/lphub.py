@@ -19,12 +19,12 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from bus import wire
-from edge.connection import Connection
-from edge.lpsession import GONE, LongPollSession, SessionToken, make_token, parse_token
+from zchannels.bus import wire
+from zchannels.edge.connection import Connection
+from zchannels.edge.lpsession import GONE, LongPollSession, SessionToken, make_token, parse_token
 
 if TYPE_CHECKING:
-    from edge.hub import EdgeHub
+    from zchannels.edge.hub import EdgeHub
 
 log = logging.getLogger(__name__)
 

@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 
-from edge import memtrim
-from edge.serializer import DecodeError, Message
+from zchannels.edge import memtrim
+from zchannels.edge.serializer import DecodeError, Message
 
 if TYPE_CHECKING:
-    from edge.connection import Connection
-    from edge.lphub import LongPollHub
+    from zchannels.edge.connection import Connection
+    from zchannels.edge.lphub import LongPollHub
 
 log = logging.getLogger(__name__)
 

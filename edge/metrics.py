@@ -20,7 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tornado import web
 
 if TYPE_CHECKING:
-    from edge.hub import EdgeHub
+    from zchannels.edge.hub import EdgeHub
 
 TRANSPORTS = {"ws": "websocket", "ws-deflate": "websocket",   # Connection.transport.frame_kind -> label
               "longpoll": "longpoll"}

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from bus.logsetup import announce_ready
+from zchannels.bus.logsetup import announce_ready
 
 log = logging.getLogger("edge")
 
@@ -27,7 +27,7 @@ RESTART_BACKOFF_MAX = 10.0
 def child_argv(args: argparse.Namespace, port: int) -> list[str]:
     """The `edge` command line of one child: every option as given (``args.process_options``,
     from zchannels/cli.py), one process, on ``port``."""
-    return [sys.executable, "-m", "edge", *args.process_options, "--port", str(port), "--reuse-port"]
+    return [sys.executable, "-m", "zchannels.edge", *args.process_options, "--port", str(port), "--reuse-port"]
 
 
 class Child:

@@ -26,8 +26,8 @@ import logging
 import orjson
 from tornado import web
 
-from bus import broadcasts, wire
-from bus.timing import BROKER_SILENCE_LIMIT
+from zchannels.bus import broadcasts, wire
+from zchannels.bus.timing import BROKER_SILENCE_LIMIT
 
 log = logging.getLogger("edge")
 

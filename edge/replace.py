@@ -19,13 +19,13 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from bus.timing import PLACEMENT_RETRY
-from edge.connection import JOINED
-from edge.ratelimit import TokenBucket
+from zchannels.bus.timing import PLACEMENT_RETRY
+from zchannels.edge.connection import JOINED
+from zchannels.edge.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
-    from edge.connection import ChannelRef
-    from edge.hub import EdgeHub
+    from zchannels.edge.connection import ChannelRef
+    from zchannels.edge.hub import EdgeHub
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from bus import wire
-from bus.timing import OUTAGE_REPLY_AFTER, SYNC_ANSWER_TIMEOUT
-from edge.channel import JOINED
+from zchannels.bus import wire
+from zchannels.bus.timing import OUTAGE_REPLY_AFTER, SYNC_ANSWER_TIMEOUT
+from zchannels.edge.channel import JOINED
 
 if TYPE_CHECKING:
-    from edge.hub import EdgeHub
+    from zchannels.edge.hub import EdgeHub
 
 log = logging.getLogger(__name__)
 

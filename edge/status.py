@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 import orjson
 from tornado import web
 
-from bus import wire
-from bus.timing import STATUS_SNAPSHOT_INTERVAL
+from zchannels.bus import wire
+from zchannels.bus.timing import STATUS_SNAPSHOT_INTERVAL
 
 if TYPE_CHECKING:
-    from edge.hub import EdgeHub
+    from zchannels.edge.hub import EdgeHub
 
 log = logging.getLogger(__name__)
 

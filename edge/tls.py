@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import ssl
 
-from edge.admission import Refusals
+from zchannels.edge.admission import Refusals
 
 # What browsers and phoenix.js need: HTTP/1.1 (a WebSocket upgrade is an HTTP/1.1 request).
 ALPN = ["http/1.1"]

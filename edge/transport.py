@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from edge.serializer import Message
+from zchannels.edge.serializer import Message
 
 
 class Serializer(Protocol):

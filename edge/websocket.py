@@ -18,15 +18,15 @@ import socket as pysocket
 from tornado import web
 from tornado.iostream import SSLIOStream
 
-from edge import serializer as serializers
-from edge.connection import Connection
-from edge.connectrpc import ConnectRefused
-from edge.handshake import connect_info, origin_allowed
-from edge.hub import EdgeHub
-from edge.params import decode_params
-from edge.tlstransport import TLSStream, TLSTransport
-from edge.wsdeflate import DeflateWebSocketProtocol, negotiate
-from edge.wsproto import WebSocketProtocol
+from zchannels.edge import serializer as serializers
+from zchannels.edge.connection import Connection
+from zchannels.edge.connectrpc import ConnectRefused
+from zchannels.edge.handshake import connect_info, origin_allowed
+from zchannels.edge.hub import EdgeHub
+from zchannels.edge.params import decode_params
+from zchannels.edge.tlstransport import TLSStream, TLSTransport
+from zchannels.edge.wsdeflate import DeflateWebSocketProtocol, negotiate
+from zchannels.edge.wsproto import WebSocketProtocol
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import logging
 import zlib
 
-from edge.wsframe import build_frame, frame_with
-from edge.wsproto import CLOSE_BAD_DATA, CLOSE_TOO_BIG, OP_CONT, WebSocketProtocol
+from zchannels.edge.wsframe import build_frame, frame_with
+from zchannels.edge.wsproto import CLOSE_BAD_DATA, CLOSE_TOO_BIG, OP_CONT, WebSocketProtocol
 
 log = logging.getLogger(__name__)
 

@@ -52,14 +52,14 @@ from typing import TYPE_CHECKING
 
 from tornado.util import _websocket_mask as unmask
 
-from edge import memtrim
-from edge.admission import Refusals
-from edge.serializer import DecodeError
-from edge.wsframe import build_frame
+from zchannels.edge import memtrim
+from zchannels.edge.admission import Refusals
+from zchannels.edge.serializer import DecodeError
+from zchannels.edge.wsframe import build_frame
 
 if TYPE_CHECKING:
-    from edge.connection import Connection
-    from edge.hub import EdgeHub
+    from zchannels.edge.connection import Connection
+    from zchannels.edge.hub import EdgeHub
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("broker", "bus", "edge", "workers", "zchannels", "bench", "tests", "examples")
 
 
+# Folders of the repository that are installed inside the zchannels package (zchannels/ holds
+# a symlink to each), so their modules are named zchannels.<folder>.<module>.
+INSIDE_ZCHANNELS = ("broker", "bus", "edge", "workers")
+
+
 def module_name(path: Path, root: Path = ROOT) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
+    if parts[0] in INSIDE_ZCHANNELS:
+        parts.insert(0, "zchannels")
     return ".".join(parts)
 
 
@@ -32,7 +39,9 @@ def project_modules(root: Path = ROOT) -> dict[str, Path]:
     found = {}
     for package in PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
-            if "node_modules" not in path.parts:
+            # zchannels/edge ... are symlinks to the folders scanned as themselves
+            if "node_modules" not in path.parts and not (
+                    path.parts[len(root.parts)] == "zchannels" and len(path.parts) > len(root.parts) + 2):
                 found[module_name(path, root)] = path
     return found
 

@@ -196,7 +196,7 @@ class Cluster:
         self.stopped_codes: dict[str, int] = {}
         log = ("--log-level", log_level)
         try:
-            self.broker = self._add(Proc("broker", "--bus", "tcp://127.0.0.1:0", *broker_args, *log,
+            self.broker = self._add(Proc("zchannels.broker", "--bus", "tcp://127.0.0.1:0", *broker_args, *log,
                                            name="broker", env=env))
             self.bus = self.broker.wait_ready(1, timeout)[0]["bus"]
             for i in range(edges):
@@ -239,7 +239,7 @@ class Cluster:
             old.popen.send_signal(signal.SIGKILL)
             old.popen.wait(5)
         restarts = sum(p.name.startswith("broker") for p in self.procs)
-        self.broker = self._add(Proc("broker", "--bus", self.bus, name=f"broker{restarts + 1}"))
+        self.broker = self._add(Proc("zchannels.broker", "--bus", self.bus, name=f"broker{restarts + 1}"))
         assert self.broker.wait_ready(1, timeout)[0]["bus"] == self.bus
 
     @property

@@ -6,8 +6,8 @@ import itertools
 
 import zmq
 
-from bus import wire
-from broker.router import Router
+from zchannels.bus import wire
+from zchannels.broker.router import Router
 
 _names = itertools.count()
 

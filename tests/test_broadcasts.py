@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from bus import broadcasts, wire
+from zchannels.bus import broadcasts, wire
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -45,7 +45,7 @@ def test_chat_page_websocket_tab_and_longpoll_tab_see_each_other_and_who_is_onli
 @pytest.mark.timeout(120)
 def test_guide_page_round_trips_a_message_between_an_anonymous_tab_and_a_tab_with_a_user_token():
     """examples/guide's own page, as `zchannels dev examples/guide/channels.py` serves it."""
-    from workers.token import sign
+    from zchannels.workers.token import sign
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     secret = "the guide's secret_key_base, for the browser test"
     cluster = Cluster(app="examples/guide/channels.py", edges=1, workers=2,

@@ -11,9 +11,9 @@ import urllib.request
 import pytest
 import zmq
 
-from bus import wire
-from bus.loopsock import LoopSocket
-from broker.router import Router
+from zchannels.bus import wire
+from zchannels.bus.loopsock import LoopSocket
+from zchannels.broker.router import Router
 from tests.conftest import Cluster, wait_until
 from tests.rawws import RawWS
 from tests.routerbus import RouterBus, pump

@@ -16,12 +16,12 @@ from typing import Callable
 import pytest
 import zmq
 
-from broker.fanout import Fanout
-from broker.router import Router
-from broker.server import bind_bus
-from bus.startup import StartupError
-from bus import wire
-from bus.peer import BusPeer, connect_peer
+from zchannels.broker.fanout import Fanout
+from zchannels.broker.router import Router
+from zchannels.broker.server import bind_bus
+from zchannels.bus.startup import StartupError
+from zchannels.bus import wire
+from zchannels.bus.peer import BusPeer, connect_peer
 
 HWM = 1000
 FAST_BEAT = 0.05          # seconds between heartbeats in these tests (0.5 in production)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from workers import (JSON, Channel, HandlerResult, JoinResult, JSONObject, OutPayload, OutResult,
+from zchannels.workers import (JSON, Channel, HandlerResult, JoinResult, JSONObject, OutPayload, OutResult,
                      Payload, Socket, SocketState, broadcast, error, noreply, ok, reply, stop)
 from zchannels.testing import ANY, ChannelTest, ConnectRefused, JoinRefused
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workers import AppLoadError, sign_token
+from zchannels import AppLoadError, sign_token
 from zchannels.testing import ANY, ChannelTest, ConnectRefused, JoinRefused, channel_app
 
 pytestmark = pytest.mark.timeout(10)

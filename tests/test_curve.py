@@ -21,7 +21,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from bus import curve, wire
+from zchannels.bus import curve, wire
 from tests.conftest import ROOT, E2E_APP, LOG_LEVEL, Proc, wait_until
 from tests.rawws import RawWS
 
@@ -399,14 +399,14 @@ def test_wrong_or_missing_key_files_stop_every_process_with_exit_code_2(keys, tm
         assert done.returncode == 2, (argv, done.stderr)
         assert expected in done.stderr, (argv, done.stderr)
         assert "Traceback" not in done.stderr, (argv, done.stderr)
-    runner = subprocess.run([sys.executable, "-m", "workers.runner", E2E_APP, "--curve-secret",
+    runner = subprocess.run([sys.executable, "-m", "zchannels.workers.runner", E2E_APP, "--curve-secret",
                              str(keys / "client.key_secret")], cwd=str(ROOT), capture_output=True,
                             text=True, timeout=30)
     assert runner.returncode == 2 and "--curve-server-key is missing" in runner.stderr, runner.stderr
 
 
 def test_edge_processes_pass_their_keys_to_each_child(keys):
-    from edge.multiproc import child_argv
+    from zchannels.edge.multiproc import child_argv
     from zchannels.cli import build_parser, edge_process_options
     args = build_parser().parse_args(["edge", "--processes", "2", *client_flags(keys)])
     args.process_options = edge_process_options(args)

@@ -12,7 +12,7 @@ from tests.jsclient import JsClient
 from zchannels.reload import SourceWatcher, watched_root
 
 HANDLER = '''
-from workers import Channel, Socket, ok, reply
+from zchannels.workers import Channel, Socket, ok, reply
 
 socket = Socket()
 

@@ -30,7 +30,7 @@ def cpu_seconds(pid: int) -> float:
 @pytest.mark.timeout(60)
 def test_out_of_file_descriptors_pauses_accepting_without_spinning(cluster_factory, js_client):
     cluster = cluster_factory(edges=0, workers=1)
-    edge = Proc("edge", "--bus", cluster.bus, "--port", "0", name="edge-64", max_open_files=64)
+    edge = Proc("zchannels.edge", "--bus", cluster.bus, "--port", "0", name="edge-64", max_open_files=64)
     cluster.procs.append(edge)
     url = edge.wait_ready(1, 10)[0]["http"]
     host, port = urlsplit(url).hostname, urlsplit(url).port

@@ -153,7 +153,7 @@ class FakeWorker:
     def __init__(self, bus: str):
         import zmq
 
-        from bus import wire
+        from zchannels.bus import wire
         self.zmq, self.wire = zmq, wire
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -214,11 +214,11 @@ def test_a_message_the_broker_cannot_route_after_its_warm_up_is_answered_to_the_
 
     from tests.conftest import Proc
     from tests.rawws import RawWS
-    broker = Proc("broker", "--bus", "tcp://127.0.0.1:0", name="broker")
+    broker = Proc("zchannels.broker", "--bus", "tcp://127.0.0.1:0", name="broker")
     procs, fake, ws = [broker], None, None
     try:
         bus = broker.wait_ready()[0]["bus"]
-        edge = Proc("edge", "--bus", bus, "--port", "0", "--host", "127.0.0.1", name="edge")
+        edge = Proc("zchannels.edge", "--bus", bus, "--port", "0", "--host", "127.0.0.1", name="edge")
         procs.append(edge)
         http = edge.wait_ready()[0]["http"]
         fake = FakeWorker(bus)
@@ -231,7 +231,7 @@ def test_a_message_the_broker_cannot_route_after_its_warm_up_is_answered_to_the_
         fake.heartbeating.clear()   # the new broker will know it only from its SYNC answer
         broker.popen.send_signal(signal.SIGKILL)
         broker.popen.wait(5)
-        broker = Proc("broker", "--bus", bus, name="broker2")
+        broker = Proc("zchannels.broker", "--bus", bus, name="broker2")
         procs.append(broker)
         broker.wait_ready()
         assert fake.synced.wait(10), "the edge sent no EDGE_SYNC after the restart"

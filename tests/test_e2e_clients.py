@@ -32,7 +32,7 @@ import uuid
 import pytest
 
 from tests.conftest import wait_until
-from workers.token import sign
+from zchannels.workers.token import sign
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -41,7 +41,7 @@ def cut_cluster(cluster_factory, links, edge_args=()) -> tuple:
     cluster = cluster_factory(edges=1, workers=2)
     link = BusLink(cluster.bus)
     links.append(link)
-    edge_a = cluster._add(Proc("edge", "--bus", link.bus, "--port", "0", *edge_args, name="edgeA"))
+    edge_a = cluster._add(Proc("zchannels.edge", "--bus", link.bus, "--port", "0", *edge_args, name="edgeA"))
     url_a = edge_a.wait_ready()[0]["http"]
     return cluster, link, url_a, cluster.http_urls[0]
 
@@ -275,14 +275,14 @@ def test_a_10s_cut_evicts_nobody_when_the_edge_keeps_its_clients(cluster_factory
 
 @pytest.mark.timeout(90)
 def test_a_10s_cut_of_the_workers_costs_their_clients_at_most_the_cut_plus_3s(links, js_client):
-    broker = Proc("broker", "--bus", "tcp://127.0.0.1:0", name="broker")
+    broker = Proc("zchannels.broker", "--bus", "tcp://127.0.0.1:0", name="broker")
     procs = [broker]
     try:
         bus = broker.wait_ready()[0]["bus"]
         link = BusLink(bus)
         links.append(link)
-        edge = Proc("edge", "--bus", bus, "--port", "0", name="edge")
-        workers = Proc("workers", "--bus", link.bus, "-n", "2", E2E_APP, name="workers")
+        edge = Proc("zchannels.edge", "--bus", bus, "--port", "0", name="edge")
+        workers = Proc("zchannels.workers", "--bus", link.bus, "-n", "2", E2E_APP, name="workers")
         procs += [edge, workers]
         url = edge.wait_ready()[0]["http"]
         workers.wait_ready(2, 15)

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from tests.rawws import HandshakeRefused, RawWS
-from workers.token import sign
+from zchannels.workers.token import sign
 from zchannels import Publisher
 
 pytestmark = pytest.mark.timeout(60)

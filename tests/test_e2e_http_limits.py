@@ -55,7 +55,7 @@ def start_edge(bus):
     procs: list[Proc] = []
 
     def start(*args: str, max_open_files: int | None = None) -> Edge:
-        proc = Proc("edge", "--bus", bus.bus, "--port", "0", "--host", "127.0.0.1", *args,
+        proc = Proc("zchannels.edge", "--bus", bus.bus, "--port", "0", "--host", "127.0.0.1", *args,
                     name=f"edge{len(procs)}", max_open_files=max_open_files)
         procs.append(proc)
         ready = proc.wait_ready(1, 10)[0]

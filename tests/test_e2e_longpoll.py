@@ -48,7 +48,7 @@ class ExtraEdges:
         self.procs: list[Proc] = []
 
     def start(self, *args: str) -> tuple[Proc, str]:
-        proc = Proc("edge", "--bus", self.bus, "--port", "0", "--host", "127.0.0.1", *args,
+        proc = Proc("zchannels.edge", "--bus", self.bus, "--port", "0", "--host", "127.0.0.1", *args,
                     "--log-level", LOG_LEVEL, name=f"edge-extra{len(self.procs)}")
         self.procs.append(proc)
         return proc, proc.wait_ready(1, 10.0)[0]["http"]
@@ -205,11 +205,11 @@ def test_refused_connect_and_bad_vsn_answer_403(cluster):
 
 def test_no_worker_answers_500():
     """No worker to run connect -> {"status":500}, which phoenix.js retries (like a 503 upgrade)."""
-    broker = Proc("broker", "--bus", "tcp://127.0.0.1:0", "--log-level", LOG_LEVEL, name="broker-alone")
+    broker = Proc("zchannels.broker", "--bus", "tcp://127.0.0.1:0", "--log-level", LOG_LEVEL, name="broker-alone")
     edge = None
     try:
         bus = broker.wait_ready(1, 10.0)[0]["bus"]
-        edge = Proc("edge", "--bus", bus, "--port", "0", "--host", "127.0.0.1", "--log-level", LOG_LEVEL,
+        edge = Proc("zchannels.edge", "--bus", bus, "--port", "0", "--host", "127.0.0.1", "--log-level", LOG_LEVEL,
                     name="edge-alone")
         status, _headers, body = http(lp_url(edge.wait_ready(1, 10.0)[0]["http"], "vsn=2.0.0&"))
         assert (status, json.loads(body)) == (200, {"status": 500})

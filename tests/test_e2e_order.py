@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from edge.holding import MAX_HELD, MAX_HOLD_SECONDS
+from zchannels.edge.holding import MAX_HELD, MAX_HOLD_SECONDS
 from tests.rawws import RawWS
 from tests.test_e2e_longpoll import NDJSON, http, lp_url
 

@@ -27,7 +27,7 @@ def edges(module_cluster_factory):
     procs = []
     urls = {"default": cluster.http_urls[0]}
     for name, args in (("list", ["--allowed-origins", ALLOWED]), ("off", ["--check-origin", "false"])):
-        proc = Proc("edge", "--bus", cluster.bus, "--port", "0", "--host", "127.0.0.1", *args,
+        proc = Proc("zchannels.edge", "--bus", cluster.bus, "--port", "0", "--host", "127.0.0.1", *args,
                     "--log-level", LOG_LEVEL, name=f"edge-{name}")
         procs.append(proc)
         urls[name] = proc.wait_ready(1, 10.0)[0]["http"]
@@ -96,7 +96,7 @@ def test_longpoll_preflight_from_a_foreign_origin_is_refused(edges):
 
 
 def test_bad_allowed_origins_stop_the_edge_before_it_starts():
-    proc = Proc("edge", "--bus", "tcp://127.0.0.1:1", "--port", "0", "--allowed-origins", "example.com",
+    proc = Proc("zchannels.edge", "--bus", "tcp://127.0.0.1:1", "--port", "0", "--allowed-origins", "example.com",
                 name="edge-badorigins")
     try:
         assert proc.popen.wait(10) == 2

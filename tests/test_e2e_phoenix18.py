@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from edge.lpsession import MAX_LINES
+from zchannels.edge.lpsession import MAX_LINES
 from tests.rawws import HandshakeRefused, RawWS
 from tests.test_e2e_longpoll import NDJSON, http, lp_url
 

@@ -124,7 +124,7 @@ def test_joins_and_connects_reaching_a_restarted_broker_before_any_worker_wait_f
 
 
 def run_workers(*args: str, env: dict | None = None, timeout: float = 20.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "workers", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "zchannels.workers", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -153,7 +153,7 @@ def test_an_app_that_cannot_be_imported_stops_the_workers_command_with_one_line_
 
 @pytest.mark.timeout(30)
 def test_an_app_crashing_at_start_is_restarted_with_growing_delays(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "workers", "--bus", "tcp://127.0.0.1:9", "-n", "1", APP],
+    proc = subprocess.Popen([sys.executable, "-m", "zchannels.workers", "--bus", "tcp://127.0.0.1:9", "-n", "1", APP],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err", "w"),
                             env={**os.environ, "RESTART_APP_CRASH": "1"})
     try:
@@ -189,8 +189,8 @@ def test_a_stuck_worker_dumps_its_stack_to_the_log_and_is_replaced(cluster_facto
 @pytest.mark.timeout(30)
 def test_a_worker_started_without_the_cli_check_refuses_an_address_libzmq_rejects():
     """A supervisor that spawns `python -m workers.runner` gets the reserved exit code, not a loop."""
-    from workers.supervisor import HANDLER_LOAD_ERROR
-    done = subprocess.run([sys.executable, "-m", "workers.runner", APP, "--bus", "tcp://bad host:5570"],
+    from zchannels.workers.supervisor import HANDLER_LOAD_ERROR
+    done = subprocess.run([sys.executable, "-m", "zchannels.workers.runner", APP, "--bus", "tcp://bad host:5570"],
                           cwd=ROOT, capture_output=True, text=True, timeout=20)
     assert done.returncode == HANDLER_LOAD_ERROR
     assert done.stderr.count("\n") == 1 and "cannot connect to --bus 'tcp://bad host:5570'" in done.stderr, done.stderr

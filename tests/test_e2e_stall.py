@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bus.timing import PLACEMENT_RETRY
+from zchannels.bus.timing import PLACEMENT_RETRY
 from tests.conftest import Cluster, wait_until
 from tests.rawws import RawWS
 from zchannels import Publisher

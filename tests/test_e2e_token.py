@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from tests.conftest import wait_until
-from workers.token import sign
+from zchannels.workers.token import sign
 
 SECRET = "chat-e2e-" + "s3cret" * 6
 SALT = "user socket"

@@ -14,10 +14,10 @@ import asyncio
 import orjson
 import pytest
 
-from bus import wire
-from edge.connection import Connection
-from edge.hub import EdgeHub, Limits
-from edge.serializer import V2, Message
+from zchannels.bus import wire
+from zchannels.edge.connection import Connection
+from zchannels.edge.hub import EdgeHub, Limits
+from zchannels.edge.serializer import V2, Message
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -1,11 +1,11 @@
 """The edge's fast lane on its own: broadcasts that reach a channel while its join is pending."""
 from __future__ import annotations
 
-from bus import wire
-from edge import fastlane as fastlane_mod
-from edge.connection import ChannelRef
-from edge.fastlane import FastLane
-from edge.serializer import V2
+from zchannels.bus import wire
+from zchannels.edge import fastlane as fastlane_mod
+from zchannels.edge.connection import ChannelRef
+from zchannels.edge.fastlane import FastLane
+from zchannels.edge.serializer import V2
 
 
 class Transport:

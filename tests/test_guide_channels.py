@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from workers import sign_token
+from zchannels import sign_token
 from zchannels.testing import ChannelTest, ConnectRefused, JoinRefused, channel_app
 
 pytestmark = pytest.mark.timeout(10)

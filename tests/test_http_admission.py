@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from tornado.httputil import HTTPHeaders
 
-from edge.admission import Admission, Refusals
-from edge.forwarded import TrustedProxies, parse_networks
-from edge.httplimits import LONGPOLL_BODY_CEILING, HttpLimits, longpoll_body_limit
+from zchannels.edge.admission import Admission, Refusals
+from zchannels.edge.forwarded import TrustedProxies, parse_networks
+from zchannels.edge.httplimits import LONGPOLL_BODY_CEILING, HttpLimits, longpoll_body_limit
 
 ROOT = Path(__file__).resolve().parent.parent
 

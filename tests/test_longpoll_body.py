@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from edge.lpsession import MAX_LINES, decode_body
-from edge.serializer import V1, V2, DecodeError, Message
+from zchannels.edge.lpsession import MAX_LINES, decode_body
+from zchannels.edge.serializer import V1, V2, DecodeError, Message
 
 NDJSON = "application/x-ndjson"
 MAX = 64

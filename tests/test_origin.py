@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge.origin import OriginCheck, OriginParts, parse_allowed
+from zchannels.edge.origin import OriginCheck, OriginParts, parse_allowed
 
 ENTRIES = "https://example.com,//another.com:888,//*.other.com,http://local.test:4000"
 

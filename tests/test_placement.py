@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from broker import router as router_mod
-from bus import wire
-from broker.router import Router
+from zchannels.broker import router as router_mod
+from zchannels.bus import wire
+from zchannels.broker.router import Router
 from tests.conftest import Cluster
 from tests.rawws import RawWS
 

@@ -10,10 +10,10 @@ import uuid
 import orjson
 import pytest
 
-from bus.timing import PRESENCE_ANNOUNCE_INTERVAL, PRESENCE_OWNER_TIMEOUT
+from zchannels.bus.timing import PRESENCE_ANNOUNCE_INTERVAL, PRESENCE_OWNER_TIMEOUT
 from tests.conftest import wait_until
-from workers import presence
-from workers.presence import Tracker, new_ref
+from zchannels.workers import presence
+from zchannels.workers.presence import Tracker, new_ref
 
 
 # ---- unit: one tracker, fake bus and clock ----------------------------------------------------

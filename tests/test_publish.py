@@ -298,8 +298,8 @@ def test_http_batch_of_1000_is_accepted(keyed):
 
 
 def test_http_broadcast_is_404_unless_a_key_is_configured_and_the_flag_sets_one(keyed):
-    plain = Proc("edge", "--bus", keyed.bus, "--port", "0", "--log-level", LOG_LEVEL, name="edge-nokey")
-    flagged = Proc("edge", "--bus", keyed.bus, "--port", "0", "--api-key", "flag-key",
+    plain = Proc("zchannels.edge", "--bus", keyed.bus, "--port", "0", "--log-level", LOG_LEVEL, name="edge-nokey")
+    flagged = Proc("zchannels.edge", "--bus", keyed.bus, "--port", "0", "--api-key", "flag-key",
                    "--log-level", LOG_LEVEL, name="edge-flag")
     try:
         plain_url = plain.wait_ready()[0]["http"]

@@ -1,7 +1,7 @@
 """The per-connection token bucket (edge/ratelimit.py) with a hand-driven clock."""
 from __future__ import annotations
 
-from edge.ratelimit import MAX_REFUSED, REFUSED_WINDOW, bucket_for
+from zchannels.edge.ratelimit import MAX_REFUSED, REFUSED_WINDOW, bucket_for
 
 
 def test_burst_then_the_rate():

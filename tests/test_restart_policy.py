@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers import restarts
-from workers.restarts import RestartPolicy
+from zchannels.workers import restarts
+from zchannels.workers.restarts import RestartPolicy
 
 
 def crash_at_start(policy: RestartPolicy, slot: int, now: float, busy=(), slots: int = 2) -> float:

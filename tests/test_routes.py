@@ -6,10 +6,10 @@ import textwrap
 
 import pytest
 
-from workers import AppLoadError, Channel, Socket, load_app
-from workers.api import BadReturn, check_result, error, noreply, ok, reply, stop
-from workers.loadapp import parse_spec
-from workers.routes import Route
+from zchannels.workers import AppLoadError, Channel, Socket, load_app
+from zchannels.workers.api import BadReturn, check_result, error, noreply, ok, reply, stop
+from zchannels.workers.loadapp import parse_spec
+from zchannels.workers.routes import Route
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,7 +88,7 @@ def write(path, text):
 
 
 APP = """
-    from workers import Channel, Socket, ok
+    from zchannels.workers import Channel, Socket, ok
     class C(Channel):
         def join(self, topic, payload, socket):
             return ok()

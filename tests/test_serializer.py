@@ -8,7 +8,7 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from edge.serializer import (BINARY, V1, V2, DecodeError, EncodeError, Message, V1JSON, V2JSON,
+from zchannels.edge.serializer import (BINARY, V1, V2, DecodeError, EncodeError, Message, V1JSON, V2JSON,
                              serializer_for_vsn)
 
 

@@ -64,7 +64,7 @@ def write_app(directory: Path, body: str = "") -> Path:
     app.write_text(
         "import os\n"
         "from pathlib import Path\n"
-        "from workers import Channel, Socket, ok\n"
+        "from zchannels import Channel, Socket, ok\n"
         f"Path({str(directory)!r}, f'imported-{{os.getpid()}}').touch()\n"
         f"{body}"
         "class Echo(Channel):\n"

@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import ROOT as REPO_ROOT, Cluster, Proc, wait_until
 from tests.rawws import RawWS
-from workers import Channel, Socket
+from zchannels.workers import Channel, Socket
 
 STATUS = "zchannels:status"
 TOKEN = "status-test-token"

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from workers.supervisor import HANDLER_LOAD_ERROR
+from zchannels.workers.supervisor import HANDLER_LOAD_ERROR
 
 ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = textwrap.dedent("""
     import os, signal, sys, time
-    from bus.logsetup import setup_logging
-    from workers.supervisor import HANDLER_LOAD_ERROR, ConfigError, Supervisor
+    from zchannels.bus.logsetup import setup_logging
+    from zchannels.workers.supervisor import HANDLER_LOAD_ERROR, ConfigError, Supervisor
 
     mode, n, stuck, graceful, state = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), \\
         float(sys.argv[4]), sys.argv[5]

@@ -14,10 +14,10 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import workers
-from workers import etf, token as tok
-from workers.etf import Atom, EtfError
-from workers.token import INFINITY, TokenError, sign, verify
+from zchannels import workers
+from zchannels.workers import etf, token as tok
+from zchannels.workers.etf import Atom, EtfError
+from zchannels.workers.token import INFINITY, TokenError, sign, verify
 
 SECRET = "abc123" * 5          # docs/protocol.md §8.6: 30 bytes
 SALT = "user auth"

@@ -87,6 +87,7 @@ def test_the_build_ships_the_py_typed_markers(tmp_path):
          "build_py", "--build-lib", str(out)],
         cwd=source, capture_output=True, text=True, timeout=100)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert (out / "workers" / "py.typed").is_file()
+    assert (out / "zchannels" / "workers" / "py.typed").is_file()
     assert (out / "zchannels" / "py.typed").is_file()
-    assert (out / "workers" / "payload.py").is_file()
+    assert (out / "zchannels" / "workers" / "payload.py").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["zchannels"]   # nothing else at the top

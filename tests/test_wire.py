@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from bus import wire
+from zchannels.bus import wire
 
 
 def test_sync_channel_list_round_trips_any_number_of_channels_and_rejects_garbage():

@@ -20,9 +20,9 @@ import orjson
 import pytest
 import zmq
 
-from bus import wire
+from zchannels.bus import wire
 from tests.conftest import wait_until
-from workers.presence import PRESENCE_KEY
+from zchannels.workers.presence import PRESENCE_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "tests" / "apps" / "e2e_app.py")
@@ -39,7 +39,7 @@ class FakeBroker:
         self.bus = f"tcp://127.0.0.1:{port}"
         self.stderr_path = tmp / f"worker-{port}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.runner", app, "--bus", self.bus, "--log-level", "debug"],
+            [sys.executable, "-m", "zchannels.workers.runner", app, "--bus", self.bus, "--log-level", "debug"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=open(self.stderr_path, "wb"))
         self.worker_id: bytes | None = None
         self.loads: list[int] = []
@@ -621,7 +621,7 @@ def test_sigterm_says_bye_runs_terminate_and_exits_zero(tmp_path):
 
 
 def test_app_that_cannot_load_exits_with_handler_load_error(tmp_path):
-    from workers.supervisor import HANDLER_LOAD_ERROR
+    from zchannels.workers.supervisor import HANDLER_LOAD_ERROR
     bad = tmp_path / "broken_app.py"
     bad.write_text("import no_such_module_for_zchannels\n")
     fake = FakeBroker(tmp_path, app=str(bad))
@@ -691,7 +691,7 @@ def test_chat_handle_out_filters_ignored_users(chat):
 
 QUIRKS_APP = '''
 import asyncio
-from workers import Channel, Socket, error, noreply, ok, reply
+from zchannels.workers import Channel, Socket, error, noreply, ok, reply
 
 
 class Quirk(Channel):
@@ -846,7 +846,7 @@ def test_duplicate_join_while_the_first_async_join_waits(quirks):
 
 def test_resumed_coroutine_finishes_in_its_task_and_cancels_where_it_waits():
     import asyncio
-    from workers.channels import _Resumed
+    from zchannels.workers.channels import _Resumed
 
     async def body(events, delay):
         try:

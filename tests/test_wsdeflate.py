@@ -17,13 +17,13 @@ import zlib
 
 import pytest
 
-from bus import wire
-from edge import wsdeflate
-from edge.connection import ChannelRef
-from edge.fastlane import FastLane
-from edge.serializer import V2
-from edge.wsdeflate import DeflateWebSocketProtocol, negotiate
-from edge.wsproto import WebSocketProtocol
+from zchannels.bus import wire
+from zchannels.edge import wsdeflate
+from zchannels.edge.connection import ChannelRef
+from zchannels.edge.fastlane import FastLane
+from zchannels.edge.serializer import V2
+from zchannels.edge.wsdeflate import DeflateWebSocketProtocol, negotiate
+from zchannels.edge.wsproto import WebSocketProtocol
 from tests.blockingws import BlockingWS
 from tests.test_wsproto import FakeConn, FakeHub, FakeTransport, masked
 from tests.test_wsstrict import close_code

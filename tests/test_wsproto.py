@@ -13,9 +13,9 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.hub import Limits
-from edge.serializer import V2
-from edge.wsproto import InboundBudget, WebSocketProtocol
+from zchannels.edge.hub import Limits
+from zchannels.edge.serializer import V2
+from zchannels.edge.wsproto import InboundBudget, WebSocketProtocol
 
 
 class FakeTransport:

@@ -16,13 +16,13 @@ import weakref
 import pytest
 import uvloop
 
-from bus import wire
-from edge import wsproto
-from edge.connection import Connection
-from edge.hub import EdgeHub, Limits
-from edge.serializer import V2
-from edge.wsframe import build_frame
-from edge.wsproto import WebSocketProtocol
+from zchannels.bus import wire
+from zchannels.edge import wsproto
+from zchannels.edge.connection import Connection
+from zchannels.edge.hub import EdgeHub, Limits
+from zchannels.edge.serializer import V2
+from zchannels.edge.wsframe import build_frame
+from zchannels.edge.wsproto import WebSocketProtocol
 from tests.blockingws import client_frame as masked
 
 pytestmark = pytest.mark.timeout(30)
@@ -246,7 +246,7 @@ def test_a_client_that_keeps_sending_after_our_close_frame_is_cut_off(loop_kind)
 
 
 def test_a_wave_of_big_frees_makes_one_trim(monkeypatch):
-    from edge import memtrim
+    from zchannels.edge import memtrim
     if memtrim._malloc_trim is None:
         pytest.skip("no malloc_trim in this C library")
     monkeypatch.setattr(memtrim, "DELAY", 0.01)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
 from tests.conftest import ROOT, Proc, wait_until
-from workers.token import sign
+from zchannels.workers.token import sign
 
 HTTP_TIMEOUT = 10.0
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")

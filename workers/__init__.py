@@ -1,6 +1,6 @@
 """zchannels workers: write Phoenix channel handlers in Python.
 
-``from workers import Channel, Socket, ok, error, reply, noreply, stop, broadcast`` —
+``from zchannels import Channel, Socket, ok, error, reply, noreply, stop, broadcast`` —
 see ``workers.api`` for the manual.  ``presence_list(topic)`` and the channel methods
 ``track``/``update``/``untrack`` are
 Presence (``workers.presence``).  ``sign_token`` / ``verify_token`` / ``TokenError`` are
@@ -10,7 +10,7 @@ The package is typed (``py.typed``): a type checker (mypy) checks a handler modu
 The payload types (``workers.payload``) and result types (``workers.results``) are
 importable from here too::
 
-    from workers import (Channel, HandlerResult, JoinResult, JSON, JSONObject, Payload,
+    from zchannels.workers import (Channel, HandlerResult, JoinResult, JSON, JSONObject, Payload,
                          Socket, SocketState, error, noreply, ok, reply)
 
     class RoomChannel(Channel):
@@ -35,7 +35,7 @@ importable from here too::
 callback's result as ``MaybeAwaitable[...]`` so that an override may be ``def`` or
 ``async def``.
 """
-from workers.api import (
+from zchannels.workers.api import (
     BadReturn,
     Channel,
     ConnectResult,
@@ -49,11 +49,11 @@ from workers.api import (
     reply,
     stop,
 )
-from workers.payload import JSON, Binary, BroadcastPayload, JSONObject, OutPayload, Payload
-from workers.presence import PresenceEntry, PresenceState, presence_list
-from workers.results import HandlerResult, JoinResult, MaybeAwaitable, OutResult
-from workers.loadapp import AppLoadError, load_app
-from workers.token import TokenError, sign as sign_token, verify as verify_token
+from zchannels.workers.payload import JSON, Binary, BroadcastPayload, JSONObject, OutPayload, Payload
+from zchannels.workers.presence import PresenceEntry, PresenceState, presence_list
+from zchannels.workers.results import HandlerResult, JoinResult, MaybeAwaitable, OutResult
+from zchannels.workers.loadapp import AppLoadError, load_app
+from zchannels.workers.token import TokenError, sign as sign_token, verify as verify_token
 
 __all__ = [
     "Channel", "Socket", "SocketState", "Timer", "ok", "error", "reply", "noreply", "stop",

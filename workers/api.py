@@ -1,4 +1,4 @@
-"""Write Phoenix channels in Python: the handler API (``from workers import ...``).
+"""Write Phoenix channels in Python: the handler API (``from zchannels import ...``).
 
 This module is the user's manual.  A handler module declares one ``Socket`` (the
 connection entry point and its topic routes) and one ``Channel`` subclass per kind of
@@ -10,7 +10,7 @@ any other Phoenix Channels client.
 
 A complete handler module::
 
-    from workers import Channel, Socket, ok, error, reply, noreply, stop
+    from zchannels.workers import Channel, Socket, ok, error, reply, noreply, stop
 
     class RoomChannel(Channel):
         intercept = ["user_joined"]          # broadcasts routed through handle_out
@@ -89,14 +89,14 @@ from collections.abc import Callable, Generator, Mapping
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
 
-from workers.payload import JSON, BroadcastPayload, JSONObject, OutPayload, Payload
-from bus import broadcasts
-from workers.presence import PresenceMixin
-from workers.results import (  # noqa: F401  (re-exported: the handler API in one place)
+from zchannels.workers.payload import JSON, BroadcastPayload, JSONObject, OutPayload, Payload
+from zchannels.bus import broadcasts
+from zchannels.workers.presence import PresenceMixin
+from zchannels.workers.results import (  # noqa: F401  (re-exported: the handler API in one place)
     BadReturn, Error, HandlerResult, JoinResult, MaybeAwaitable, NoReply, Ok, OutResult, Reply,
     Stop, check_result, error, noreply, ok, reply, stop,
 )
-from workers.routes import SYSTEM_PREFIX, Route
+from zchannels.workers.routes import SYSTEM_PREFIX, Route
 
 log = logging.getLogger("zchannels.worker")
 

@@ -17,7 +17,7 @@ import select
 import signal
 import time
 
-from workers.loadapp import AppLoadError, describe, load_app
+from zchannels.workers.loadapp import AppLoadError, describe, load_app
 
 PROBE_TIMEOUT = 15.0   # seconds; an import slower than this is left to the workers
 MESSAGE_BYTES = 4000

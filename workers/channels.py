@@ -24,11 +24,11 @@ from typing import Any, Callable
 
 import orjson
 
-from bus import wire
-from bus.loopsock import LoopSocket
-from bus.peer import BusPeer
-from workers import metrics
-from workers.api import BadReturn, Channel, Error, NoReply, Reply, Stop, Timer, check_result
+from zchannels.bus import wire
+from zchannels.bus.loopsock import LoopSocket
+from zchannels.bus.peer import BusPeer
+from zchannels.workers import metrics
+from zchannels.workers.api import BadReturn, Channel, Error, NoReply, Reply, Stop, Timer, check_result
 
 log = logging.getLogger("zchannels.worker")
 

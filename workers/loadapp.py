@@ -16,7 +16,7 @@ import sys
 import sysconfig
 from typing import Any
 
-from workers.api import Socket
+from zchannels.workers.api import Socket
 
 __all__ = ["AppLoadError", "describe", "load_app", "parse_spec"]
 

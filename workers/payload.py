@@ -1,4 +1,4 @@
-"""The types of what a handler receives and sends, for type checkers (``from workers import ...``).
+"""The types of what a handler receives and sends, for type checkers (``from zchannels import ...``).
 
 Phoenix payloads are JSON or binary (PROTOCOL §4.5).  Decoded JSON arrives as plain Python
 values; the members of arrays and objects are typed ``Any``, so once a value is narrowed

@@ -44,9 +44,9 @@ from typing import Any, TypeAlias, TypedDict
 
 import orjson
 
-from bus import wire
-from bus.timing import PRESENCE_ANNOUNCE_INTERVAL, PRESENCE_OWNER_TIMEOUT
-from workers.payload import JSONObject
+from zchannels.bus import wire
+from zchannels.bus.timing import PRESENCE_ANNOUNCE_INTERVAL, PRESENCE_OWNER_TIMEOUT
+from zchannels.workers.payload import JSONObject
 
 PRESENCE_TOPIC = "zchannels:presence"
 PRESENCE_KEY = wire.topic_key(PRESENCE_TOPIC)

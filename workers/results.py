@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
-from workers.payload import JSON, Binary, JSONObject
+from zchannels.workers.payload import JSON, Binary, JSONObject
 
 if TYPE_CHECKING:
-    from workers.api import Channel
+    from zchannels.workers.api import Channel
 
 _T = TypeVar("_T")
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bus import wire
+from zchannels.bus import wire
 
 if TYPE_CHECKING:
-    from workers.api import Channel
+    from zchannels.workers.api import Channel
 
 __all__ = ["Route", "check_pattern", "SYSTEM_PREFIX"]
 

@@ -23,17 +23,17 @@ from typing import Callable
 import orjson
 import zmq
 
-from bus import curve, wire
-from bus.logsetup import announce_ready, setup_logging
-from bus.peer import BusPeer, PeerSockets, connect_peer
-from bus.timing import PRESENCE_ANNOUNCE_INTERVAL, WORKER_RESYNC_DELAY
-from workers import api, metrics, presence
-from workers.api import Channel, Error, SocketState
-from workers.channels import _EMPTY_JSON, _ERROR, _OK, ChannelHost, ChannelProc, _maybe_await
-from workers.configerror import HANDLER_LOAD_ERROR, ConfigError
-from workers.loadapp import AppLoadError, describe, load_app
-from workers.routes import SYSTEM_PREFIX
-from workers.status import publish_forever as publish_status, system_route
+from zchannels.bus import curve, wire
+from zchannels.bus.logsetup import announce_ready, setup_logging
+from zchannels.bus.peer import BusPeer, PeerSockets, connect_peer
+from zchannels.bus.timing import PRESENCE_ANNOUNCE_INTERVAL, WORKER_RESYNC_DELAY
+from zchannels.workers import api, metrics, presence
+from zchannels.workers.api import Channel, Error, SocketState
+from zchannels.workers.channels import _EMPTY_JSON, _ERROR, _OK, ChannelHost, ChannelProc, _maybe_await
+from zchannels.workers.configerror import HANDLER_LOAD_ERROR, ConfigError
+from zchannels.workers.loadapp import AppLoadError, describe, load_app
+from zchannels.workers.routes import SYSTEM_PREFIX
+from zchannels.workers.status import publish_forever as publish_status, system_route
 
 
 SHUTDOWN_GRACE = 2.0         # seconds for terminate() callbacks when the worker stops
@@ -414,8 +414,8 @@ def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callab
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m workers.runner APP --bus tcp://HOST:PORT``: one worker, no supervisor."""
-    parser = argparse.ArgumentParser(prog="python -m workers.runner", description=main.__doc__)
+    """``python -m zchannels.workers.runner APP --bus tcp://HOST:PORT``: one worker, no supervisor."""
+    parser = argparse.ArgumentParser(prog="python -m zchannels.workers.runner", description=main.__doc__)
     parser.add_argument("app")
     parser.add_argument("--bus", default="tcp://127.0.0.1:5570")
     parser.add_argument("--slot", type=int, default=0)

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from bus import wire
-from bus.timing import STATUS_SNAPSHOT_INTERVAL
-from workers.api import Channel, error, ok
-from workers.routes import Route
+from zchannels.bus import wire
+from zchannels.bus.timing import STATUS_SNAPSHOT_INTERVAL
+from zchannels.workers.api import Channel, error, ok
+from zchannels.workers.routes import Route
 
 if TYPE_CHECKING:
-    from workers.runner import Worker
+    from zchannels.workers.runner import Worker
 
 STATUS_TOPIC = wire.STATUS_TOPIC
 

@@ -33,8 +33,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
-from workers.configerror import HANDLER_LOAD_ERROR, ConfigError
-from workers.restarts import RestartPolicy
+from zchannels.workers.configerror import HANDLER_LOAD_ERROR, ConfigError
+from zchannels.workers.restarts import RestartPolicy
 
 # The supervisor's own exit code when a worker exits with HANDLER_LOAD_ERROR.
 CONFIG_ERROR_EXIT = 2
@@ -86,7 +86,7 @@ class Supervisor:
 
     def __init__(self, target: Target, n: int, stuck_timeout: float, graceful_timeout: float = 10.0,
                  metrics=None):
-        from workers.metrics import NoSupervisorMetrics
+        from zchannels.workers.metrics import NoSupervisorMetrics
         self.metrics = metrics or NoSupervisorMetrics()   # workers/metrics.py
         self.target = target
         self.n = n
@@ -364,9 +364,9 @@ class Supervisor:
 
 def main(args) -> int:
     """`zchannels workers`: supervise `args.workers` runners for `args.app`."""
-    from bus.logsetup import setup_logging
-    from bus.startup import StartupError
-    from workers.appcheck import app_problem
+    from zchannels.bus.logsetup import setup_logging
+    from zchannels.bus.startup import StartupError
+    from zchannels.workers.appcheck import app_problem
     log_format = getattr(args, "log_format", "text")
     setup_logging(args.log_level, "workers", log_format)
     if args.workers < 1:
@@ -377,7 +377,7 @@ def main(args) -> int:
 
     metrics = None
     if getattr(args, "metrics_port", None) is not None:
-        from workers.metrics import SupervisorMetrics
+        from zchannels.workers.metrics import SupervisorMetrics
         try:
             metrics = SupervisorMetrics(args.metrics_port)
         except OSError as exc:
@@ -387,9 +387,9 @@ def main(args) -> int:
         print(f"METRICS {metrics.url}", flush=True)   # for tooling, like the READY lines
 
     def target(slot: int, alive: Callable[[], None]) -> int:
-        from workers.runner import run_worker
+        from zchannels.workers.runner import run_worker
         if metrics is not None:
-            from workers.metrics import init_worker
+            from zchannels.workers.metrics import init_worker
             init_worker()
         return run_worker(args.app, args.bus, slot, args.log_level, alive, log_format)
 

@@ -6,7 +6,7 @@ to phoenix.js (``params: {token}`` or the ``authToken`` option) and the handler'
 ``Phoenix.Token.sign/4`` in Elixir verify here and the other way round, given the same
 ``secret_key_base`` and salt::
 
-    from workers.token import sign, verify, TokenError
+    from zchannels.workers.token import sign, verify, TokenError
 
     token = sign(SECRET_KEY_BASE, "user socket", {"user_id": 42})
     try:
@@ -29,7 +29,7 @@ import math
 import time
 from typing import Literal, TypeAlias
 
-from workers.etf import Atom, EtfError, decode, encode
+from zchannels.workers.etf import Atom, EtfError, decode, encode
 
 __all__ = ["sign", "verify", "TokenError", "INFINITY", "MaxAge"]
 

@@ -12,12 +12,16 @@ import os
 import sys
 from pathlib import Path
 
-from bus.startup import STARTUP_ERROR_EXIT, StartupError
+from zchannels.bus.startup import STARTUP_ERROR_EXIT, StartupError
 from zchannels import config
 
 DEFAULT_BUS = "tcp://127.0.0.1:5570"
-# What `zchannels dev` runs without an APP, when it is there (from a checkout).
-CHAT_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "chat" / "channels.py"
+# What `zchannels dev` runs without an APP: the chat example, from a checkout's examples/ or
+# as the package ships it (zchannels/chat).
+CHAT_EXAMPLE = next((path for path in (
+    Path(__file__).resolve().parent.parent / "examples" / "chat" / "channels.py",
+    Path(__file__).resolve().parent / "chat" / "channels.py") if path.is_file()),
+    Path(__file__).resolve().parent / "chat" / "channels.py")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,7 +59,7 @@ def _add_bus(p: argparse.ArgumentParser, curve: str = "client") -> None:
 
 
 def _add_bus_limit(p: argparse.ArgumentParser) -> None:
-    from bus.wire import DEFAULT_MAX_BUS_MESSAGE
+    from zchannels.bus.wire import DEFAULT_MAX_BUS_MESSAGE
     p.add_argument("--max-bus-message", type=int, default=DEFAULT_MAX_BUS_MESSAGE, metavar="BYTES",
                    help="largest message on the bus (ZeroMQ MAXMSGSIZE of every bus socket): the "
                         "broker closes the connection of a peer that sends a larger one, and edges "
@@ -93,7 +97,7 @@ def _add_metrics(p: argparse.ArgumentParser, what: str) -> None:
 
 def _origin_list(text: str) -> str:
     """Checked here so a typo fails at once; the edge parses the text again."""
-    from edge.origin import parse_allowed
+    from zchannels.edge.origin import parse_allowed
     try:
         parse_allowed(text)
     except ValueError as exc:
@@ -158,7 +162,7 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
                         "1012, LongPoll sessions ended) in batches every 0.5 s spread over this "
                         "long, so clients come back through the load balancer a few at a time; "
                         "0 = all at once; a second SIGTERM closes the rest at once (default: %(default)s)")
-    from bus import timing
+    from zchannels.bus import timing
     p.add_argument("--bus-loss-timeout", type=float, default=timing.BUS_LOSS_TIMEOUT, metavar="SECONDS",
                    help="after this long without the broker, close every client (1012, LongPoll "
                         f"sessions ended, within {timing.BUS_LOSS_DRAIN:g} s) so it reconnects "
@@ -178,7 +182,7 @@ def _add_edge_options(p: argparse.ArgumentParser) -> None:
 
 def _trusted_proxies(text: str) -> str:
     """Checked here so a typo fails at once; the edge parses the text again."""
-    from edge.forwarded import parse_networks
+    from zchannels.edge.forwarded import parse_networks
     try:
         parse_networks(text)
     except ValueError as exc:
@@ -298,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("broker", help="run the central ZeroMQ broker")
     _add_bus(p, curve="server")
-    from bus.timing import PEER_LIVENESS
+    from zchannels.bus.timing import PEER_LIVENESS
     p.add_argument("--peer-timeout", type=float, default=PEER_LIVENESS, metavar="SECONDS",
                    help="declare a still-connected edge or worker dead after this long without "
                         "a heartbeat (a closed connection is noticed at once); longer than the "
@@ -397,12 +401,12 @@ def _start(parser: argparse.ArgumentParser, resolved: config.Resolved) -> int:
     # line, secrets in their environment, and no ZCHANNELS_* configuration to read again.
     args.process_env = config.child_environ(parser, os.environ, resolved.settings)
     if args.command == "broker":
-        from broker.server import main as run
+        from zchannels.broker.server import main as run
     elif args.command == "edge":
         args.process_options = edge_process_options(args)
-        from edge.app import main as run
+        from zchannels.edge.app import main as run
     elif args.command == "workers":
-        from workers.supervisor import main as run
+        from zchannels.workers.supervisor import main as run
     elif args.command == "publish":
         from zchannels.publisher import cli as run
     else:

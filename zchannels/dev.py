@@ -32,9 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-from bus.logsetup import setup_logging
-from bus.startup import STARTUP_ERROR_EXIT
-from edge.origin import OriginCheck
+from zchannels.bus.logsetup import setup_logging
+from zchannels.bus.startup import STARTUP_ERROR_EXIT
+from zchannels.edge.origin import OriginCheck
 from zchannels.reload import SourceWatcher, watched_root
 
 log = logging.getLogger("dev")
@@ -167,7 +167,7 @@ def stop_all(children: list[Child], timeout: float = STOP_TIMEOUT) -> None:
 
 
 def _edge_argv(args, bus: str, static: str | None, flags: list[str]) -> list[str]:
-    edge = ["edge", "--bus", bus, "--host", args.host, "--port", str(args.port),
+    edge = ["zchannels.edge", "--bus", bus, "--host", args.host, "--port", str(args.port),
             "--heartbeat-timeout", str(args.heartbeat_timeout),
             "--max-frame-size", str(args.max_frame_size),
             "--max-channels", str(args.max_channels),
@@ -260,13 +260,13 @@ def main(args) -> int:
     children: list[Child] = []
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        broker = Child("broker", ["broker", "--bus", args.bus, *bus_limit, *broker_curve, *level],
+        broker = Child("broker", ["zchannels.broker", "--bus", args.bus, *bus_limit, *broker_curve, *level],
                        console, env)
         children.append(broker)
         if not _wait_for(children, [broker], console, stopping, deadline):
             return 0
         bus = broker.fields["bus"]
-        workers = Child("workers", ["workers", "--bus", bus, "-n", str(args.workers),
+        workers = Child("workers", ["zchannels.workers", "--bus", bus, "-n", str(args.workers),
                                     "--stuck-timeout", str(args.stuck_timeout), *bus_limit,
                                     *client_curve, *level, args.app], console, env)
         children.append(workers)

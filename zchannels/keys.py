@@ -17,7 +17,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from bus import curve
+from zchannels.bus import curve
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

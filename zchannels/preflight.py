@@ -13,8 +13,8 @@ import argparse
 import os
 import sys
 
-from bus import curve, loopsock, wire
-from bus.startup import StartupError
+from zchannels.bus import curve, loopsock, wire
+from zchannels.bus.startup import StartupError
 
 
 def check(args: argparse.Namespace):

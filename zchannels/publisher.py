@@ -45,7 +45,7 @@ import orjson
 import zmq
 from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
-from bus import broadcasts, curve, wire
+from zchannels.bus import broadcasts, curve, wire
 
 __all__ = ["Publisher", "AsyncPublisher", "PublishError", "Payload", "DEFAULT_BUS", "SETTLE"]
 

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 
-from workers import (JSON, Channel, HandlerResult, JoinResult, JSONObject, OutPayload, OutResult,
+from zchannels import (JSON, Channel, HandlerResult, JoinResult, JSONObject, OutPayload, OutResult,
                      Payload, Socket, SocketState, TokenError, error, noreply, ok, reply,
                      verify_token)
 

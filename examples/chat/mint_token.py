@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from workers.token import sign
+from zchannels.workers.token import sign
 
 SALT = "user socket"           # the one examples/chat/channels.py verifies with (max_age 2 weeks)
 

@@ -42,7 +42,7 @@ from django.shortcuts import redirect, render
 from django.urls import path
 from django.views.decorators.http import require_GET, require_POST
 
-from workers.token import sign
+from zchannels.workers.token import sign
 from zchannels import Publisher, PublishError
 from zchannels.publisher import DEFAULT_BUS
 

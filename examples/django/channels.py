@@ -14,7 +14,7 @@ handlers, so nothing here handles client pushes.
 import logging
 import os
 
-from workers import (JSON, Channel, HandlerResult, JoinResult, JSONObject, Payload, Socket,
+from zchannels import (JSON, Channel, HandlerResult, JoinResult, JSONObject, Payload, Socket,
                      SocketState, TokenError, error, ok, reply, verify_token)
 
 log = logging.getLogger("django_example")

@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.middleware.sessions import SessionMiddleware
 
-from workers.token import sign
+from zchannels.workers.token import sign
 from zchannels import AsyncPublisher, PublishError
 from zchannels.publisher import DEFAULT_BUS
 

@@ -19,7 +19,7 @@ section "From the guide to zchannels" sets each Elixir snippet of the guide besi
 import logging
 import os
 
-from workers import (JSON, Channel, HandlerResult, JoinResult, JSONObject, MaybeAwaitable,
+from zchannels import (JSON, Channel, HandlerResult, JoinResult, JSONObject, MaybeAwaitable,
                      OutPayload, OutResult, Payload, Socket, SocketState, TokenError, error,
                      noreply, ok, verify_token)
 

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from workers import sign_token
+from zchannels import sign_token
 
 SALT = "user socket"
 

@@ -7,7 +7,7 @@
 import os
 import time
 
-from workers import Channel, Socket, ok, reply
+from zchannels import Channel, Socket, ok, reply
 
 socket = Socket()
 

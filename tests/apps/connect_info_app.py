@@ -3,7 +3,7 @@
 
 Load it as ``tests/apps/connect_info_app.py`` (attr ``socket``).
 """
-from workers import Channel, Socket, ok
+from zchannels import Channel, Socket, ok
 
 
 class InfoChannel(Channel):

@@ -40,7 +40,7 @@ import asyncio
 import os
 import uuid
 
-from workers import Channel, Socket, broadcast, error, noreply, ok, reply, stop
+from zchannels import Channel, Socket, broadcast, error, noreply, ok, reply, stop
 
 
 class EchoChannel(Channel):

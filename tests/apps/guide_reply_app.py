@@ -7,7 +7,7 @@ the client tests need one handler more to check push -> reply: ``ping`` answers
 event still crashes the channel.
 """
 from examples.guide import channels as guide
-from workers import Socket, reply
+from zchannels import Socket, reply
 
 
 class RoomChannel(guide.RoomChannel):

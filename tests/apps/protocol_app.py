@@ -16,7 +16,7 @@ Topics:
 """
 import asyncio
 
-from workers import Channel, Socket, error, noreply, ok, reply
+from zchannels import Channel, Socket, error, noreply, ok, reply
 
 
 class EchoChannel(Channel):

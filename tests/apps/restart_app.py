@@ -11,7 +11,7 @@ Topic ``echo:*``: join ok; ``ping`` -> reply ok payload; ``pid`` -> reply ok {"p
 import os
 import time
 
-from workers import Channel, Socket, ok, reply
+from zchannels import Channel, Socket, ok, reply
 
 if os.environ.get("RESTART_APP_CRASH"):
     os._exit(3)

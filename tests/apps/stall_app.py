@@ -15,7 +15,7 @@ it meanwhile), appends " done" and answers; every other one answers at once.
 import os
 import time
 
-from workers import Channel, Socket, broadcast, noreply, ok, reply
+from zchannels import Channel, Socket, broadcast, noreply, ok, reply
 
 MAX_BLOCK_S = 30.0
 

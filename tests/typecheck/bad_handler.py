@@ -6,7 +6,7 @@ publisher catch these mistakes before a worker does.
 """
 from __future__ import annotations
 
-from workers import (JSON, Channel, HandlerResult, JoinResult, JSONObject, OutPayload, OutResult,
+from zchannels import (JSON, Channel, HandlerResult, JoinResult, JSONObject, OutPayload, OutResult,
                      Payload, Socket, SocketState, broadcast, error, noreply, ok, reply,
                      sign_token, stop)
 from zchannels import Publisher

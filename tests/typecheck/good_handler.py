@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 
-from workers import (JSON, BroadcastPayload, Channel, HandlerResult, JoinResult, JSONObject,
+from zchannels import (JSON, BroadcastPayload, Channel, HandlerResult, JoinResult, JSONObject,
                      OutPayload, OutResult, Payload, PresenceState, Socket, SocketState, Timer,
                      TokenError, broadcast, error, noreply, ok, presence_list, reply, sign_token,
                      stop, verify_token)
-from workers.api import ConnectResult, Reply
-from workers.token import INFINITY
+from zchannels.workers.api import ConnectResult, Reply
+from zchannels.workers.token import INFINITY
 from zchannels import AsyncPublisher, Publisher, PublishError
 
 SECRET = "a secret key base of at least twenty bytes"

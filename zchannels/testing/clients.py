@@ -14,10 +14,10 @@ from unittest.mock import ANY
 
 import orjson
 
-from bus import wire
-from workers.api import Channel
-from workers.channels import CLOSED, ChannelProc
-from workers.payload import JSON, JSONObject, Payload
+from zchannels.bus import wire
+from zchannels.workers.api import Channel
+from zchannels.workers.channels import CLOSED, ChannelProc
+from zchannels.workers.payload import JSON, JSONObject, Payload
 from zchannels.testing.mailbox import Mailbox, Message, ReplyMessage, decode, show
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from workers.api import Socket
+from zchannels.workers.api import Socket
 from zchannels.testing.harness import DEFAULT_TIMEOUT, ChannelTest
 
 

@@ -26,15 +26,15 @@ from unittest.mock import ANY
 
 import orjson
 
-from bus import broadcasts, wire
-from bus.peer import BusPeer
-from workers import api, presence
-from workers.api import Socket
-from workers.channels import ChannelProc
-from workers.loadapp import load_app
-from workers.payload import JSONObject
-from workers.presence import PRESENCE_TOPIC, PresenceState
-from workers.runner import Worker
+from zchannels.bus import broadcasts, wire
+from zchannels.bus.peer import BusPeer
+from zchannels.workers import api, presence
+from zchannels.workers.api import Socket
+from zchannels.workers.channels import ChannelProc
+from zchannels.workers.loadapp import load_app
+from zchannels.workers.payload import JSONObject
+from zchannels.workers.presence import PRESENCE_TOPIC, PresenceState
+from zchannels.workers.runner import Worker
 from zchannels.testing.clients import END_TIMEOUT, ClientChannel, ClientSocket, ConnectRefused, ended
 from zchannels.testing.clock import JumpingLoop
 from zchannels.testing.mailbox import Mailbox, Message, decode, show

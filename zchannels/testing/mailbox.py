@@ -13,7 +13,7 @@ from unittest.mock import ANY
 
 import orjson
 
-from bus import wire
+from zchannels.bus import wire
 
 SHOWN = 20                     # messages listed in a failure
 _repr = reprlib.Repr()

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from bus import wire
+from zchannels.bus import wire
 
 log = logging.getLogger("zchannels.testing")
 
