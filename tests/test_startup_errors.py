@@ -200,7 +200,7 @@ def test_dev_with_its_http_port_busy_stops_every_child_at_once(tmp_path, busy_po
     app = write_app(tmp_path)
     done, seen, took = run_dev("--port", str(busy_port), "--bus", "tcp://127.0.0.1:0", app)
     assert_one_line(done, "dev", f"port {busy_port} on 127.0.0.1 is already in use")
-    assert any(" -m broker " in cmd for cmd in seen.values()), seen   # it had started the broker
+    assert any(" -m zchannels.broker " in cmd for cmd in seen.values()), seen   # it had started the broker
     assert took < 10, took   # not after a 10 s wait for a READY that cannot come
 
 
@@ -210,7 +210,7 @@ def test_dev_with_an_app_failing_after_the_broker_and_edge_are_up_stops_them(tmp
     done, seen, _ = run_dev("--port", "0", "--bus", "tcp://127.0.0.1:0", "-n", "2", str(app))
     assert_one_line(done, "dev", f"cannot load app '{app}'", "raised LookupError: no such table",
                     f"(at {app}:7)")
-    kinds = {kind for kind in ("broker", "edge", "workers") if any(f" -m {kind} " in c for c in seen.values())}
+    kinds = {kind for kind in ("broker", "edge", "workers") if any(f" -m zchannels.{kind} " in c for c in seen.values())}
     assert kinds == {"broker", "edge", "workers"}, seen
 
 

@@ -109,9 +109,9 @@ def test_zchannels_dev_from_the_wheel_serves_the_chat_with_phoenix_js_longpoll_a
         status, html = get(status_url)
         assert status == 200 and b"zchannels" in html
         client.connect(http.replace("http://", "ws://") + "/socket", params={"user": "ann"})
-        assert client.join("lobby", "room:lobby", {})["status"] == "ok"
+        assert client.join("lobby", "room:lobby", {}, on=["new_msg"])["status"] == "ok"
         poller.connect(http + "/socket", params={"user": "bob"}, transport="longpoll")
-        assert poller.join("lobby", "room:lobby", {})["status"] == "ok"
+        assert poller.join("lobby", "room:lobby", {}, on=["new_msg"])["status"] == "ok"
         client.push("lobby", "new_msg", {"body": "from the wheel"})
         client.wait_event({"type": "message", "chan": "lobby", "event": "new_msg"}, timeout=5)
         poller.wait_event({"type": "message", "chan": "lobby", "event": "new_msg"}, timeout=10)
@@ -136,9 +136,9 @@ def test_zchannels_dev_from_the_wheel_serves_wss_and_https_longpoll_with_a_self_
         assert get(https + "/js/phoenix.js", trust)[0] == 200
         assert get(status_url, trust)[0] == 200
         client.connect(https.replace("https://", "wss://") + "/socket", params={"user": "ann"})
-        assert client.join("lobby", "room:lobby", {})["status"] == "ok"
+        assert client.join("lobby", "room:lobby", {}, on=["new_msg"])["status"] == "ok"
         poller.connect(https + "/socket", params={"user": "bob"}, transport="longpoll")
-        assert poller.join("lobby", "room:lobby", {})["status"] == "ok"
+        assert poller.join("lobby", "room:lobby", {}, on=["new_msg"])["status"] == "ok"
         client.push("lobby", "new_msg", {"body": "over tls"})
         poller.wait_event({"type": "message", "chan": "lobby", "event": "new_msg"}, timeout=10)
         client.wait_event({"type": "message", "chan": "lobby", "event": "new_msg"}, timeout=5)
