@@ -42,6 +42,7 @@ NO_WORKER = b'{"reason":"no worker available"}'
 INVALID_TOPIC = b'{"reason":"invalid topic"}'
 JOIN_PENDING = b'{"reason":"join pending"}'
 LOST = b'{"reason":"channel lost"}'
+CLOSING = b'{"reason":"connection closing"}'   # the server ends the connection
 MAX_PENDING_REPLIES = 64     # refs remembered per channel for the error replies of a lost one
 MAX_BUFFERED_WHILE_JOINING = 100
 MAX_TOPIC_BYTES = 255
@@ -429,6 +430,12 @@ class Connection:
         closes with `code` (a LongPoll session just ends; its next request gets 410)."""
         if self.closed:
             return
+        # Pushes still waiting for their reply would otherwise time out in the client (10 s in
+        # phoenix.js): each gets an error reply before the close.
+        for ch in self.channels.values():
+            pending, ch.pending = ch.pending, None
+            for ref in pending or ():
+                self.reply(ch.join_ref, ref_of(ref), ch.topic, "error", CLOSING)
         self.drop_channels(terminate_reason)
         self.close(code, why)
 

@@ -6,6 +6,7 @@ refer to docs/protocol.md: §10 (conformance checklist) and §4.3 (S-rows).
 """
 from __future__ import annotations
 
+import signal
 import time
 import urllib.request
 import uuid
@@ -478,6 +479,25 @@ def test_sigterm_closes_clients_with_1012_and_every_process_exits_0(cluster_fact
     assert codes == {"workers": 0, "edge0": 0, "broker": 0}, small.stderr()
     close = c.wait_event({"type": "socket_close"})
     assert close["code"] == 1012
+
+
+@pytest.mark.timeout(60)
+def test_a_push_in_flight_when_the_edge_drains_gets_an_error_reply_before_the_1012(cluster_factory):
+    """A push still waiting for its handler when the edge closes the connection (SIGTERM, bus
+    loss, a "disconnect" broadcast) is answered {"reason":"connection closing"}: the client
+    hears of it now instead of after its own push timeout."""
+    small = cluster_factory(edges=1, workers=1)
+    topic = f"slow:{uid()}"
+    with RawWS.connect(small.raw_url(0)) as ws:
+        ws.send_json(["1", "1", topic, "phx_join", {}])
+        assert ws.recv_json()[4]["status"] == "ok"
+        ws.send_json(["1", "2", topic, "sleep", {"s": 5}])
+        ws.send_json([None, "3", "phoenix", "heartbeat", {}])
+        assert ws.recv_json()[1] == "3"             # the sleep is with the worker by now
+        small.edge_procs[0].popen.send_signal(signal.SIGTERM)
+        assert ws.recv_json(timeout=10) == ["1", "2", topic, "phx_reply",
+                                            {"status": "error", "response": {"reason": "connection closing"}}]
+        assert ws.recv(timeout=10) is None and ws.close_code == 1012
 
 
 def test_connect_params_reach_connect_assigns(js_client, cluster):
