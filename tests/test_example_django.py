@@ -1,4 +1,4 @@
-"""examples/django end to end: broker + edge + 2 workers running examples/django/channels.py,
+"""examples/django end to end: broker + edge + 2 workers running examples/notifications/channels.py,
 the one-file Django project under `runserver`, real HTTP logins (with Django's CSRF tokens),
 and phoenix.js 1.8 in Node joining with the token the app rendered into its page.
 """
@@ -24,7 +24,7 @@ SECRET = "django-example-" + "s3cret" * 6
 @pytest.fixture(scope="module")
 def system():
     env = {"ZCHANNELS_SECRET_KEY_BASE": SECRET}
-    cluster = Cluster(app="examples/django/channels.py", edges=1, workers=2, env=env)
+    cluster = Cluster(app="examples/notifications/channels.py", edges=1, workers=2, env=env)
     web = None
     try:
         web, url = start_web_app(

@@ -1,4 +1,4 @@
-"""examples/fastapi end to end: broker + edge + 2 workers running examples/fastapi/channels.py,
+"""examples/fastapi end to end: broker + edge + 2 workers running examples/notifications/channels.py,
 the FastAPI app under uvicorn, real HTTP logins, and phoenix.js 1.8 in Node joining with the
 token the app rendered into its page (the `authToken` option).
 """
@@ -25,7 +25,7 @@ SECRET = "fastapi-example-" + "s3cret" * 6
 @pytest.fixture(scope="module")
 def system():
     env = {"ZCHANNELS_SECRET_KEY_BASE": SECRET}
-    cluster = Cluster(app="examples/fastapi/channels.py", edges=1, workers=2, env=env)
+    cluster = Cluster(app="examples/notifications/channels.py", edges=1, workers=2, env=env)
     web = None
     try:
         web, url = start_web_app(

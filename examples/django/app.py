@@ -1,7 +1,7 @@
 """A one-file Django project in front of zchannels: log in, get a channel token, publish.
 
     export ZCHANNELS_SECRET_KEY_BASE=$(openssl rand -base64 48)   # shared with the workers
-    scripts/dev examples/django/channels.py                         # broker, edge :4000, workers
+    scripts/dev examples/notifications/channels.py                  # broker, edge :4000, workers
     .venv/bin/python examples/django/app.py runserver 8000
 
 then open http://127.0.0.1:8000 in two browsers (or a normal and a private window).  Any WSGI

@@ -1,7 +1,7 @@
 """A FastAPI app in front of zchannels: log in, get a channel token, publish notifications.
 
     export ZCHANNELS_SECRET_KEY_BASE=$(openssl rand -base64 48)   # shared with the workers
-    scripts/dev examples/fastapi/channels.py                        # broker, edge :4000, workers
+    scripts/dev examples/notifications/channels.py                  # broker, edge :4000, workers
     .venv/bin/uvicorn examples.fastapi.app:app --port 8000          # from the repository root
 
 then open http://127.0.0.1:8000 in two browsers (or a normal and a private window).

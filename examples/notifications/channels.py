@@ -1,4 +1,5 @@
-"""The channels the FastAPI example's page joins: each logged-in user's own notifications.
+"""The channels the web-app examples' pages join (examples/fastapi, examples/django): each
+logged-in user's own notifications.
 
 The web app (``app.py``) logs a user in, signs a Phoenix.Token for them (salt
 ``"user socket"``, data: the user name) and puts it in the page; the page passes it to
@@ -9,7 +10,7 @@ expired, signed with another secret or salt) or is missing.  A verified user may
 handlers, so nothing here handles client pushes.
 
     export ZCHANNELS_SECRET_KEY_BASE=$(openssl rand -base64 48)   # the web app's too
-    scripts/dev examples/fastapi/channels.py
+    scripts/dev examples/notifications/channels.py
 """
 import logging
 import os
@@ -17,7 +18,7 @@ import os
 from zchannels import (JSON, Channel, HandlerResult, JoinResult, JSONObject, Payload, Socket,
                      SocketState, TokenError, error, ok, reply, verify_token)
 
-log = logging.getLogger("fastapi_example")
+log = logging.getLogger("notifications")
 
 TOKEN_SALT = "user socket"        # app.py signs with the same salt
 TOKEN_MAX_AGE = 14 * 86_400       # two weeks, as in the Phoenix guides
