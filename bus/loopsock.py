@@ -46,7 +46,11 @@ def max_message() -> int:
 
 class LoopSocket:
     def __init__(self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None] | None,
-                 loop: asyncio.AbstractEventLoop | None = None, name: str = "bus"):
+                 loop: asyncio.AbstractEventLoop | None = None, name: str = "bus",
+                 decode: Callable[[bytes], list[bytes]] | None = None):
+        """``decode``: what turns a received ZeroMQ frame into the logical frames handed to
+        ``on_message`` (default: the packing of the socket's type, wire.unpack or
+        wire.unpack_broadcast)."""
         self.sock = sock
         self.name = name
         self.on_message = on_message
@@ -60,7 +64,7 @@ class LoopSocket:
         self._max_size = limit if limit > 0 else None
         kind = sock.type
         self._encode = wire.pack_broadcast if kind in (zmq.PUB, zmq.XPUB) else wire.pack
-        self._decode = wire.unpack_broadcast if kind in (zmq.SUB, zmq.XSUB) else wire.unpack
+        self._decode = decode or (wire.unpack_broadcast if kind in (zmq.SUB, zmq.XSUB) else wire.unpack)
         if on_message is not None:
             self.loop.add_reader(sock.getsockopt(zmq.FD), self._drain)
             self._schedule()
@@ -108,9 +112,13 @@ class LoopSocket:
     def send(self, frames: list[bytes]) -> bool:
         """Send without blocking; False (and a counted drop) when the HWM is reached, or when
         the message is over the bus limit (the broker would close this connection for it)."""
-        data = self._encode(frames)
+        return self.send_packed(self._encode(frames), frames)
+
+    def send_packed(self, data: bytes, frames: list[bytes] | None = None) -> bool:
+        """``send`` for a message already packed into its ZeroMQ frame (``frames``, if given,
+        names it in a log line)."""
         if self._max_size is not None and len(data) > self._max_size:
-            self._refuse_oversized(frames, len(data))
+            self._refuse_oversized(frames or [data[:40]], len(data))
             return False
         try:
             self.sock.send(data, NOBLOCK)

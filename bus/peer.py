@@ -14,10 +14,16 @@ broadcasts they make) and a SUB on its subscribe-out side (the topics something 
   also after a restart however short: messages may have been lost either way);
 * subscriptions counted per topic key, so many local subscribers cost one ZeroMQ subscription,
   dropped when the last one leaves;
-* a BYE when the peer leaves, so the broker counts it gone rather than dead.
+* a BYE when the peer leaves, so the broker counts it gone rather than dead;
+* its inbox: the SUB also subscribes to ``wire.inbox_key(peer_id)``, and ``send`` publishes a
+  message whose destination is known (``wire.VIA_INBOX``) to that peer's inbox through the
+  broker's C proxy; placement requests and the rest go through the DEALER and the broker's
+  ROUTER.  The proxy keeps the order of one sender's messages to one receiver, as the ROUTER
+  did, and a worker's replies and broadcasts now leave in the order it made them.
 
-What the frames mean stays with the owner: every frame from the broker but its heartbeats goes
-to ``on_direct``, every broadcast to ``on_broadcast``.
+What the frames mean stays with the owner: every point-to-point frame (from the broker or from
+an inbox) but the broker's heartbeats goes to ``on_direct``, every broadcast to
+``on_broadcast``.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from typing import Callable, NamedTuple
 
 import zmq
 
-from zchannels.bus import curve, loopsock, wire
+from zchannels.bus import curve, inbox, loopsock, wire
 from zchannels.bus.loopsock import LoopSocket, tune_link
 from zchannels.bus.timing import BROKER_SILENCE_LIMIT, PEER_HEARTBEAT_INTERVAL, SAME_OUTAGE_WINDOW
 
@@ -58,6 +64,7 @@ def connect_peer(ctx: zmq.Context, bus: str, routing_id: bytes, hwm: int,
         curve.secure_client(sock)
     if pub_nodrop:
         sockets.pub.setsockopt(zmq.XPUB_NODROP, 1)
+    sockets.sub.setsockopt(zmq.SUBSCRIBE, wire.inbox_key(routing_id))
     sockets.dealer.connect(router_ep)
     sockets.pub.connect(publish_ep)
     sockets.sub.connect(subscribe_ep)
@@ -81,6 +88,7 @@ class BusPeer:
                  on_registered: Callable[[], None] = _nothing,
                  on_beat: Callable[[], None] = _nothing,
                  on_bad_frame: Callable[[list[bytes], Exception], None] | None = None,
+                 on_undelivered: Callable[[list[bytes]], None] | None = None,
                  name: str = "bus", down_note: str = "still trying",
                  logger: logging.Logger = log,
                  heartbeat_interval: float = PEER_HEARTBEAT_INTERVAL,
@@ -93,7 +101,10 @@ class BusPeer:
         names itself (a restart, however short): messages in flight then may have been lost.
         ``on_registered()``: the broker's first heartbeat arrived (it knows this peer).
         ``on_beat()``: after each heartbeat sent, from the same loop turn.
-        ``on_bad_frame(frames, error)``: a malformed broker heartbeat (dropped; logged if None).
+        ``on_bad_frame(frames, error)``: a malformed broker heartbeat or inbox message (dropped;
+        logged if None).
+        ``on_undelivered(frames)``: a message for an inbox that could not be sent (a full queue,
+        over the bus limit), so the sender can answer for it (logged and counted if None).
         ``name`` starts this peer's log lines and names its sockets; ``down_note`` says in the
         silence warning what the silence means for this process."""
         self.role = role
@@ -109,10 +120,18 @@ class BusPeer:
         self._load = load
         self._down_note = down_note
         self.log = logger
+        self.peer_id: bytes = sockets.dealer.getsockopt(zmq.ROUTING_ID)
+        self._on_broadcast = on_broadcast
         self.dealer = LoopSocket(sockets.dealer, self._from_broker, self.loop, name=f"{name} dealer")
-        self.sub = LoopSocket(sockets.sub, on_broadcast, self.loop, name=f"{name} sub")
+        self.sub = LoopSocket(sockets.sub, self._from_sub, self.loop, name=f"{name} sub",
+                              decode=bytes)
         self.pub = LoopSocket(sockets.pub, None, self.loop, name=f"{name} pub")   # send-only
-        self.send = self.dealer.send
+        self.outbox = inbox.Outbox(self.peer_id, self.pub.send_packed, self.loop,
+                                   on_undelivered or self._log_undelivered)
+        self._send_routed = self.dealer.send
+        self._send_inbox = self.outbox.send
+        self._via_inbox = wire.VIA_INBOX
+        self.undelivered = 0
         self._sub_counts: dict[bytes, int] = {}
         self._now = self.loop.time
         self._last_heard = self._now()
@@ -189,7 +208,34 @@ class BusPeer:
             self.log.warning("%s: dropped a bad frame from the broker (%d so far): %s",
                              self.name, self.bad_frames, exc)
 
+    def _from_sub(self, data: bytes) -> None:
+        try:
+            if not wire.is_inbox(data):
+                self._on_broadcast(wire.unpack_broadcast(data))
+                return
+            messages = inbox.unpack(data)
+        except wire.BusFrameError as exc:
+            self._on_bad_frame([data[:40]], exc)
+            return
+        on_direct = self._on_direct
+        for frames in messages:
+            on_direct(frames)
+
+    def _log_undelivered(self, frames: list[bytes]) -> None:
+        self.undelivered += 1
+        if self.undelivered <= 20 or self.undelivered % 1000 == 0:
+            self.log.warning("%s: a %r for %r was not sent (queue full or over the bus limit); "
+                             "%d so far", self.name, frames[0], frames[1][:40], self.undelivered)
+
     # --- our side -----------------------------------------------------------------------
+
+    def send(self, frames: list[bytes]) -> bool:
+        """A point-to-point message ``[kind, dest, *fields]``: to ``dest``'s inbox through the
+        proxy when ``dest`` is known and the kind travels that way, else through the broker's
+        ROUTER.  False if it was not sent (a full queue, over the bus limit: counted)."""
+        if frames[1] and frames[0] in self._via_inbox:
+            return self._send_inbox(frames)
+        return self._send_routed(frames)
 
     async def _heartbeats(self) -> None:
         while True:
@@ -213,7 +259,10 @@ class BusPeer:
     def publish(self, topic: str, event: str, payload: bytes, fmt: bytes = wire.JSON,
                 origin: bytes = b"") -> bool:
         """Broadcast ``payload`` on ``topic`` to every subscriber; False if it was not sent
-        (a full queue, over the bus message limit: counted on ``self.pub``)."""
+        (a full queue, over the bus message limit: counted on ``self.pub``).  What this peer
+        sent to inboxes before leaves first: a worker's pushes and broadcasts keep their order."""
+        if self.outbox.waiting:
+            self.outbox.flush()
         return self.pub.send(wire.broadcast_frames(topic, event, payload, fmt, origin))
 
     def subscribe(self, key: bytes) -> None:
@@ -250,5 +299,6 @@ class BusPeer:
     def close(self, linger_ms: int = 0) -> None:
         """``bye``, then close the three sockets; what is queued may leave for ``linger_ms``."""
         self.bye()
+        self.outbox.flush()
         for sock in (self.dealer, self.sub, self.pub):
             sock.close(linger_ms)

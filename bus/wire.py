@@ -14,6 +14,13 @@ Point-to-point (DEALER -> broker ROUTER -> DEALER), logical frames::
 The broker swaps ``dest_id`` for ``sender_id``; ``dest_id == b""`` on CONNECT
 and JOIN asks the broker to place the request on the least-loaded worker.
 
+Once the destination is known (every message but a CONNECT or JOIN still to be placed, and
+the LongPoll relay), point-to-point messages between edges and workers do not pass the
+broker's Python loop: the sender publishes them to the destination's *inbox* through the
+broker's C proxy, the way broadcasts travel, and each peer subscribes to its own inbox
+(``pack_inbox`` / ``unpack_inbox``).  They arrive as the same logical frames
+``[kind, sender_id, *fields]``; the sender names itself, as CURVE admits every peer alike.
+
 Broadcasts (PUB -> broker XSUB/XPUB proxy -> SUB), logical frames::
 
     [topic_key, BROADCAST, event, origin, payload, fmt]
@@ -35,6 +42,9 @@ what the broker and libzmq need in front::
     point-to-point:  kind | len(peer) u8 | peer | fields
     broadcast:       topic_key | fields          (topic_key is a prefix, so
                                                   SUB filtering still works)
+    inbox:           0xFF dest 0x00 | kind | len(sender) u8 | sender | fields
+                                                 (0xFF never occurs in UTF-8, so no
+                                                  topic key is a prefix of an inbox key)
     fields:          count u8 | count-1 lengths u32le | bytes... (the last
                                                   field takes the rest)
 """
@@ -99,6 +109,10 @@ WORKER_TO_EDGE = frozenset((CONNECT_REPLY, JOIN_REPLY, REPLY, PUSH, CHANNEL_CLOS
 EDGE_TO_EDGE = frozenset((LP_REQUEST, LP_RESPONSE))
 # The role that may send each point-to-point kind: the broker drops the others, and an
 # edge takes worker kinds only from a worker (routing ids begin with the role, new_peer_id).
+# The kinds a peer sends to a known destination's inbox, through the broker's C proxy; the
+# others (heartbeats, placement, the LongPoll relay, the broker's notices) go through its
+# ROUTER.  A CONNECT or JOIN with an empty destination asks the ROUTER for placement.
+VIA_INBOX = frozenset(EDGE_TO_WORKER | WORKER_TO_EDGE)
 SENDER_ROLE = {**{kind: ROLE_EDGE for kind in EDGE_TO_WORKER | EDGE_TO_EDGE},
                **{kind: ROLE_WORKER for kind in WORKER_TO_EDGE}}
 
@@ -644,6 +658,64 @@ def unpack_broadcast(data: bytes) -> list[bytes]:
     if end == 0:
         raise BusFrameError("broadcast without a topic key")
     return [data[:end], *unpack_fields(data, end)]
+
+
+INBOX_MARK = 0xFF
+
+
+def inbox_key(peer_id: bytes) -> bytes:
+    """The subscription key of a peer's inbox.  ValueError for an id no inbox can have."""
+    if not peer_id or TOPIC_TERMINATOR in peer_id or len(peer_id) > 255:
+        raise ValueError(f"peer id {peer_id[:60]!r} cannot name an inbox")
+    return b"\xff" + peer_id + TOPIC_TERMINATOR
+
+
+def pack_inbox(frames: list[bytes], sender: bytes) -> bytes:
+    """Logical frames as sent ``[kind, dest, *fields]`` -> one ZeroMQ frame for dest's inbox,
+    delivered as ``[kind, sender, *fields]``."""
+    kind, dest = frames[0], frames[1]
+    return (b"\xff" + dest + TOPIC_TERMINATOR + kind + bytes((len(sender),)) + sender
+            + pack_fields(frames[2:]))
+
+
+def is_inbox(data: bytes) -> bool:
+    """Whether a ZeroMQ frame a peer's SUB received is an inbox message (else a broadcast)."""
+    return data[:1] == b"\xff"
+
+
+INBOX_BATCH = b"*"      # an inbox message holding several packed messages (bus/inbox.py)
+_PART_LENGTH = struct.Struct("<I")
+
+
+def pack_inbox_batch(dest: bytes, parts: list[bytes]) -> bytes:
+    """Several messages for one inbox in one ZeroMQ frame; each part is a ``pack``ed
+    ``[kind, sender, *fields]``."""
+    out = [b"\xff", dest, TOPIC_TERMINATOR, INBOX_BATCH]
+    for part in parts:
+        out.append(_PART_LENGTH.pack(len(part)))
+        out.append(part)
+    return b"".join(out)
+
+
+def unpack_inbox(data: bytes) -> list[list[bytes]]:
+    """An inbox message or batch -> the logical frames ``[kind, sender, *fields]`` of each of
+    its messages, as ``unpack`` gives for one from the ROUTER.  BusFrameError if malformed."""
+    start = data.find(TOPIC_TERMINATOR) + 1
+    if start == 0 or data[:1] != b"\xff":
+        raise BusFrameError("inbox message without its key")
+    if data[start:start + 1] != INBOX_BATCH:
+        return [unpack(data[start:])]
+    out, pos, size = [], start + 1, len(data)
+    while pos < size:
+        if pos + 4 > size:
+            raise BusFrameError("inbox batch truncated in a part length")
+        (length,) = _PART_LENGTH.unpack_from(data, pos)
+        pos += 4
+        if pos + length > size:
+            raise BusFrameError("inbox batch truncated in a part")
+        out.append(unpack(data[pos:pos + length]))
+        pos += length
+    return out
 
 
 # --- a message handed back ---------------------------------------------------------------

@@ -25,7 +25,6 @@ from typing import Any, Callable
 import orjson
 
 from zchannels.bus import wire
-from zchannels.bus.loopsock import LoopSocket
 from zchannels.bus.peer import BusPeer
 from zchannels.workers import metrics
 from zchannels.workers.api import BadReturn, Channel, Error, NoReply, Reply, Stop, Timer, check_result
@@ -107,7 +106,6 @@ class ChannelHost:
     loop: asyncio.AbstractEventLoop
     slot: int
     bus: BusPeer            # subscriptions (intercepts) and broadcasts
-    dealer: LoopSocket      # bus.dealer, to the broker: replies, pushes, channel closes
     presence: Any = None    # workers.presence.Tracker: entries end with their channel
 
     def __init__(self) -> None:
@@ -126,7 +124,7 @@ class ChannelHost:
         for proc in self.channels.values():
             by_edge.setdefault(proc.edge, []).append((proc.conn, proc.topic_b, proc.join_ref))
         for edge, channels in by_edge.items():
-            self.dealer.send(wire.sync(edge, channels))
+            self.bus.send(wire.sync(edge, channels))
         log.info("worker %s: after a broker restart or silence, told %d edge(s) which of their channels are here",
                  self.slot, len(by_edge))
 
@@ -155,7 +153,7 @@ class ChannelHost:
             self.join_reply(proc, ref, _OK, response, self.intercepts_of(type(proc.channel))[1])
 
     def join_reply(self, proc: ChannelProc, ref: bytes, status: bytes, response: bytes, intercept: bytes) -> None:
-        self.dealer.send(wire.join_reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
+        self.bus.send(wire.join_reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
                                          status, response, intercept))
 
     async def step_in(self, proc: ChannelProc, ref: bytes, event: str, payload: Any) -> None:
@@ -223,21 +221,21 @@ class ChannelHost:
             data, fmt = response, wire.BINARY
         else:
             data, fmt = orjson.dumps(response), wire.JSON
-        self.dealer.send(wire.reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
+        self.bus.send(wire.reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
                                     result.status.encode(), data, fmt))
 
     def close(self, proc: ChannelProc, end: Callable[..., list[bytes]]) -> None:
         """``end`` is wire.channel_close (phx_close) or wire.channel_error (phx_error)."""
         proc.state = CLOSED
-        self.dealer.send(end(proc.edge, proc.conn, proc.topic_b, proc.join_ref))
+        self.bus.send(end(proc.edge, proc.conn, proc.topic_b, proc.join_ref))
 
     async def step_leave(self, proc: ChannelProc, ref: bytes) -> None:
         if proc.state == CLOSED:   # stopped by itself before the leave got its turn
-            self.dealer.send(wire.reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
+            self.bus.send(wire.reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
                                         _OK, _EMPTY_JSON, wire.JSON))
             return
         await self.terminate(proc, ("shutdown", "left"))
-        self.dealer.send(wire.reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
+        self.bus.send(wire.reply(proc.edge, proc.conn, proc.topic_b, proc.join_ref, ref,
                                     _OK, _EMPTY_JSON, wire.JSON))
         self.close(proc, wire.channel_close)
 
@@ -366,7 +364,7 @@ class ChannelHost:
         if proc.state == CLOSED:
             log.debug("push %r from closed channel %r dropped", event, proc)
             return
-        self.dealer.send(wire.push(proc.edge, proc.conn, proc.topic_b, proc.join_ref,
+        self.bus.send(wire.push(proc.edge, proc.conn, proc.topic_b, proc.join_ref,
                                    event.encode(), data, fmt))
 
     def publish(self, topic: str, event: str, data: bytes, fmt: bytes, origin: bytes) -> None:

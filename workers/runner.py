@@ -53,12 +53,12 @@ class Worker(ChannelHost):
         self.app, self.slot, self.peer_id, self.alive = app, slot, peer_id, alive
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
-        self.bus = peer(sockets, wire.ROLE_WORKER, on_direct=self.on_dealer,
+        self.bus = peer(sockets, wire.ROLE_WORKER, on_direct=self.on_direct,
                         on_broadcast=self.on_sub, load=lambda: len(self.channels),
                         on_bus_state=self.on_bus_state, on_registered=self.on_registered,
                         on_beat=self.on_beat, on_bad_frame=self.bad_frame,
                         name=f"worker {slot}", logger=log, loop=self.loop)
-        self.dealer, self.pub, self.sub = self.bus.dealer, self.bus.pub, self.bus.sub
+        self.pub, self.sub = self.bus.pub, self.bus.sub
         super().__init__()   # the channel table, intercepts and tasks (workers/channels.py)
         self.presence = presence.Tracker(
             peer_id, lambda topic, event, data: self.publish(topic, event, data, wire.JSON, b""),
@@ -80,8 +80,9 @@ class Worker(ChannelHost):
 
     # --- bus input --------------------------------------------------------------------
 
-    def on_dealer(self, frames: list[bytes]) -> None:
-        """A frame from the broker (its heartbeats stay with self.bus)."""
+    def on_direct(self, frames: list[bytes]) -> None:
+        """A point-to-point frame: from an edge's inbox message or the broker (its heartbeats stay
+        with self.bus)."""
         kind = frames[0]
         handler = self.handlers.get(kind)
         try:
@@ -164,7 +165,7 @@ class Worker(ChannelHost):
             log.info("worker %s: edge %r back on the bus; ending %d channel(s) it no longer has",
                      self.slot, edge, len(orphans))
         self.edges.add(edge)
-        self.dealer.send(wire.sync(edge, [(p.conn, p.topic_b, p.join_ref) for p in kept]))
+        self.bus.send(wire.sync(edge, [(p.conn, p.topic_b, p.join_ref) for p in kept]))
 
     def on_worker_down(self, msg: wire.PeerDown) -> None:
         """Another worker is gone: its presence entries leave now, not after OWNER_TIMEOUT."""
@@ -186,7 +187,7 @@ class Worker(ChannelHost):
 
     async def connect(self, edge: bytes, conn: bytes, request: bytes) -> None:
         status, body = await self.run_connect(edge, conn, request)
-        self.dealer.send(wire.connect_reply(edge, conn, status, body))
+        self.bus.send(wire.connect_reply(edge, conn, status, body))
 
     async def run_connect(self, edge: bytes, conn: bytes, request: bytes) -> tuple[bytes, bytes]:
         def refuse(reason: str) -> tuple[bytes, bytes]:
@@ -235,7 +236,7 @@ class Worker(ChannelHost):
         topic = topic_b.decode()
         route = system_route(topic) if topic.startswith(SYSTEM_PREFIX) else self.app.route(topic)
         if route is None:
-            self.dealer.send(wire.join_reply(edge, conn, topic_b, join_ref, ref, _ERROR,
+            self.bus.send(wire.join_reply(edge, conn, topic_b, join_ref, ref, _ERROR,
                                              b'{"reason":"unmatched topic"}', b"[]"))
             return
         info, payload = orjson.loads(msg.socket), orjson.loads(msg.payload)
@@ -257,7 +258,7 @@ class Worker(ChannelHost):
             channel.__init__()
         except Exception:
             log.exception("%s.__init__ crashed (topic %r edge %r conn %r)", cls.__name__, topic, edge, conn)
-            self.dealer.send(wire.join_reply(edge, conn, topic_b, join_ref, ref, _ERROR,
+            self.bus.send(wire.join_reply(edge, conn, topic_b, join_ref, ref, _ERROR,
                                              b'{"reason":"join crashed"}', b"[]"))
             return
         self.channels[(edge, conn, topic_b)] = proc
@@ -283,7 +284,7 @@ class Worker(ChannelHost):
         proc = self.channels.get((msg.peer, msg.conn_id, msg.topic))
         join_ref = msg.join_ref
         if proc is None:   # not joined here (any more): Phoenix still answers ok
-            self.dealer.send(wire.reply(msg.peer, msg.conn_id, msg.topic, join_ref, msg.ref,
+            self.bus.send(wire.reply(msg.peer, msg.conn_id, msg.topic, join_ref, msg.ref,
                                         _OK, _EMPTY_JSON, wire.JSON))
         elif not join_ref or join_ref == proc.join_ref:
             self.end(proc, self.step_leave, msg.ref)
@@ -394,7 +395,7 @@ def run_worker(app_spec: str, bus: str, slot: int, log_level: str, alive: Callab
     peer_id = wire.new_peer_id(wire.ROLE_WORKER, f"w{slot}")
     ctx = zmq.Context()
     try:
-        sockets = connect_peer(ctx, bus, peer_id, HWM)
+        sockets = connect_peer(ctx, bus, peer_id, HWM, pub_nodrop=True)
     except zmq.ZMQError as exc:   # libzmq refused the address itself: no retry can help
         ctx.destroy(linger=0)
         raise ConfigError(f"cannot connect to --bus {bus!r}: {exc}") from None

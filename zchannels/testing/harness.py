@@ -214,7 +214,7 @@ class ChannelTest:
 
     def _deliver(self, frames: Frames) -> None:
         """A message from the edge, as the broker delivers it, to the worker."""
-        self._call(self.worker.on_dealer, frames)
+        self._call(self.worker.on_direct, frames)
 
     def _publish(self, topic: str, event: str, payload: JSONObject | bytes, origin: bytes) -> None:
         data, fmt = broadcasts.encode(topic, event, payload)
@@ -298,7 +298,7 @@ class ChannelTest:
         for channel in client.channels.values():
             if channel.live:
                 channel.ended = "terminated"
-                self.worker.on_dealer(wire.terminate(self.edge_id, client.conn_id, channel.topic_b,
+                self.worker.on_direct(wire.terminate(self.edge_id, client.conn_id, channel.topic_b,
                                                      channel.join_ref_b, b"disconnected"))
 
     def _crash_of(self, channel: ClientChannel) -> str | None:

@@ -1,6 +1,6 @@
 """A worker's place on the bus, in memory: the stand-in for bus.peer.BusPeer in channel tests.
 
-``workers.runner.Worker`` talks to the bus through its BusPeer only: ``dealer.send`` for what it
+``workers.runner.Worker`` talks to the bus through its BusPeer only: ``send`` for what it
 sends edges (replies, pushes, channel closes), ``publish`` for broadcasts, ``subscribe`` /
 ``unsubscribe`` for the topics it intercepts and presence's replication topic, ``sub.drain`` to
 read what is already waiting.  ``MemoryBus`` offers the same with no sockets and no broker:
