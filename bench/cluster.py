@@ -139,6 +139,7 @@ class Cluster:
                      "--max-pending-per-peer", "100000", "--max-pending", "100000"]
         if edge_processes > 0:
             edges, edge_argv = 1, edge_argv + ["--processes", str(edge_processes)]
+        self.edge_argv = edge_argv
         for i in range(edges):
             e = Proc(f"edge{i + 1}", edge_argv, self.tmpdir)
             self.procs.append(e)
@@ -151,6 +152,57 @@ class Cluster:
             sup.wait_line("READY", 30)
         layout = f"one edge of {edge_processes} processes" if edge_processes > 0 else f"{edges} edges"
         log(f"system up: bus {bus}, {layout} at {', '.join(self.urls)}, {workers} workers")
+
+    def rate_limit_note(self) -> str:
+        """What the edges were told (`--max-rate` on their command line) and what each one says
+        it enforces (its "rate limit: ..." start-up log line), e.g. "edges run with --max-rate 0
+        (per-connection rate limit off: edge1 off, edge2 off)"."""
+        argv = self.edge_argv
+        flag = argv[argv.index("--max-rate") + 1] if "--max-rate" in argv else "(default)"
+        said = {}
+        for pr in self.procs:
+            if pr.name.startswith("edge"):
+                try:
+                    text = Path(pr.err_path).read_text(errors="replace")
+                except OSError:
+                    text = ""
+                found = [ln.split("rate limit: ", 1)[1].split(";", 1)[0]
+                         for ln in text.splitlines() if "rate limit: " in ln]
+                said[pr.name] = "/".join(sorted(set(found))) or "not logged"
+        state = "off" if all(v == "off" for v in said.values()) else "ON"
+        return (f"edges run with --max-rate {flag} (per-connection rate limit {state}: "
+                + ", ".join(f"{k} {v}" for k, v in said.items()) + ")")
+
+    def pin(self, name: str, cpus: set[int]) -> dict[int, set[int]]:
+        """Restrict every thread of server process `name` (libzmq's I/O and proxy threads
+        included; affinity is per thread) to `cpus`; returns each thread's previous mask."""
+        pid = self.server[name].pid
+        before = {}
+        for tid in (int(t) for t in os.listdir(f"/proc/{pid}/task")):
+            try:
+                before[tid] = os.sched_getaffinity(tid)
+                os.sched_setaffinity(tid, cpus)
+            except ProcessLookupError:
+                pass
+        return before
+
+    def affinity(self, name: str) -> dict[int, set[int]]:
+        """The CPU mask of every thread of server process `name`."""
+        pid = self.server[name].pid
+        out = {}
+        for tid in (int(t) for t in os.listdir(f"/proc/{pid}/task")):
+            try:
+                out[tid] = os.sched_getaffinity(tid)
+            except ProcessLookupError:
+                pass
+        return out
+
+    def unpin(self, before: dict[int, set[int]]) -> None:
+        for tid, cpus in before.items():
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except ProcessLookupError:
+                pass
 
     def sample(self) -> Sample:
         return Sample(self.server)

@@ -13,9 +13,15 @@ npm `ws` package, one Node process, clients spread evenly over both edges) and m
                   count (10k by default). "blast" publishes all messages back to back
                   (throughput); "paced" keeps one broadcast in flight (latency of a single
                   broadcast at that fan-out).
-  c. round trips  C clients doing sequential "ping" pushes for T seconds
+  c. round trips  C clients each keeping D "ping" pushes in flight (default 1: sequential)
+                  for T seconds; the edges run with the per-connection rate limit off
+                  (--max-rate 0), which the phase checks in the edges' logs and prints
   d. fairness     a few clients pipelining pings (many in flight each) while probe clients
                   do sequential pings; p99 of both
+  cluster         (only with --phases ...,cluster) the broker pinned to one core (CPU 0), C
+                  clients over both edges keeping D pings in flight each: pushes answered
+                  per second, server CPU per push -> reply in total and per process, the
+                  broker's share of its core (bench/phase_cluster.py)
   e. longpoll     (only with --phases ...,longpoll) L LongPoll clients: ping round trips with
                   the reply arriving through the poll, and broadcasts from one WebSocket
                   publisher to them (bench/phase_longpoll.py, bench/lpclient.js)
@@ -46,6 +52,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import phase_cluster
 import phase_longpoll
 import phase_maxconns
 import phase_presence
@@ -134,7 +141,8 @@ class Bench:
                 rows.append((f"{tag}: lost / duplicated", f"{r['lost']} / {r['duplicates']}", "0", ""))
         r = ph.get("round_trips")
         if r:
-            rows.append((f"c. round trips ({r['clients']} clients): round trips/s", f"{r['round_trips_per_s']}", "", ""))
+            limit = "edge rate limit off" if "rate limit off" in r["edge_rate_limit"] else "edge rate limit ON"
+            rows.append((f"c. round trips ({r['shape']}, {limit}): round trips/s", f"{r['round_trips_per_s']}", "", ""))
             rows.append(("c. round trips: p50 / p99 latency",
                          f"{r['latency']['p50_ms']} / {r['latency']['p99_ms']} ms", "", ""))
             rows.append(("c. round trips: server CPU per round trip", f"{r['server_cpu_us_per_round_trip']} us",
@@ -145,7 +153,7 @@ class Bench:
                          f"{r['latency']['p99_ms']} ms", "", ""))
             rows.append((f"d. fairness: sequential probes ({r.get('probe_clients')}) p99",
                          f"{r.get('probe_latency', {}).get('p99_ms')} ms", "", ""))
-        rows += (phase_longpoll.summary_rows(self.results) + phase_presence.summary_rows(self.results)
+        rows += (phase_cluster.summary_rows(self.results) + phase_longpoll.summary_rows(self.results) + phase_presence.summary_rows(self.results)
                  + phase_maxconns.summary_rows(self.results))
         w0 = max([len(x[0]) for x in rows] + [10])
         print(f"{'figure':<{w0}}  {'measured':<26} {'target':<14} peer on this machine")
@@ -225,7 +233,9 @@ def main() -> int:
     ap.add_argument("--gap-ms", type=int, default=20, help="paced fan-out: pause between broadcasts")
     ap.add_argument("--quiet-ms", type=int, default=5000,
                     help="fan-out: stop waiting after this long without a delivery (counts the rest as lost)")
-    ap.add_argument("--rt-clients", type=int, default=50, help="c. clients doing sequential pings")
+    ap.add_argument("--rt-clients", type=int, default=50, help="c. clients doing pings")
+    ap.add_argument("--rt-depth", type=int, default=1,
+                    help="c. pings in flight per client (default 1: each waits for its reply)")
     ap.add_argument("--rt-seconds", type=float, help="c. duration (default 10; quick 3)")
     ap.add_argument("--rt-count", type=int, default=0, help="c. pings per client instead of a duration")
     ap.add_argument("--fair-clients", type=int, default=20, help="d. pipelining clients")
@@ -233,8 +243,12 @@ def main() -> int:
     ap.add_argument("--fair-probes", type=int, default=20, help="d. sequential probe clients")
     ap.add_argument("--fair-seconds", type=float, help="d. duration (default 10; quick 3)")
     ap.add_argument("--phases", default="connections,fanout,rt,fairness",
-                    help="comma list of connections, fanout, rt, fairness, longpoll, presence, maxconns "
-                         "(the last three only when named)")
+                    help="comma list of connections, fanout, rt, fairness, cluster, longpoll, presence, "
+                         "maxconns (the last four only when named)")
+    ap.add_argument("--cluster-clients", type=int, default=100,
+                    help="cluster: clients pushing pings, round-robin over the edges")
+    ap.add_argument("--cluster-depth", type=int, default=8, help="cluster: pings in flight per client")
+    ap.add_argument("--cluster-seconds", type=float, default=10, help="cluster: duration (s)")
     ap.add_argument("--lp-clients", type=int, help="e. LongPoll clients (default 200; quick 50)")
     ap.add_argument("--lp-seconds", type=float, help="e. round-trip duration (default 10; quick 3)")
     ap.add_argument("--lp-msgs", type=int, help="e. broadcasts to the LongPoll clients (default 100; quick 20)")
@@ -289,6 +303,11 @@ def main() -> int:
     a.fair_seconds = a.fair_seconds if a.fair_seconds is not None else (3 if q else 10)
     a.fanout_modes = [m for m in a.fanout_modes.split(",") if m]
     a.phases = [p for p in a.phases.split(",") if p]
+    known = {"connections", "fanout", "rt", "fairness", "cluster", "longpoll", "presence", "maxconns"}
+    if set(a.phases) - known:
+        ap.error(f"unknown phase(s) {', '.join(sorted(set(a.phases) - known))}; known: {', '.join(sorted(known))}")
+    if a.rt_depth < 1 or a.cluster_depth < 1:
+        ap.error("--rt-depth and --cluster-depth must be >= 1")
     a.lp_clients = a.lp_clients if a.lp_clients is not None else (50 if q else 200)
     a.lp_seconds = a.lp_seconds if a.lp_seconds is not None else (3 if q else 10)
     a.lp_msgs = a.lp_msgs if a.lp_msgs is not None else (20 if q else 100)
