@@ -33,14 +33,14 @@ class Proc:
     """One child process in a session of its own; its stdout lines are copied to a file and
     queued for wait_line(), its stderr goes straight to a file."""
 
-    def __init__(self, name: str, argv: list[str], tmpdir: str, stdin=None):
+    def __init__(self, name: str, argv: list[str], tmpdir: str, stdin=None, cwd: Path = ROOT):
         self.name = name
         self.finished = False   # set when it was asked to exit: its end is no failure
         self.err_path = os.path.join(tmpdir, f"{name}.stderr")
         self.out_path = os.path.join(tmpdir, f"{name}.stdout")
         self.err = open(self.err_path, "wb")
         self.lines: queue.Queue[str] = queue.Queue()
-        self.p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.err,
+        self.p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=self.err,
                                   stdin=stdin, start_new_session=True, bufsize=0)
         self._out = open(self.out_path, "w")
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -112,7 +112,13 @@ class Proc:
 class Cluster:
     """The server processes of one benchmark run, plus any client process added to `procs`."""
 
-    def __init__(self):
+    def __init__(self, tree: Path = ROOT):
+        # The server processes run `python -m zchannels.<part>` in `tree` (its own code comes
+        # first on sys.path) with its .venv's Python when it has one: another checkout can be
+        # measured with this benchmark and load generator (bench/compare.py).
+        self.tree = tree
+        venv_py = tree / ".venv" / "bin" / "python"
+        self.py = str(venv_py) if tree != ROOT and venv_py.exists() else PY
         self.tmpdir = tempfile.mkdtemp(prefix="zchannels-bench-")
         self.procs: list[Proc] = []
         self.server: dict[str, subprocess.Popen] = {}
@@ -123,25 +129,27 @@ class Cluster:
         returns once every edge and every worker has printed READY. With edge_processes N > 0
         there is one edge instead, started with `--processes N` (N children sharing one port
         with SO_REUSEPORT; its parent prints one READY line for all of them)."""
-        log(f"process logs in {self.tmpdir}")
-        broker = Proc("broker", [PY, "-m", "zchannels.broker", "--bus", "tcp://127.0.0.1:0"], self.tmpdir)
+        log(f"process logs in {self.tmpdir}" + (f"; servers run from {self.tree}" if self.tree != ROOT else ""))
+        broker = Proc("broker", [self.py, "-m", "zchannels.broker", "--bus", "tcp://127.0.0.1:0"], self.tmpdir,
+                      cwd=self.tree)
         self.procs.append(broker)
         bus = broker.wait_line("READY", 30).split("bus=", 1)[1].split()[0]
         self.server["broker"] = broker.p
-        sup = Proc("workers", [PY, "-m", "zchannels.workers", "--bus", bus, "-n", str(workers), app], self.tmpdir)
+        sup = Proc("workers", [self.py, "-m", "zchannels.workers", "--bus", bus, "-n", str(workers), app],
+                   self.tmpdir, cwd=self.tree)
         self.procs.append(sup)
         self.server["workers"] = sup.p
         # The per-client rate limit (a policy, 200/s by default) would throttle the load
         # generator's pipelined clients; the benchmark measures capacity, so it is off.  All its
         # clients come from 127.0.0.1 and connect hundreds at a time, which the per-address cap
         # on connections still in their upgrade (64) would refuse with 503: it is raised.
-        edge_argv = [PY, "-m", "zchannels.edge", "--bus", bus, "--port", "0", "--max-rate", "0",
+        edge_argv = [self.py, "-m", "zchannels.edge", "--bus", bus, "--port", "0", "--max-rate", "0",
                      "--max-pending-per-peer", "100000", "--max-pending", "100000"]
         if edge_processes > 0:
             edges, edge_argv = 1, edge_argv + ["--processes", str(edge_processes)]
         self.edge_argv = edge_argv
         for i in range(edges):
-            e = Proc(f"edge{i + 1}", edge_argv, self.tmpdir)
+            e = Proc(f"edge{i + 1}", edge_argv, self.tmpdir, cwd=self.tree)
             self.procs.append(e)
             self.server[f"edge{i + 1}"] = e.p
         for pr in self.procs[2:]:

@@ -67,7 +67,7 @@ APP = "examples/chat/channels.py"
 class Bench:
     def __init__(self, args):
         self.args = args
-        self.cluster = Cluster()
+        self.cluster = Cluster(Path(args.server_tree).resolve() if args.server_tree else ROOT)
         self.lg: LoadGen | None = None
         self.results: dict = {"phases": {}, "errors": []}
 
@@ -75,7 +75,7 @@ class Bench:
         a = self.args
         failed = False
         try:
-            self.results["machine"] = machine()
+            self.results["machine"] = machine(self.cluster.tree)
             self.cluster.start(a.edges, a.workers, a.app, a.edge_processes)
             self.lg = LoadGen(self.cluster.tmpdir)
             self.cluster.procs.append(self.lg.proc)
@@ -112,7 +112,7 @@ class Bench:
         m = self.results.get("machine", {})
         print(f"machine: {m.get('nproc')} cores, {m.get('cpu_model')}, {m.get('mem_gib')} GiB; "
               f"RLIMIT_NOFILE {self.results.get('nofile')}; python {m.get('python')}, node {m.get('node')}")
-        print(f"code: git {m.get('git_head')}" + (f" + uncommitted changes in {', '.join(m['git_modified_files'])}"
+        print(f"code: {m.get('tree')} git {m.get('git_head')}" + (f" + uncommitted changes in {', '.join(m['git_modified_files'])}"
                                                   if m.get("git_modified_files") else ""))
         edges = f"one edge of {a.edge_processes} processes" if a.edge_processes > 0 else f"{a.edges} edge(s)"
         print(f"system: broker + {edges} + {a.workers} worker(s) running {a.app}")
@@ -198,7 +198,7 @@ class Bench:
             print(f"figures written to {a.json}")
 
 
-def machine() -> dict:
+def machine(tree: Path = ROOT) -> dict:
     model = ""
     text = read_proc("/proc/cpuinfo") or ""
     for line in text.splitlines():
@@ -211,10 +211,10 @@ def machine() -> dict:
             mem = int(line.split()[1])
     node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
     def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.rstrip()
+        return subprocess.run(["git", *argv], cwd=tree, capture_output=True, text=True).stdout.rstrip()
     head = git("rev-parse", "--short", "HEAD")
     dirty = [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()]
-    return {"git_head": head, "git_modified_files": dirty, "nproc": os.cpu_count(), "cpu_model": model,
+    return {"tree": str(tree), "git_head": head, "git_modified_files": dirty, "nproc": os.cpu_count(), "cpu_model": model,
             "mem_gib": round(mem / 1048576, 1), "kernel": os.uname().release,
             "python": sys.version.split()[0], "node": node}
 
@@ -291,6 +291,9 @@ def main() -> int:
                          "(N processes sharing one port with SO_REUSEPORT)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--app", default=APP)
+    ap.add_argument("--server-tree", metavar="DIR",
+                    help="run the server processes from this checkout (its code, its .venv) instead of "
+                         "this one; the load generator and the figures stay this tree's")
     ap.add_argument("--json", help="write all figures to this JSON file")
     a = ap.parse_args()
     q = a.quick
