@@ -33,14 +33,14 @@ class Proc:
     """One child process in a session of its own; its stdout lines are copied to a file and
     queued for wait_line(), its stderr goes straight to a file."""
 
-    def __init__(self, name: str, argv: list[str], tmpdir: str, stdin=None):
+    def __init__(self, name: str, argv: list[str], tmpdir: str, stdin=None, cwd: Path = ROOT):
         self.name = name
         self.finished = False   # set when it was asked to exit: its end is no failure
         self.err_path = os.path.join(tmpdir, f"{name}.stderr")
         self.out_path = os.path.join(tmpdir, f"{name}.stdout")
         self.err = open(self.err_path, "wb")
         self.lines: queue.Queue[str] = queue.Queue()
-        self.p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.err,
+        self.p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=self.err,
                                   stdin=stdin, start_new_session=True, bufsize=0)
         self._out = open(self.out_path, "w")
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -112,7 +112,13 @@ class Proc:
 class Cluster:
     """The server processes of one benchmark run, plus any client process added to `procs`."""
 
-    def __init__(self):
+    def __init__(self, tree: Path = ROOT):
+        # The server processes run `python -m zchannels.<part>` in `tree` (its own code comes
+        # first on sys.path) with its .venv's Python when it has one: another checkout can be
+        # measured with this benchmark and load generator (bench/compare.py).
+        self.tree = tree
+        venv_py = tree / ".venv" / "bin" / "python"
+        self.py = str(venv_py) if tree != ROOT and venv_py.exists() else PY
         self.tmpdir = tempfile.mkdtemp(prefix="zchannels-bench-")
         self.procs: list[Proc] = []
         self.server: dict[str, subprocess.Popen] = {}
@@ -123,24 +129,27 @@ class Cluster:
         returns once every edge and every worker has printed READY. With edge_processes N > 0
         there is one edge instead, started with `--processes N` (N children sharing one port
         with SO_REUSEPORT; its parent prints one READY line for all of them)."""
-        log(f"process logs in {self.tmpdir}")
-        broker = Proc("broker", [PY, "-m", "zchannels.broker", "--bus", "tcp://127.0.0.1:0"], self.tmpdir)
+        log(f"process logs in {self.tmpdir}" + (f"; servers run from {self.tree}" if self.tree != ROOT else ""))
+        broker = Proc("broker", [self.py, "-m", "zchannels.broker", "--bus", "tcp://127.0.0.1:0"], self.tmpdir,
+                      cwd=self.tree)
         self.procs.append(broker)
         bus = broker.wait_line("READY", 30).split("bus=", 1)[1].split()[0]
         self.server["broker"] = broker.p
-        sup = Proc("workers", [PY, "-m", "zchannels.workers", "--bus", bus, "-n", str(workers), app], self.tmpdir)
+        sup = Proc("workers", [self.py, "-m", "zchannels.workers", "--bus", bus, "-n", str(workers), app],
+                   self.tmpdir, cwd=self.tree)
         self.procs.append(sup)
         self.server["workers"] = sup.p
         # The per-client rate limit (a policy, 200/s by default) would throttle the load
         # generator's pipelined clients; the benchmark measures capacity, so it is off.  All its
         # clients come from 127.0.0.1 and connect hundreds at a time, which the per-address cap
         # on connections still in their upgrade (64) would refuse with 503: it is raised.
-        edge_argv = [PY, "-m", "zchannels.edge", "--bus", bus, "--port", "0", "--max-rate", "0",
+        edge_argv = [self.py, "-m", "zchannels.edge", "--bus", bus, "--port", "0", "--max-rate", "0",
                      "--max-pending-per-peer", "100000", "--max-pending", "100000"]
         if edge_processes > 0:
             edges, edge_argv = 1, edge_argv + ["--processes", str(edge_processes)]
+        self.edge_argv = edge_argv
         for i in range(edges):
-            e = Proc(f"edge{i + 1}", edge_argv, self.tmpdir)
+            e = Proc(f"edge{i + 1}", edge_argv, self.tmpdir, cwd=self.tree)
             self.procs.append(e)
             self.server[f"edge{i + 1}"] = e.p
         for pr in self.procs[2:]:
@@ -151,6 +160,57 @@ class Cluster:
             sup.wait_line("READY", 30)
         layout = f"one edge of {edge_processes} processes" if edge_processes > 0 else f"{edges} edges"
         log(f"system up: bus {bus}, {layout} at {', '.join(self.urls)}, {workers} workers")
+
+    def rate_limit_note(self) -> str:
+        """What the edges were told (`--max-rate` on their command line) and what each one says
+        it enforces (its "rate limit: ..." start-up log line), e.g. "edges run with --max-rate 0
+        (per-connection rate limit off: edge1 off, edge2 off)"."""
+        argv = self.edge_argv
+        flag = argv[argv.index("--max-rate") + 1] if "--max-rate" in argv else "(default)"
+        said = {}
+        for pr in self.procs:
+            if pr.name.startswith("edge"):
+                try:
+                    text = Path(pr.err_path).read_text(errors="replace")
+                except OSError:
+                    text = ""
+                found = [ln.split("rate limit: ", 1)[1].split(";", 1)[0]
+                         for ln in text.splitlines() if "rate limit: " in ln]
+                said[pr.name] = "/".join(sorted(set(found))) or "not logged"
+        state = "off" if all(v == "off" for v in said.values()) else "ON"
+        return (f"edges run with --max-rate {flag} (per-connection rate limit {state}: "
+                + ", ".join(f"{k} {v}" for k, v in said.items()) + ")")
+
+    def pin(self, name: str, cpus: set[int]) -> dict[int, set[int]]:
+        """Restrict every thread of server process `name` (libzmq's I/O and proxy threads
+        included; affinity is per thread) to `cpus`; returns each thread's previous mask."""
+        pid = self.server[name].pid
+        before = {}
+        for tid in (int(t) for t in os.listdir(f"/proc/{pid}/task")):
+            try:
+                before[tid] = os.sched_getaffinity(tid)
+                os.sched_setaffinity(tid, cpus)
+            except ProcessLookupError:
+                pass
+        return before
+
+    def affinity(self, name: str) -> dict[int, set[int]]:
+        """The CPU mask of every thread of server process `name`."""
+        pid = self.server[name].pid
+        out = {}
+        for tid in (int(t) for t in os.listdir(f"/proc/{pid}/task")):
+            try:
+                out[tid] = os.sched_getaffinity(tid)
+            except ProcessLookupError:
+                pass
+        return out
+
+    def unpin(self, before: dict[int, set[int]]) -> None:
+        for tid, cpus in before.items():
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except ProcessLookupError:
+                pass
 
     def sample(self) -> Sample:
         return Sample(self.server)

@@ -19,7 +19,8 @@
 //   {"cmd":"pings", "clients":50, "offset":0, "duration_ms":10000, "count":0, "depth":1,
 //    "probe_clients":0, "probe_offset":0}
 //        `clients` clients keep `depth` pings in flight each (depth 1 = sequential round
-//        trips); optional sequential probe clients measured separately (fairness).
+//        trips); optional sequential probe clients measured separately (fairness). The result
+//        counts the (non-probe) clients per edge URL in clients_by_url.
 //   {"cmd":"heartbeat_all"}   heartbeat every open client and wait for the replies.
 //   {"cmd":"stats"}   counters;   {"cmd":"exit"}
 // The LongPoll clients (lp_* commands) are in bench/lpclient.js, the mass of idle clients of
@@ -432,7 +433,9 @@ async function cmdPings(o) {
   const res = { clients: nC, depth, elapsed_ms: Math.round(el), round_trips: lat.length,
                 round_trips_per_s: Math.round(lat.length / (el / 1000)), latency: summarize(lat, lat.length),
                 errors, closed, push_timeouts: timeouts, channel_errors: chanErrors,
-                clients_stopped_by_failure: stoppedClients, timed_out: outcome === "timeout" };
+                clients_stopped_by_failure: stoppedClients, timed_out: outcome === "timeout",
+                clients_by_url: {} };
+  for (const c of workers) res.clients_by_url[c.url] = (res.clients_by_url[c.url] || 0) + 1;
   if (nP) {
     res.probe_clients = nP; res.probe_round_trips = plat.length;
     res.probe_latency = summarize(plat, plat.length);

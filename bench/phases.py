@@ -1,6 +1,6 @@
 """The measured phases (docs/benchmarks.md, "Phases"): a. connections, b. fan-out,
-c. round trips, d. fairness; e. longpoll, f. maxconns and g. presence are in phase_longpoll.py,
-phase_maxconns.py and phase_presence.py. Each one waits for the machine to be quiet, runs one load generator
+c. round trips, d. fairness; cluster, e. longpoll, f. maxconns and g. presence are in
+phase_cluster.py, phase_longpoll.py, phase_maxconns.py and phase_presence.py. Each one waits for the machine to be quiet, runs one load generator
 command between two samples of server CPU and RSS, records its figures in
 `results["phases"]`, logs them against the targets, and waits until the server is idle again.
 """
@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 
+import phase_cluster
 import phase_longpoll
 import phase_maxconns
 import phase_presence
 from cluster import Cluster, log
 from loadgen import LoadGen
-from procstats import Sample, all_proc_ticks, cpu_delta, others_cpu_s, proc_tree
+from procstats import Sample, all_proc_ticks, cpu_delta, cpu_figures, others_cpu_s, per_process_line, proc_tree
 
 TARGETS = {
     "rss_kb_per_conn": 30.0,          # <= 30 KB RSS per connection (all processes)
@@ -40,9 +41,10 @@ class Phases:
         self.results = results
 
     def run(self, names: list[str]) -> None:
-        """The phases named (connections, fanout, rt, fairness, longpoll, presence, maxconns),
-        always in this order (the last three are in bench/phase_longpoll.py,
-        bench/phase_presence.py and bench/phase_maxconns.py)."""
+        """The phases named (connections, fanout, rt, fairness, cluster, longpoll, presence,
+        maxconns), always in this order (the last four are in bench/phase_cluster.py,
+        bench/phase_longpoll.py, bench/phase_presence.py and bench/phase_maxconns.py; cluster
+        comes before the three that close the WebSocket clients of the earlier phases)."""
         a = self.args
         if "connections" in names:
             self.connections()
@@ -54,6 +56,8 @@ class Phases:
             self.round_trips()
         if "fairness" in names:
             self.fairness()
+        if "cluster" in names:
+            phase_cluster.run(self)
         if "longpoll" in names:
             phase_longpoll.run(self)
         if "presence" in names:
@@ -285,22 +289,21 @@ class Phases:
 
     def round_trips(self) -> None:
         a = self.args
-        log(f"== c. round trips: {a.rt_clients} clients, sequential pings, "
-            + (f"{a.rt_count} each" if a.rt_count else f"{a.rt_seconds} s"))
+        shape = f"{a.rt_clients} clients x {a.rt_depth} in flight"
+        limit = self.cluster.rate_limit_note()
+        log(f"== c. round trips: {shape} ({'sequential pings' if a.rt_depth == 1 else 'pipelined pings'}), "
+            + (f"{a.rt_count} each" if a.rt_count else f"{a.rt_seconds} s") + f"; {limit}")
         self.ensure_joined(max(self.joined(), a.rt_clients))
         self.heartbeat_all()
         time.sleep(0.5)
-        res, d, _, _ = self.measured({"cmd": "pings", "clients": a.rt_clients, "depth": 1,
+        res, d, _, _ = self.measured({"cmd": "pings", "clients": a.rt_clients, "depth": a.rt_depth,
                                       "duration_ms": int(a.rt_seconds * 1000), "count": a.rt_count},
                                      a.rt_seconds + 180)
         n = res["round_trips"]
         out = dict(res)
-        out["server_cpu_s"] = round(d["total_s"], 3)
-        out["server_cpu_by_process_s"] = {k: round(v, 3) for k, v in d["per_process_s"].items()}
-        out["server_cpu_us_per_round_trip"] = round(d["total_s"] / n * 1e6, 2) if n else None
-        out["client_cpu_s"] = round(d["client_cpu_s"], 3)
-        out["other_cpu_s"] = round(d["other_cpu_s"], 3)
-        out["irq_cpu_s"] = round(d["irq_cpu_s"], 3)
+        out["shape"] = shape
+        out["edge_rate_limit"] = limit
+        out.update(cpu_figures(d, n, "round_trip"))
         self.results["phases"]["round_trips"] = out
         lat = res["latency"]
         log(f"  {n} round trips in {res['elapsed_ms'] / 1000:.2f} s = {res['round_trips_per_s']} round trips/s; "
@@ -308,9 +311,9 @@ class Phases:
             f"push timeouts {res['push_timeouts']}, closed {res['closed']}")
         log(f"  latency p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms")
         log(f"  server CPU {d['total_s']:.3f} s = {out['server_cpu_us_per_round_trip']} us per round trip "
-            f"[target <= {TARGETS['cpu_us_per_round_trip']:.0f} us; {PEERS['cpu_us_per_round_trip']}]; by process: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in d["per_process_s"].items())
-            + f"; client CPU {d['client_cpu_s']:.3f} s")
+            f"({shape}) [target <= {TARGETS['cpu_us_per_round_trip']:.0f} us; {PEERS['cpu_us_per_round_trip']}]; "
+            f"client CPU {d['client_cpu_s']:.3f} s")
+        log("  per round trip by process: " + per_process_line(out["server_cpu_us_per_round_trip_by_process"]))
         self._note_ping_failures("round trips", res)
         self.settle("round trips", a.settle_timeout)
 

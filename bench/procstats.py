@@ -160,3 +160,18 @@ def cpu_delta(a: Sample, b: Sample) -> dict:
             "machine_busy_s": b.machine_s - a.machine_s, "irq_s": b.irq_s - a.irq_s,
             "pids_gone": [a.role[p] for p in gone], "pids_new": [b.role[p] for p in new]}
 
+
+def cpu_figures(d: dict, n: int, unit: str) -> dict:
+    """The server CPU of a request phase (n requests answered): in total and per process, in
+    seconds and in microseconds per request; the client's, other processes' and softirq CPU."""
+    per = d["per_process_s"]
+    return {"server_cpu_s": round(d["total_s"], 3),
+            "server_cpu_by_process_s": {k: round(v, 3) for k, v in per.items()},
+            f"server_cpu_us_per_{unit}": round(d["total_s"] / n * 1e6, 2) if n else None,
+            f"server_cpu_us_per_{unit}_by_process": {k: round(v / n * 1e6, 2) for k, v in per.items()} if n else {},
+            "client_cpu_s": round(d["client_cpu_s"], 3), "other_cpu_s": round(d["other_cpu_s"], 3),
+            "irq_cpu_s": round(d["irq_cpu_s"], 3), "wall_s": round(d["wall_s"], 3)}
+
+
+def per_process_line(us: dict) -> str:
+    return ", ".join(f"{k} {v:.1f} us" for k, v in us.items()) if us else "-"

@@ -13,9 +13,15 @@ npm `ws` package, one Node process, clients spread evenly over both edges) and m
                   count (10k by default). "blast" publishes all messages back to back
                   (throughput); "paced" keeps one broadcast in flight (latency of a single
                   broadcast at that fan-out).
-  c. round trips  C clients doing sequential "ping" pushes for T seconds
+  c. round trips  C clients each keeping D "ping" pushes in flight (default 1: sequential)
+                  for T seconds; the edges run with the per-connection rate limit off
+                  (--max-rate 0), which the phase checks in the edges' logs and prints
   d. fairness     a few clients pipelining pings (many in flight each) while probe clients
                   do sequential pings; p99 of both
+  cluster         (only with --phases ...,cluster) the broker pinned to one core (CPU 0), C
+                  clients over both edges keeping D pings in flight each: pushes answered
+                  per second, server CPU per push -> reply in total and per process, the
+                  broker's share of its core (bench/phase_cluster.py)
   e. longpoll     (only with --phases ...,longpoll) L LongPoll clients: ping round trips with
                   the reply arriving through the poll, and broadcasts from one WebSocket
                   publisher to them (bench/phase_longpoll.py, bench/lpclient.js)
@@ -46,6 +52,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import phase_cluster
 import phase_longpoll
 import phase_maxconns
 import phase_presence
@@ -60,7 +67,7 @@ APP = "examples/chat/channels.py"
 class Bench:
     def __init__(self, args):
         self.args = args
-        self.cluster = Cluster()
+        self.cluster = Cluster(Path(args.server_tree).resolve() if args.server_tree else ROOT)
         self.lg: LoadGen | None = None
         self.results: dict = {"phases": {}, "errors": []}
 
@@ -68,7 +75,7 @@ class Bench:
         a = self.args
         failed = False
         try:
-            self.results["machine"] = machine()
+            self.results["machine"] = machine(self.cluster.tree)
             self.cluster.start(a.edges, a.workers, a.app, a.edge_processes)
             self.lg = LoadGen(self.cluster.tmpdir)
             self.cluster.procs.append(self.lg.proc)
@@ -105,7 +112,7 @@ class Bench:
         m = self.results.get("machine", {})
         print(f"machine: {m.get('nproc')} cores, {m.get('cpu_model')}, {m.get('mem_gib')} GiB; "
               f"RLIMIT_NOFILE {self.results.get('nofile')}; python {m.get('python')}, node {m.get('node')}")
-        print(f"code: git {m.get('git_head')}" + (f" + uncommitted changes in {', '.join(m['git_modified_files'])}"
+        print(f"code: {m.get('tree')} git {m.get('git_head')}" + (f" + uncommitted changes in {', '.join(m['git_modified_files'])}"
                                                   if m.get("git_modified_files") else ""))
         edges = f"one edge of {a.edge_processes} processes" if a.edge_processes > 0 else f"{a.edges} edge(s)"
         print(f"system: broker + {edges} + {a.workers} worker(s) running {a.app}")
@@ -134,7 +141,8 @@ class Bench:
                 rows.append((f"{tag}: lost / duplicated", f"{r['lost']} / {r['duplicates']}", "0", ""))
         r = ph.get("round_trips")
         if r:
-            rows.append((f"c. round trips ({r['clients']} clients): round trips/s", f"{r['round_trips_per_s']}", "", ""))
+            limit = "edge rate limit off" if "rate limit off" in r["edge_rate_limit"] else "edge rate limit ON"
+            rows.append((f"c. round trips ({r['shape']}, {limit}): round trips/s", f"{r['round_trips_per_s']}", "", ""))
             rows.append(("c. round trips: p50 / p99 latency",
                          f"{r['latency']['p50_ms']} / {r['latency']['p99_ms']} ms", "", ""))
             rows.append(("c. round trips: server CPU per round trip", f"{r['server_cpu_us_per_round_trip']} us",
@@ -145,7 +153,7 @@ class Bench:
                          f"{r['latency']['p99_ms']} ms", "", ""))
             rows.append((f"d. fairness: sequential probes ({r.get('probe_clients')}) p99",
                          f"{r.get('probe_latency', {}).get('p99_ms')} ms", "", ""))
-        rows += (phase_longpoll.summary_rows(self.results) + phase_presence.summary_rows(self.results)
+        rows += (phase_cluster.summary_rows(self.results) + phase_longpoll.summary_rows(self.results) + phase_presence.summary_rows(self.results)
                  + phase_maxconns.summary_rows(self.results))
         w0 = max([len(x[0]) for x in rows] + [10])
         print(f"{'figure':<{w0}}  {'measured':<26} {'target':<14} peer on this machine")
@@ -190,7 +198,7 @@ class Bench:
             print(f"figures written to {a.json}")
 
 
-def machine() -> dict:
+def machine(tree: Path = ROOT) -> dict:
     model = ""
     text = read_proc("/proc/cpuinfo") or ""
     for line in text.splitlines():
@@ -203,10 +211,10 @@ def machine() -> dict:
             mem = int(line.split()[1])
     node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
     def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.rstrip()
+        return subprocess.run(["git", *argv], cwd=tree, capture_output=True, text=True).stdout.rstrip()
     head = git("rev-parse", "--short", "HEAD")
     dirty = [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()]
-    return {"git_head": head, "git_modified_files": dirty, "nproc": os.cpu_count(), "cpu_model": model,
+    return {"tree": str(tree), "git_head": head, "git_modified_files": dirty, "nproc": os.cpu_count(), "cpu_model": model,
             "mem_gib": round(mem / 1048576, 1), "kernel": os.uname().release,
             "python": sys.version.split()[0], "node": node}
 
@@ -225,7 +233,9 @@ def main() -> int:
     ap.add_argument("--gap-ms", type=int, default=20, help="paced fan-out: pause between broadcasts")
     ap.add_argument("--quiet-ms", type=int, default=5000,
                     help="fan-out: stop waiting after this long without a delivery (counts the rest as lost)")
-    ap.add_argument("--rt-clients", type=int, default=50, help="c. clients doing sequential pings")
+    ap.add_argument("--rt-clients", type=int, default=50, help="c. clients doing pings")
+    ap.add_argument("--rt-depth", type=int, default=1,
+                    help="c. pings in flight per client (default 1: each waits for its reply)")
     ap.add_argument("--rt-seconds", type=float, help="c. duration (default 10; quick 3)")
     ap.add_argument("--rt-count", type=int, default=0, help="c. pings per client instead of a duration")
     ap.add_argument("--fair-clients", type=int, default=20, help="d. pipelining clients")
@@ -233,8 +243,12 @@ def main() -> int:
     ap.add_argument("--fair-probes", type=int, default=20, help="d. sequential probe clients")
     ap.add_argument("--fair-seconds", type=float, help="d. duration (default 10; quick 3)")
     ap.add_argument("--phases", default="connections,fanout,rt,fairness",
-                    help="comma list of connections, fanout, rt, fairness, longpoll, presence, maxconns "
-                         "(the last three only when named)")
+                    help="comma list of connections, fanout, rt, fairness, cluster, longpoll, presence, "
+                         "maxconns (the last four only when named)")
+    ap.add_argument("--cluster-clients", type=int, default=100,
+                    help="cluster: clients pushing pings, round-robin over the edges")
+    ap.add_argument("--cluster-depth", type=int, default=8, help="cluster: pings in flight per client")
+    ap.add_argument("--cluster-seconds", type=float, default=10, help="cluster: duration (s)")
     ap.add_argument("--lp-clients", type=int, help="e. LongPoll clients (default 200; quick 50)")
     ap.add_argument("--lp-seconds", type=float, help="e. round-trip duration (default 10; quick 3)")
     ap.add_argument("--lp-msgs", type=int, help="e. broadcasts to the LongPoll clients (default 100; quick 20)")
@@ -277,6 +291,9 @@ def main() -> int:
                          "(N processes sharing one port with SO_REUSEPORT)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--app", default=APP)
+    ap.add_argument("--server-tree", metavar="DIR",
+                    help="run the server processes from this checkout (its code, its .venv) instead of "
+                         "this one; the load generator and the figures stay this tree's")
     ap.add_argument("--json", help="write all figures to this JSON file")
     a = ap.parse_args()
     q = a.quick
@@ -289,6 +306,11 @@ def main() -> int:
     a.fair_seconds = a.fair_seconds if a.fair_seconds is not None else (3 if q else 10)
     a.fanout_modes = [m for m in a.fanout_modes.split(",") if m]
     a.phases = [p for p in a.phases.split(",") if p]
+    known = {"connections", "fanout", "rt", "fairness", "cluster", "longpoll", "presence", "maxconns"}
+    if set(a.phases) - known:
+        ap.error(f"unknown phase(s) {', '.join(sorted(set(a.phases) - known))}; known: {', '.join(sorted(known))}")
+    if a.rt_depth < 1 or a.cluster_depth < 1:
+        ap.error("--rt-depth and --cluster-depth must be >= 1")
     a.lp_clients = a.lp_clients if a.lp_clients is not None else (50 if q else 200)
     a.lp_seconds = a.lp_seconds if a.lp_seconds is not None else (3 if q else 10)
     a.lp_msgs = a.lp_msgs if a.lp_msgs is not None else (20 if q else 100)
