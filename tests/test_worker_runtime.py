@@ -1,8 +1,10 @@
 """One real worker process (workers/runner.py) against a fake broker made of real zmq sockets.
 
 The test plays the broker and an edge: a ROUTER on port P (the worker's DEALER connects),
-a SUB on P+1 capturing the worker's PUB broadcasts, and an XPUB on P+2 feeding broadcasts
-to the worker's SUB (its subscription messages tell us when it listens).  Messages go in as
+a SUB on P+1 capturing what the worker's PUB sends (broadcasts, and the messages for the
+edge's inbox), and an XPUB on P+2 feeding broadcasts to the worker's SUB (its subscription
+messages tell us when it listens); the worker's probe of its own inbox is passed back to it
+there, as the broker's proxy would.  Messages go in as
 the broker delivers them (a wire constructor given the sending edge as its peer), and what
 comes back is compared with the constructors' frames or read through ``wire.parse``.
 """
@@ -44,6 +46,11 @@ class FakeBroker:
         self.worker_id: bytes | None = None
         self.loads: list[int] = []
         self.instance = b""   # the broker instance our heartbeat replies name
+        self.inbox: list[list[bytes]] = []        # the worker's messages for edges, not read yet
+        self.broadcasts: list[bytes] = []         # its broadcasts, not read yet
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self.capture, zmq.POLLIN)
 
     def _bind(self):
         for _ in range(50):
@@ -73,15 +80,42 @@ class FakeBroker:
             self.router.send_multipart([wid, wire.pack(wire.broker_heartbeat(self.instance))])
         return frames
 
+    def _capture(self) -> None:
+        """What the worker's PUB sent: its inbox probe goes back to it, messages for edges and
+        broadcasts wait in their lists."""
+        data = self.capture.recv()
+        if not wire.is_inbox(data):
+            self.broadcasts.append(data)
+            return
+        dest = data[1:data.index(wire.TOPIC_TERMINATOR)]
+        for frames in wire.unpack_inbox(data):
+            if frames[0] == wire.INBOX_PROBE:
+                self.feed.send(data)
+            else:   # as the worker sent it: [kind, dest, *fields], like the ROUTER's
+                self.inbox.append([frames[0], dest, *frames[2:]])
+
+    def _pump(self, timeout_ms: int) -> list[bytes] | None:
+        """Wait up to timeout_ms for one socket event and handle it; a ROUTER message (its
+        heartbeat answered) is returned, captured ones are queued."""
+        events = dict(self.poller.poll(timeout_ms))
+        if self.capture in events:
+            self._capture()
+        if self.router in events:
+            return self._read()
+        return None
+
     def recv(self, timeout: float = TIMEOUT) -> list[bytes]:
-        """The next non-heartbeat message from the worker."""
+        """The next non-heartbeat message from the worker (through the broker's ROUTER or
+        for the edge's inbox)."""
         deadline = time.monotonic() + timeout
         while True:
+            if self.inbox:
+                return self.inbox.pop(0)
             left = deadline - time.monotonic()
-            if left <= 0 or not self.router.poll(int(left * 1000)):
+            if left <= 0:
                 raise AssertionError(f"no frame from the worker within {timeout} s\n{self.stderr()}")
-            frames = self._read()
-            if frames[0] != wire.HEARTBEAT:
+            frames = self._pump(int(left * 1000))
+            if frames is not None and frames[0] != wire.HEARTBEAT:
                 return frames
 
     def recv_as(self, kind: bytes, timeout: float = TIMEOUT):
@@ -97,10 +131,12 @@ class FakeBroker:
     def nothing_pending(self) -> list[list[bytes]]:
         """Messages already waiting, heartbeats left out."""
         frames = []
-        while self.router.poll(0):
-            f = self._read()
-            if f[0] != wire.HEARTBEAT:
+        while self.poller.poll(0):
+            f = self._pump(0)
+            if f is not None and f[0] != wire.HEARTBEAT:
                 frames.append(f)
+        frames += self.inbox
+        self.inbox = []
         return frames
 
     def send(self, frames: list[bytes]) -> None:
@@ -112,8 +148,8 @@ class FakeBroker:
         self.loads.clear()
         deadline = time.monotonic() + TIMEOUT
         while not self.loads and time.monotonic() < deadline:
-            if self.router.poll(50):
-                frames = self._read()
+            frames = self._pump(50)
+            if frames is not None:
                 assert frames[0] == wire.HEARTBEAT, f"unexpected {frames}"
         assert self.loads, "no heartbeat"
         return self.loads[-1]
@@ -148,10 +184,15 @@ class FakeBroker:
         """The worker's next broadcast, skipping its once-a-second status snapshots and
         presence replication (workers/presence.py)."""
         deadline = time.monotonic() + timeout
-        while self.capture.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            msg = wire.parse_broadcast(wire.unpack_broadcast(self.capture.recv()))
-            if msg.key not in (wire.topic_key(wire.STATUS_TOPIC), PRESENCE_KEY):
-                return msg
+        while True:
+            while self.broadcasts:
+                msg = wire.parse_broadcast(wire.unpack_broadcast(self.broadcasts.pop(0)))
+                if msg.key not in (wire.topic_key(wire.STATUS_TOPIC), PRESENCE_KEY):
+                    return msg
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._pump(int(left * 1000))
         raise AssertionError(f"no broadcast from the worker within {timeout} s\n{self.stderr()}")
 
     def publish(self, frames: list[bytes]) -> None:
@@ -164,7 +205,7 @@ class FakeBroker:
             if not self.feed.poll(int(timeout * 1000)):
                 raise AssertionError(f"no (un)subscription from the worker within {timeout} s")
             sub = self.feed.recv()
-            if sub != b"\x01" + PRESENCE_KEY:
+            if sub not in (b"\x01" + PRESENCE_KEY, b"\x01" + wire.inbox_key(self.worker_id or b"?")):
                 return sub
 
     # --- lifecycle ---
@@ -176,8 +217,7 @@ class FakeBroker:
         while not line.endswith(b"\n"):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"worker not ready (exit code {self.proc.poll()})\n{self.stderr()}")
-            if self.router.poll(20):
-                self._read()
+            self._pump(20)
             if select.select([self.proc.stdout], [], [], 0)[0]:
                 line += os.read(self.proc.stdout.fileno(), 1000)
         return line.decode()
@@ -188,10 +228,12 @@ class FakeBroker:
             self.push(conn, topic, event, payload, ref=str(i).encode())
             if replies:
                 self.expect_reply(conn, topic, str(i).encode(), b"ok", {})
-            if self.capture.poll(50):
+            self._pump(50)
+            if self.broadcasts:
                 break
-        while self.capture.poll(200):
-            self.capture.recv()
+        while self.poller.poll(200):
+            self._pump(0)
+        self.broadcasts.clear()
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")[-5000:]
