@@ -53,7 +53,7 @@ class Outbox:
             self._waiting[dest] = [frames]
         else:
             queue.append(frames)
-        self._bytes += len(frames[-1])
+        self._bytes += sum(map(len, frames))
         if self._bytes > BATCH_BYTES:
             self.flush()
         elif not self._scheduled:

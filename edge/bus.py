@@ -27,15 +27,18 @@ class EdgeBus(BusPeer):
                  on_direct: Callable[[list[bytes]], None],
                  on_broadcast: Callable[[list[bytes]], None],
                  load: Callable[[], int],
-                 on_bus_state: Callable[[bool], None] = lambda up: None):
+                 on_bus_state: Callable[[bool], None] = lambda up: None,
+                 on_undelivered: Callable[[list[bytes]], None] | None = None):
         """``load()``: the edge's connection count, sent in its heartbeats.
         ``on_bus_state(False)``: the bus is down (BROKER_SILENCE_LIMIT of silence).
         ``on_bus_state(True)``: it is back after a silence or with a new broker instance (a
-        restart, however short): messages in flight then may have been lost."""
+        restart, however short): messages in flight then may have been lost.
+        ``on_undelivered(frames)``: a message for a worker the bus refused (full queue)."""
         self.edge_id = edge_id
         # NODROP on the PUB: a full queue fails the send (counted), so POST /api/broadcast can
         # answer 503 instead of 202 for a message that went nowhere.
         sockets = connect_peer(zmq.Context.instance(), bus, edge_id, HWM, pub_nodrop=True)
         super().__init__(sockets, wire.ROLE_EDGE, on_direct=on_direct, on_broadcast=on_broadcast,
-                         load=load, on_bus_state=on_bus_state, name="edge", logger=log,
+                         load=load, on_bus_state=on_bus_state, on_undelivered=on_undelivered,
+                         name="edge", logger=log,
                          down_note="the bus is down; new connections get 503 until it is back")

@@ -43,6 +43,7 @@ INVALID_TOPIC = b'{"reason":"invalid topic"}'
 JOIN_PENDING = b'{"reason":"join pending"}'
 LOST = b'{"reason":"channel lost"}'
 CLOSING = b'{"reason":"connection closing"}'   # the server ends the connection
+BUS_FULL = b'{"reason":"bus queue full"}'     # the push could not be sent to its worker
 MAX_PENDING_REPLIES = 64     # refs remembered per channel for the error replies of a lost one
 MAX_BUFFERED_WHILE_JOINING = 100
 MAX_TOPIC_BYTES = 255
@@ -363,6 +364,16 @@ class Connection:
             if ch.pending is None:
                 ch.pending = {}
             ch.pending[i.ref] = None
+
+    def push_undelivered(self, i: wire.In) -> None:
+        """A push the bus refused to take to its worker: its error reply now, instead of the
+        client's timeout."""
+        ch = self.channels.get(i.topic.decode())
+        if ch is None or ref_bytes(ch.join_ref) != i.join_ref or not i.ref:
+            return
+        if ch.pending is not None:
+            ch.pending.pop(i.ref, None)
+        self.reply(ch.join_ref, ref_of(i.ref), ch.topic, "error", BUS_FULL)
 
     def leave_unanswered(self, lv: wire.Leave) -> None:
         """The edge forgot the channel when it sent the leave; the worker that would have

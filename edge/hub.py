@@ -81,7 +81,7 @@ class EdgeHub:
                       "foreign_frames": 0, "status_refused": 0,
                       "bus_loss_closes": 0, "connect_retries": 0, "join_retries": 0,
                       "late_joins_ended": 0, "sync_timeouts": 0,
-                      "outage_replies": 0, "order_given_up": 0}
+                      "outage_replies": 0, "order_given_up": 0, "undelivered": 0}
         self.replacer = Replacer(self)   # connects and joins sent again when their worker is silent
         self.connects = ConnectRpc(self)
         self.resync = Resync(self)
@@ -114,7 +114,8 @@ class EdgeHub:
 
     def start(self) -> None:
         self.bus = EdgeBus(self.bus_addr, self.edge_id, self.on_direct, self.fastlane.deliver,
-                           load=lambda: len(self.connections), on_bus_state=self._bus_state)
+                           load=lambda: len(self.connections), on_bus_state=self._bus_state,
+                           on_undelivered=self._undelivered)
         self.bus_send = self.bus.send
         self.longpoll = LongPollHub(self, self.limits.longpoll_window, self.limits.longpoll_inactivity)
         asyncio.get_running_loop().create_task(self._sweep())
@@ -284,6 +285,20 @@ class EdgeHub:
 
     def _on_lp_response(self, r: wire.LpResponse) -> None:
         self.longpoll.on_bus_response(r)
+
+    def _undelivered(self, frames: list[bytes]) -> None:
+        """A message for a worker's inbox that the bus refused (a full queue, over the bus
+        limit): a push gets an error reply, the rest is counted and logged."""
+        self.stats["undelivered"] += 1
+        n = self.stats["undelivered"]
+        if n <= 20 or n % 1000 == 0:
+            log.warning("a %r for worker %r was not sent: bus queue full or message over the "
+                        "bus limit (%d so far)", frames[0], frames[1][:40], n)
+        if frames[0] == wire.IN:
+            i = wire.parse(frames)
+            conn = self.connections.get(i.conn_id)
+            if conn is not None:
+                conn.push_undelivered(i)
 
     def _on_unroutable(self, msg) -> None:
         """The broker handed back a message of ours (``msg.peer``: the peer it did not know;

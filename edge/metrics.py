@@ -63,6 +63,9 @@ STATS = {
     "order_given_up": ("zchannels_edge_order_given_up",
                        "Messages handled out of order: over 256 waiting behind a pending join, or "
                        "a join unanswered for 5 s"),
+    "undelivered": ("zchannels_edge_undelivered",
+                    "Messages for a worker the bus refused (queue full, over the bus limit); a "
+                    "push among them got an error reply"),
     "outage_replies": ("zchannels_edge_outage_replies",
                        "Pushes still unanswered 4 s after a bus outage ended, answered with an error"),
     "sync_timeouts": ("zchannels_edge_sync_timeouts",

@@ -112,9 +112,12 @@ def test_load_moves_the_counters(metrics_cluster):
         assert value(edge, "zchannels_edge_bytes_out_total") > value(before_edge, "zchannels_edge_bytes_out_total")
         assert value(edge, "zchannels_edge_fastlane_deliveries_total") >= 1
 
+        # The broker's Python loop routes only what it places (4 connects and 4 joins, perhaps
+        # a retry); the 15 pings, their replies and the join replies go through its C proxy.
         broker = scrape(c.broker_metrics)
-        assert value(broker, "zchannels_broker_routed_frames_total") >= \
-            value(before_broker, "zchannels_broker_routed_frames_total") + 2 * (4 + 15)
+        routed = value(broker, "zchannels_broker_routed_frames_total") - \
+            value(before_broker, "zchannels_broker_routed_frames_total")
+        assert 8 <= routed < 15, routed
 
         # Channel instances are refreshed with each worker heartbeat (0.5 s).
         workers = wait_until(lambda: (lambda w: value(w, "zchannels_worker_channel_instances") >= 4 and w)(
