@@ -19,7 +19,11 @@ broadcasts they make) and a SUB on its subscribe-out side (the topics something 
   message whose destination is known (``wire.VIA_INBOX``) to that peer's inbox through the
   broker's C proxy; placement requests and the rest go through the DEALER and the broker's
   ROUTER.  The proxy keeps the order of one sender's messages to one receiver, as the ROUTER
-  did, and a worker's replies and broadcasts now leave in the order it made them.
+  did, and a worker's replies and broadcasts now leave in the order it made them.  The
+  publishing socket is an XPUB, so the subscriptions the proxy passes on tell which inboxes
+  have a subscriber: a message for a peer whose inbox has none (it is gone, or still
+  reconnecting after a broker restart) goes through the ROUTER instead, which holds it over the
+  broker's warm-up or hands it back UNROUTABLE, as for any peer it does not know.
 
 What the frames mean stays with the owner: every point-to-point frame (from the broker or from
 an inbox) but the broker's heartbeats goes to ``on_direct``, every broadcast to
@@ -44,7 +48,7 @@ INBOX_PROBE_INTERVAL = 0.05   # seconds between probes of our own inbox while it
 
 class PeerSockets(NamedTuple):
     dealer: zmq.Socket      # to the broker's ROUTER
-    pub: zmq.Socket         # into its publish-in (XSUB)
+    pub: zmq.Socket         # into its publish-in (XSUB); an XPUB, which hears subscriptions
     sub: zmq.Socket         # from its subscribe-out (XPUB)
 
 
@@ -55,7 +59,8 @@ def connect_peer(ctx: zmq.Context, bus: str, routing_id: bytes, hwm: int,
     full PUB queue a failed, counted send instead of a silent drop.  ValueError for a malformed
     ``bus``; zmq.ZMQError when libzmq refuses the address."""
     router_ep, publish_ep, subscribe_ep = wire.bus_endpoints(bus)
-    sockets = PeerSockets(ctx.socket(zmq.DEALER), ctx.socket(zmq.PUB), ctx.socket(zmq.SUB))
+    # An XPUB where a PUB would do: it also tells us which inboxes have a subscriber.
+    sockets = PeerSockets(ctx.socket(zmq.DEALER), ctx.socket(zmq.XPUB), ctx.socket(zmq.SUB))
     sockets.dealer.setsockopt(zmq.ROUTING_ID, routing_id)
     for sock in sockets:
         sock.setsockopt(zmq.LINGER, 0)
@@ -127,7 +132,9 @@ class BusPeer:
         self.dealer = LoopSocket(sockets.dealer, self._from_broker, self.loop, name=f"{name} dealer")
         self.sub = LoopSocket(sockets.sub, self._from_sub, self.loop, name=f"{name} sub",
                               decode=bytes)
-        self.pub = LoopSocket(sockets.pub, None, self.loop, name=f"{name} pub")   # send-only
+        self.inboxes: set[bytes] = set()     # peers whose inbox someone subscribes to
+        self.pub = LoopSocket(sockets.pub, self._subscription, self.loop, name=f"{name} pub",
+                              decode=bytes)
         self.outbox = inbox.Outbox(self.peer_id, self.pub.send_packed, self.loop,
                                    on_undelivered or self._log_undelivered)
         self._send_routed = self.dealer.send
@@ -227,6 +234,15 @@ class BusPeer:
             else:
                 on_direct(frames)
 
+    def _subscription(self, data: bytes) -> None:
+        """A (un)subscription the broker's proxy passed on to our XPUB: ``1|0`` + key.  Only
+        inbox keys matter here."""
+        if data[1:2] == b"\xff" and data[-1:] == wire.TOPIC_TERMINATOR:
+            if data[:1] == b"\x01":
+                self.inboxes.add(data[2:-1])
+            else:
+                self.inboxes.discard(data[2:-1])
+
     def _log_undelivered(self, frames: list[bytes]) -> None:
         self.undelivered += 1
         if self.undelivered <= 20 or self.undelivered % 1000 == 0:
@@ -239,7 +255,7 @@ class BusPeer:
         """A point-to-point message ``[kind, dest, *fields]``: to ``dest``'s inbox through the
         proxy when ``dest`` is known and the kind travels that way, else through the broker's
         ROUTER.  False if it was not sent (a full queue, over the bus limit: counted)."""
-        if frames[1] and frames[0] in self._via_inbox:
+        if frames[1] in self.inboxes and frames[0] in self._via_inbox:
             return self._send_inbox(frames)
         return self._send_routed(frames)
 
