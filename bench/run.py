@@ -69,7 +69,7 @@ class Bench:
         failed = False
         try:
             self.results["machine"] = machine()
-            self.cluster.start(a.edges, a.workers, a.app, a.edge_processes)
+            self.cluster.start(a.edges, a.workers, a.app, a.edge_processes, a.broker_arg)
             self.lg = LoadGen(self.cluster.tmpdir)
             self.cluster.procs.append(self.lg.proc)
             self.results["args"] = vars(a)
@@ -277,6 +277,9 @@ def main() -> int:
                          "(N processes sharing one port with SO_REUSEPORT)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--app", default=APP)
+    ap.add_argument("--broker-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for the broker (repeatable), e.g. "
+                         "--broker-arg=--history --broker-arg='room:*=1000/300'")
     ap.add_argument("--json", help="write all figures to this JSON file")
     a = ap.parse_args()
     q = a.quick
