@@ -57,7 +57,6 @@ class Router:
         self.rules: tuple[history.Rule, ...] | None = None
         self.rules_packed = b"[]"
         self.history_reads = 0
-        self._update_rules()
         self.peer_timeout = peer_timeout
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A peer that reconnected after a cut link takes its id over at once, instead of being
@@ -97,6 +96,7 @@ class Router:
         # Sent in every heartbeat: a peer that sees it change knows the broker restarted and
         # that messages in flight then may be lost (workers/runner.py: sync_edges).
         self.instance = os.urandom(4).hex().encode()
+        self._update_rules()
 
     # --- the loop ---------------------------------------------------------
     def run(self, should_stop) -> None:
@@ -163,8 +163,8 @@ class Router:
             pass
 
     def _app_history(self, sender: bytes, fields: list[bytes]) -> None:
-        if sender not in self.workers:
-            self._refuse(sender, wire.APP_HISTORY, "not a registered worker")
+        if sender not in self.workers and sender[:1] != wire.ROLE_WORKER:
+            self._refuse(sender, wire.APP_HISTORY, "not from a worker")
             return
         try:
             if len(fields) != 1:
@@ -186,6 +186,11 @@ class Router:
                 self.sequencer.set_rules(rules, self.rules_packed)
             if rules:
                 log.info("history rules: %s", ", ".join(map(str, rules)))
+            # Tell every peer now rather than at the next probe: until a publisher knows a topic
+            # keeps history, its broadcasts there get no position.
+            beat = wire.broker_heartbeat(self.instance, self.rules_packed)
+            for peer_id in [*self.edges, *self.workers]:
+                self._send(peer_id, beat)
 
     def handle(self, frames: list[bytes]) -> None:
         if len(frames) != 2:

@@ -125,7 +125,7 @@ class BusPeer:
         self.history = history.RuleTable()
         self.app_rules: tuple[history.Rule, ...] = ()
         self._rules_seen = b""
-        self._rules_told = b""
+        self._rules_told: bytes | None = None     # the broker instance told app_rules
         self._registered = False
         self._said_bye = False
         self.bad_frames = 0
@@ -183,8 +183,11 @@ class BusPeer:
             self._rules_seen = packed
             self.history.update(history.merge(announced, self.app_rules))
         if self.app_rules and self._rules_told != instance:
-            self._rules_told = instance
-            self.dealer.send(wire.app_history(history.pack_rules(self.app_rules)))
+            self._tell_rules(instance)
+
+    def _tell_rules(self, instance: bytes) -> None:
+        self._rules_told = instance
+        self.dealer.send(wire.app_history(history.pack_rules(self.app_rules)))
 
     def _new_instance(self, instance: bytes, now: float) -> bool:
         """Whether this heartbeat names a broker other than the one we knew: it restarted, and
@@ -221,6 +224,10 @@ class BusPeer:
 
     def _beat(self) -> None:
         try:
+            if self.app_rules and self._rules_told is None:
+                # Before the first heartbeat: the broker knows the app's rules by the time
+                # it registers this peer, so before the peer's first channel.
+                self._tell_rules(self.broker_instance)
             self.dealer.send(wire.heartbeat(self.role, str(self._load()).encode()))
             self._on_beat()
         except Exception:   # the heartbeats must go on, or the broker declares us dead
