@@ -69,10 +69,12 @@ class Reads:
         self.issued = 0
         self.shared = 0
 
-    def read(self, topic: str, after: int) -> SharedRead:
+    def read(self, topic: str, after: int, share: bool = True) -> SharedRead:
         """A read with every entry of ``topic`` after ``after`` (one in flight that started at
-        or before it, else a new one)."""
-        for shared in self.inflight.get(topic, ()):
+        or before it, else a new one).  ``share=False`` for a gap: the read must be sent after
+        the live broadcast that showed the gap, so that it sees everything before it (the
+        sequencer stores a broadcast before it publishes it)."""
+        for shared in self.inflight.get(topic, ()) if share else ():
             if shared.after <= after:
                 self.shared += 1
                 return shared
@@ -202,7 +204,7 @@ class ChannelRecovery:
             return
         if offset > self.last + 1:
             self.held.append(b)
-            self.gap = self.hub.recovery.read(self.ch.topic, self.last)
+            self.gap = self.hub.recovery.read(self.ch.topic, self.last, share=False)
             self.gap.future.add_done_callback(self._gap_done)
             return
         self._write_live(b)

@@ -197,7 +197,10 @@ def test_broadcasts_published_while_rejoining_are_merged_without_gap_or_duplicat
             for i in range(21, 71):                      # while the join and the read are under way (keep: 100)
                 pub.broadcast(topic, "msg", {"n": i})
             assert back.reply(ref)["status"] == "ok"
-            back.until(lambda m: m[1] == "msg" and m[2]["n"] == 70, timeout=15)
+            try:
+                back.until(lambda m: m[1] == "msg" and m[2]["n"] == 70, timeout=15)
+            except TimeoutError:
+                pytest.fail(f"got {back.got}")
             assert msgs(back, topic) == [(i, f"{epoch}:{i}") for i in range(6, 71)]
             assert recovery_event(back, topic)["status"] == "recovered"
             back.close()
