@@ -33,6 +33,7 @@ class Rule:
 
     def __post_init__(self):
         check_rule(self.pattern, self.keep, self.seconds)
+        object.__setattr__(self, "seconds", float(self.seconds))
 
     def matches(self, topic: str) -> bool:
         if self.pattern.endswith("*"):
@@ -135,7 +136,9 @@ class RuleTable:
     def needs_sequencer(self, topic: str) -> bool:
         """Whether a broadcast on ``topic`` must go through the sequencer."""
         if not self.known:
-            return True
+            return not topic.startswith(_SYSTEM_PREFIX)
+        if not self.rules:
+            return False
         hit = self._cache.get(topic)
         if hit is None:
             hit = match(self.rules, topic) is not None
