@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from tests.redisserver import RedisServer, redis_server_fixture
+from zchannels.broker.history.memory import MemoryStore
 from zchannels.broker.history.redisstore import RedisStore, StoreUnavailable
 from zchannels.broker.history.store import Rule
 from zchannels.bus.startup import StartupError
@@ -36,7 +37,7 @@ def items(first: int, last: int, when: float = NOW) -> list[tuple[int, float, by
 def make_store(request, tmp_path_factory):
     """A function returning a fresh store of each kind (Redis: its own database, flushed)."""
     if request.param == "memory":
-        yield pytest.importorskip("zchannels.broker.history.memory").MemoryStore
+        yield MemoryStore
         return
     server = request.getfixturevalue("redis_server")
     redis.Redis(port=server.port).flushall()

@@ -4,8 +4,10 @@ it reconnects, over WebSocket and LongPoll, with the memory and the Redis store;
 broker restart it is recovered with Redis and told "not_recovered" with memory.
 
 The cut is a paused socket: the client reaches its edge through tests/tcpproxy.py, which
-freezes (nothing forwarded, the TCP connection open); phoenix.js notices by its heartbeat
-and reconnects, through the proxy, as soon as it is unfrozen. Broadcasts come from
+freezes (nothing forwarded, the TCP connection open); phoenix.js notices by its heartbeat and
+gives the connection up, while the edge goes on writing the broadcasts into it; then that
+connection is reset with what it held (so none of them reaches the client by it), and the
+client reconnects through the proxy as soon as it is unfrozen. Broadcasts come from
 zchannels.Publisher, so they are sequenced by the broker like any publisher's."""
 from __future__ import annotations
 
@@ -25,8 +27,11 @@ pytestmark = pytest.mark.timeout(90)
 
 redis_server = pytest.fixture(scope="module")(redis_server_fixture)
 RULE = "echo:*=1000/300"
-# phoenix.js notices a paused socket by its heartbeat: one every 300 ms here (30 s by default).
-CLIENT_OPTS = {"heartbeatIntervalMs": 300, "reconnectAfterMs": [50, 100, 200], "rejoinAfterMs": [50, 100, 200]}
+# phoenix.js notices a paused socket by its heartbeat over WebSocket (one every 300 ms here, 30 s
+# by default), by a poll unanswered for longpollerTimeout over LongPoll (the edge answers empty
+# polls after 0.5 s here, --longpoll-window).
+CLIENT_OPTS = {"heartbeatIntervalMs": 300, "longpollerTimeout": 1500,
+               "reconnectAfterMs": [50, 100, 200], "rejoinAfterMs": [50, 100, 200]}
 
 
 def store_arg(store: str, request) -> str:
@@ -42,7 +47,8 @@ def store(request):
 
 
 def start_cluster(store_url: str) -> Cluster:
-    return Cluster(edges=1, workers=1, broker_args=["--history", RULE, "--history-store", store_url])
+    return Cluster(edges=1, workers=1, broker_args=["--history", RULE, "--history-store", store_url],
+                   edge_args=["--longpoll-window", "0.5"])
 
 
 def restart_broker(cluster: Cluster, store_url: str) -> None:
@@ -94,11 +100,18 @@ def wait_received(client: JsClient, upto: int, timeout: float = 15.0) -> None:
                       timeout=timeout)
 
 
+def reconnect(proxy: TcpProxy) -> None:
+    """The old connection reset with the broadcasts it held; new ones go through."""
+    proxy.sever()
+    proxy.unfreeze()
+
+
 def cut(client: JsClient, proxy: TcpProxy) -> int:
-    """Freeze the link and wait until phoenix.js gave the connection up; the event mark."""
+    """Freeze the link and wait until phoenix.js gave the connection up (its heartbeat timed
+    out, which errors its channels); the event mark."""
     mark = client.mark()
     proxy.freeze()
-    client.wait_event({"type": "socket_close"}, timeout=10, since=mark)
+    client.wait_event({"type": "chan_error", "chan": "c"}, timeout=10, since=mark)
     return client.mark()
 
 
@@ -118,9 +131,10 @@ def test_a_client_cut_off_gets_every_broadcast_sent_meanwhile_once_and_in_order(
         wait_received(client, 5)
         mark = cut(client, proxy)
         sent.send(40)                        # while the client is away
-        proxy.unfreeze()
+        reconnect(proxy)
         recovery = client.wait_event({"type": "recovery", "chan": "c"}, timeout=15, since=mark)
         assert recovery["info"]["status"] == "recovered", recovery
+        assert recovery["info"]["replayed"] == 40
         sent.send(5)                         # live again
         wait_received(client, 50)
         assert received(client) == list(range(1, 51))
@@ -152,7 +166,7 @@ def test_after_a_broker_restart_redis_recovers_and_memory_says_not_recovered(sto
         restart_broker(cluster, url)
         sent = Sent(cluster, topic)
         sent.n = 13
-        proxy.unfreeze()
+        reconnect(proxy)
         recovery = client.wait_event({"type": "recovery", "chan": "c"}, timeout=20, since=mark)
         if kind == "redis":
             assert recovery["info"]["status"] == "recovered", recovery
