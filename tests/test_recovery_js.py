@@ -197,3 +197,37 @@ def test_every_edge_serves_the_helper_next_to_phoenix_js():
     finally:
         cluster.stop()
         cluster.cleanup()
+
+
+@pytest.mark.parametrize("transport", ["websocket", "longpoll"])
+def test_the_chat_example_declares_its_history_and_a_tab_away_gets_every_message(transport):
+    """No operator flag: the chat's handler module declares `history` for its rooms."""
+    cluster = Cluster(app="examples/chat/channels.py", edges=1, workers=2,
+                      edge_args=["--longpoll-window", "0.5"])
+    away = proxy = sender = None
+    try:
+        away, proxy = proxied_client(cluster, transport)
+        answer = away.send("join", chan="c", topic="room:lobby", params={}, on=["new_msg"], recovery=True)
+        assert answer["status"] == "ok"
+        sender = JsClient("sender")
+        sender.connect(cluster.ws_urls[0], params={"user": "bob"})
+        assert sender.join("lobby", "room:lobby", {}, on=["new_msg"])["status"] == "ok"
+        bodies = [f"line {i}" for i in range(1, 26)]
+        sender.push("lobby", "new_msg", {"body": bodies[0]})
+        away.wait_event(lambda ev: ev.get("payload", {}).get("body") == bodies[0], timeout=10)
+        mark = cut(away, proxy)
+        for body in bodies[1:]:
+            assert sender.push("lobby", "new_msg", {"body": body}, nowait=True)["status"] == "sent"
+        sender.wait_event(lambda ev: ev.get("payload", {}).get("body") == bodies[-1], timeout=10)
+        reconnect(proxy)
+        recovery = away.wait_event({"type": "recovery", "chan": "c"}, timeout=15, since=mark)
+        assert recovery["info"]["status"] == "recovered" and recovery["info"]["replayed"] == 24
+        away.wait_event(lambda ev: ev.get("payload", {}).get("body") == bodies[-1], timeout=10, since=mark)
+        shown = [ev["payload"]["body"] for ev in away.events if ev.get("event") == "new_msg"]
+        assert shown == bodies
+    finally:
+        for thing in (away, proxy, sender):
+            if thing is not None:
+                thing.close()
+        cluster.stop()
+        cluster.cleanup()
