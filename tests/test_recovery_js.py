@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import Cluster, Proc
 from tests.jsclient import JsClient
-from tests.redisserver import redis_server_fixture
+from tests.redisserver import REDIS_SERVER, RedisServer, redis_server_fixture
 from tests.tcpproxy import TcpProxy
 from zchannels import Publisher
 
@@ -231,3 +231,37 @@ def test_the_chat_example_declares_its_history_and_a_tab_away_gets_every_message
                 thing.close()
         cluster.stop()
         cluster.cleanup()
+
+
+def test_a_redis_outage_is_one_log_line_and_broadcasts_still_arrive_live(tmp_path):
+    if not REDIS_SERVER.exists():
+        pytest.skip(f"{REDIS_SERVER} is missing (apt-get install redis-server)")
+    server = RedisServer(tmp_path)
+    cluster = start_cluster(server.url)
+    client = None
+    try:
+        client = JsClient("outage")
+        client.connect(cluster.ws_urls[0], params={"user": "ann"})
+        join(client, "echo:outage")
+        sent = Sent(cluster, "echo:outage")
+        sent.send(2)
+        wait_received(client, 2)
+        server.stop()
+        sent.send(20)                        # not stored, delivered
+        wait_received(client, 22)
+        server.start()
+        sent.send(1)
+        cluster.broker.wait_for(lambda: "reachable again" in cluster.broker.stderr_text(), 10,
+                                "the broker to find Redis again")
+        sent.send(1)
+        wait_received(client, 24)
+        assert received(client) == list(range(1, 25))
+        log = cluster.broker.stderr_text()
+        assert log.count("unreachable") == 1, log
+        assert "Traceback" not in log
+    finally:
+        if client is not None:
+            client.close()
+        cluster.stop()
+        cluster.cleanup()
+        server.stop()

@@ -9,7 +9,10 @@ the time window from a per-topic sample of (time, offset) taken at most once a s
 apply both bounds exactly, so the approximate physical trim is never visible.
 
 Redis unreachable while the broker runs: one log line when the outage starts and one when it
-ends; broadcasts are still delivered live, but not stored. The offsets lost that way are
+ends (a background probe every 0.5 s finds its end); broadcasts are still delivered live, but
+not stored, and appends meanwhile return at once (the sequencer publishes a batch after its
+append, so live delivery never waits for Redis timeouts, but for the one that detects the
+outage). The offsets lost that way are
 written back as a marker entry ``<last lost offset>-1`` (field ``x``) as soon as Redis answers
 again, with everything older trimmed, so a client whose position is before or inside the gap is
 told "position too old" rather than replayed with a hole; and the stream's last id keeps a
@@ -18,6 +21,7 @@ restarted broker from giving those offsets again. Reads during the outage raise
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -39,7 +43,7 @@ KEY_PREFIX = "zchannels:"
 OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 SAMPLE_EVERY_S = 1.0        # one (time, offset) sample per topic per second for the MINID trim
 SAMPLES_MAX = 4096          # per topic; past it the time trim is coarser, reads stay exact
-RETRY_EVERY_S = 0.5         # during an outage, Redis is tried again at most this often
+RETRY_EVERY_S = 0.5         # during an outage, Redis is tried again this often
 
 
 class StoreUnavailable(Exception):
@@ -77,7 +81,7 @@ class RedisStore:
         self.epoch = ""
         self.down_since: float | None = None
         self.unstored = 0                              # broadcasts not stored in this outage
-        self.retry_at = 0.0
+        self.probe: asyncio.Future[None] | None = None
         self.lost: dict[str, int] = {}                 # topic -> last offset not stored
         self.heads: dict[str, int] = {}                # topic -> last offset appended here
         self.samples: dict[str, deque[tuple[float, int]]] = {}
@@ -110,7 +114,7 @@ class RedisStore:
         if not items:
             return
         self.heads[topic] = items[-1][0]
-        if not await self._reachable():
+        if self.down_since is not None:
             self._not_stored(topic, items)
             return
         key = self.key(topic)
@@ -144,7 +148,7 @@ class RedisStore:
     async def read(self, topic: str, after: int, rule: Rule, now: float,
                    limit: int) -> tuple[int, list[tuple[int, bytes]]]:
         key = self.key(topic)
-        if not await self._reachable():
+        if self.down_since is not None:
             raise StoreUnavailable(f"{self.url} unreachable")
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -169,6 +173,8 @@ class RedisStore:
                        if b"m" in fields]
 
     async def close(self) -> None:
+        if self.probe is not None:
+            self.probe.cancel()
         try:
             await self.redis.aclose()
         except (RedisError, OSError):
@@ -229,27 +235,23 @@ class RedisStore:
 
     # ---- outage bookkeeping: one line when it starts, one when it ends -------------------
 
-    async def _reachable(self) -> bool:
-        """False while an outage goes on (Redis tried again every RETRY_EVERY_S). When it ends,
-        a Redis that lost its data (no epoch key, or another one) is told apart: every topic
-        this broker wrote is then marked lost up to its head, so no read replays with a hole."""
-        if self.down_since is None:
-            return True
-        now = time.monotonic()
-        if now < self.retry_at:
-            return False
-        self.retry_at = now + RETRY_EVERY_S
-        try:
-            epoch = await self.redis.get(self.epoch_key)
-        except OUTAGE_ERRORS:
-            return False
+    async def _probe(self) -> None:
+        """Try Redis every RETRY_EVERY_S until it answers, then end the outage. A Redis that
+        lost its data (no epoch key, or another one) is told apart: every topic this broker
+        wrote is then marked lost up to its head, so no read replays with a hole."""
+        while True:
+            await asyncio.sleep(RETRY_EVERY_S)
+            try:
+                epoch = await self.redis.get(self.epoch_key)
+                break
+            except OUTAGE_ERRORS:
+                continue
         if epoch is None or epoch.decode() != self.epoch:
             log.error("history store %s came back without this broker's epoch %s (data lost or "
                       "flushed): positions stored before are not recovered", self.url, self.epoch)
             for topic, head in self.heads.items():
                 self.lost[topic] = max(self.lost.get(topic, 0), head)
         self._up()
-        return True
 
     def _not_stored(self, topic: str, items: Sequence[tuple[int, float, bytes]]) -> None:
         self.lost[topic] = max(self.lost.get(topic, 0), items[-1][0])
@@ -258,7 +260,7 @@ class RedisStore:
     def _down(self, exc: BaseException) -> None:
         if self.down_since is None:
             self.down_since = time.monotonic()
-            self.retry_at = self.down_since + RETRY_EVERY_S
+            self.probe = asyncio.ensure_future(self._probe())
             log.error("history store %s unreachable (%s): broadcasts are delivered live but not "
                       "stored until it is back", self.url, exc or type(exc).__name__)
 
