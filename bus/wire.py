@@ -567,9 +567,16 @@ def parse_broadcast(frames: list[bytes]) -> Broadcast:
     """A broadcast as delivered -> Broadcast; BusFrameError for a malformed one.  Every edge
     runs it once per broadcast, so it checks the frames itself and builds the tuple with
     tuple.__new__ (the named tuple's own __new__ is a Python function, twice the cost)."""
-    if len(frames) != BROADCAST_FRAMES or frames[1] != BROADCAST:
-        raise BusFrameError(f"malformed broadcast ({len(frames)} frames)")
-    key, _marker, event, origin, payload, fmt, position = frames
+    n = len(frames)
+    if n == BROADCAST_FRAMES:
+        key, marker, event, origin, payload, fmt, position = frames
+    elif n == BROADCAST_FRAMES - 1:    # from a publisher of a version before positions
+        key, marker, event, origin, payload, fmt = frames
+        position = b""
+    else:
+        raise BusFrameError(f"malformed broadcast ({n} frames)")
+    if marker != BROADCAST:
+        raise BusFrameError(f"malformed broadcast ({n} frames)")
     if not key.endswith(TOPIC_TERMINATOR):
         raise BusFrameError("broadcast topic key without terminator")
     if fmt != JSON and fmt != BINARY:
@@ -596,7 +603,10 @@ def sequenced(data: bytes, position: bytes) -> bytes:
     malformed."""
     frames = unpack_broadcast(data)
     check_broadcast(frames)
-    frames[-1] = position
+    if len(frames) < BROADCAST_FRAMES:
+        frames.append(position)
+    else:
+        frames[-1] = position
     return pack_broadcast(frames)
 
 

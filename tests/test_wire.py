@@ -307,7 +307,7 @@ def _spoiled(index: int, value: bytes) -> list[bytes]:
 
 
 @pytest.mark.parametrize("frames, why", [
-    *[(wire.broadcast_frames("room:lobby", "ev", b"{}")[:n], "malformed broadcast") for n in range(7)],
+    *[(wire.broadcast_frames("room:lobby", "ev", b"{}")[:n], "malformed broadcast") for n in range(6)],
     (wire.broadcast_frames("room:lobby", "ev", b"{}") + [b"extra"], "malformed broadcast"),
     (_spoiled(1, wire.PUSH), "malformed broadcast"),
     (_spoiled(0, b"room:lobby"), "without terminator"),
@@ -349,6 +349,13 @@ def test_a_broadcast_for_the_sequencer_is_delivered_to_no_client_topic_and_gets_
                                     b'{"a":1}', wire.JSON, b"k3x9a0qz:7")
     with pytest.raises(wire.BusFrameError):
         wire.sequenced(wire.topic_key("room:1") + wire.pack_fields([wire.BROADCAST]), b"x:1")
+
+
+def test_a_broadcast_without_the_position_field_from_an_older_publisher_is_read_without_position():
+    frames = wire.broadcast_frames("room:1", "e", b"{}")[:-1]
+    assert wire.parse_broadcast(frames) == wire.Broadcast(wire.topic_key("room:1"), b"e", b"", b"{}", wire.JSON, b"")
+    out = wire.sequenced(wire.pack_broadcast(frames), b"k3x9a0qz:1")
+    assert wire.parse_broadcast(wire.unpack_broadcast(out)).position == b"k3x9a0qz:1"
 
 
 def test_history_entries_round_trip_and_truncated_ones_are_bus_frame_errors():
