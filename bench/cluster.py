@@ -124,14 +124,15 @@ class Cluster:
         self.server: dict[str, subprocess.Popen] = {}
         self.urls: list[str] = []
 
-    def start(self, edges: int, workers: int, app: str, edge_processes: int = 0) -> None:
+    def start(self, edges: int, workers: int, app: str, edge_processes: int = 0,
+              broker_args: list[str] | tuple[str, ...] = ()) -> None:
         """Broker first (the others need its bus endpoint), then the supervisor and the edges;
         returns once every edge and every worker has printed READY. With edge_processes N > 0
         there is one edge instead, started with `--processes N` (N children sharing one port
         with SO_REUSEPORT; its parent prints one READY line for all of them)."""
         log(f"process logs in {self.tmpdir}" + (f"; servers run from {self.tree}" if self.tree != ROOT else ""))
-        broker = Proc("broker", [self.py, "-m", "zchannels.broker", "--bus", "tcp://127.0.0.1:0"], self.tmpdir,
-                      cwd=self.tree)
+        broker = Proc("broker", [self.py, "-m", "zchannels.broker", "--bus", "tcp://127.0.0.1:0", *broker_args],
+                      self.tmpdir, cwd=self.tree)
         self.procs.append(broker)
         bus = broker.wait_line("READY", 30).split("bus=", 1)[1].split()[0]
         self.server["broker"] = broker.p

@@ -146,7 +146,9 @@ class Client {
   onMessage(data) {
     const s = typeof data === "string" ? data : data.toString("utf8");
     // Fast path: a fan-out broadcast [null,null,"room:lobby","new_msg",{"body":"B:seq:t",...}]
-    if (s.startsWith('[null,null,"room:lobby","new_msg"')) {
+    // (on a topic keeping history, its position "<epoch>:<offset>" is in the ref slot)
+    if (s.startsWith('[null,null,"room:lobby","new_msg"') ||
+        (s.startsWith('[null,"') && s.startsWith('","room:lobby","new_msg"', s.indexOf('"', 7)))) {
       const now = performance.now();
       const i = s.indexOf('"B:');
       if (i < 0 || fan === null) { counters.stale_new_msg++; return; }

@@ -76,7 +76,7 @@ class Bench:
         failed = False
         try:
             self.results["machine"] = machine(self.cluster.tree)
-            self.cluster.start(a.edges, a.workers, a.app, a.edge_processes)
+            self.cluster.start(a.edges, a.workers, a.app, a.edge_processes, a.broker_arg)
             self.lg = LoadGen(self.cluster.tmpdir)
             self.cluster.procs.append(self.lg.proc)
             self.results["args"] = vars(a)
@@ -294,6 +294,9 @@ def main() -> int:
     ap.add_argument("--server-tree", metavar="DIR",
                     help="run the server processes from this checkout (its code, its .venv) instead of "
                          "this one; the load generator and the figures stay this tree's")
+    ap.add_argument("--broker-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for the broker (repeatable), e.g. "
+                         "--broker-arg=--history --broker-arg='room:*=1000/300'")
     ap.add_argument("--json", help="write all figures to this JSON file")
     a = ap.parse_args()
     q = a.quick

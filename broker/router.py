@@ -20,7 +20,7 @@ import time
 
 import zmq
 
-from zchannels.bus import wire
+from zchannels.bus import history, wire
 from zchannels.bus.timing import (BROKER_PROBE_INTERVAL, BROKER_WARM_UP, CUT_SILENCE, PEER_LIVENESS, PLACE_FRESH,
                         WORKER_WAIT)
 
@@ -46,8 +46,17 @@ class Peer:
 
 
 class Router:
-    def __init__(self, sock: zmq.Socket, peer_timeout: float = PEER_LIVENESS):
+    def __init__(self, sock: zmq.Socket, peer_timeout: float = PEER_LIVENESS, sequencer=None,
+                 operator_rules: tuple[history.Rule, ...] = ()):
         self.sock = sock
+        # The history rule table: the operator's rules, then each app's (APP_HISTORY from its
+        # workers), announced in every heartbeat; reads go to the sequencer (broker/sequencer.py).
+        self.sequencer = sequencer
+        self.operator_rules = tuple(operator_rules)
+        self.app_rules: dict[bytes, tuple[history.Rule, ...]] = {}
+        self.rules: tuple[history.Rule, ...] | None = None
+        self.rules_packed = b"[]"
+        self.history_reads = 0
         self.peer_timeout = peer_timeout
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A peer that reconnected after a cut link takes its id over at once, instead of being
@@ -87,9 +96,13 @@ class Router:
         # Sent in every heartbeat: a peer that sees it change knows the broker restarted and
         # that messages in flight then may be lost (workers/runner.py: sync_edges).
         self.instance = os.urandom(4).hex().encode()
+        self._update_rules()
 
     # --- the loop ---------------------------------------------------------
     def run(self, should_stop) -> None:
+        if self.sequencer is not None:
+            self._run_with_sequencer(should_stop)
+            return
         # A blocking recv with a timeout wakes once per burst; the burst is then
         # drained without blocking.  (zmq.Poller costs more per wake-up.)
         self.sock.setsockopt(zmq.RCVTIMEO, int(BROKER_PROBE_INTERVAL * 1000))
@@ -106,6 +119,78 @@ class Router:
             if now >= self._next_heartbeat:
                 self._next_heartbeat = now + BROKER_PROBE_INTERVAL
                 self.housekeeping(now)
+
+    def _run_with_sequencer(self, should_stop) -> None:
+        """The same loop, also sending the sequencer's answers to history reads."""
+        pipe = self.sequencer.pipe
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(pipe, zmq.POLLIN)
+        timeout = int(BROKER_PROBE_INTERVAL * 1000)
+        while not should_stop():
+            ready = dict(poller.poll(timeout))
+            if self.sock in ready:
+                self._handle_waiting()
+            if pipe in ready:
+                self._send_answers(pipe)
+            now = time.monotonic()
+            if now >= self._next_heartbeat:
+                self._next_heartbeat = now + BROKER_PROBE_INTERVAL
+                self.housekeeping(now)
+
+    def _send_answers(self, pipe: zmq.Socket) -> None:
+        for _ in range(BATCH):
+            try:
+                dest, data = pipe.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self.sock.send_multipart([dest, data], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass    # the reader is gone or its queue is full: it times out and reads again
+
+    def _history_read(self, sender: bytes, data: bytes) -> None:
+        if sender not in self.edges and sender not in self.workers and not (
+                sender[:1] in (wire.ROLE_EDGE, wire.ROLE_WORKER) and time.monotonic() < self._warm_until):
+            self._refuse(sender, wire.HISTORY_READ, "not registered (no heartbeat)")
+            return
+        if self.sequencer is None:
+            return
+        self.history_reads += 1
+        try:
+            self.sequencer.pipe.send_multipart([sender, data], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _app_history(self, sender: bytes, fields: list[bytes]) -> None:
+        if sender not in self.workers and sender[:1] != wire.ROLE_WORKER:
+            self._refuse(sender, wire.APP_HISTORY, "not from a worker")
+            return
+        try:
+            if len(fields) != 1:
+                raise ValueError(f"{len(fields)} fields, expected 1")
+            rules = history.unpack_rules(fields[0])
+        except ValueError as exc:
+            self._malformed([sender], f"bad app history rules: {exc}")
+            return
+        if self.app_rules.get(sender) != rules:
+            self.app_rules[sender] = rules
+            self._update_rules()
+
+    def _update_rules(self) -> None:
+        rules = history.merge(self.operator_rules, *self.app_rules.values())
+        if rules != self.rules:
+            self.rules = rules
+            self.rules_packed = history.pack_rules(rules)
+            if self.sequencer is not None:
+                self.sequencer.set_rules(rules, self.rules_packed)
+            if rules:
+                log.info("history rules: %s", ", ".join(map(str, rules)))
+            # Tell every peer now rather than at the next probe: until a publisher knows a topic
+            # keeps history, its broadcasts there get no position.
+            beat = wire.broker_heartbeat(self.instance, self.rules_packed)
+            for peer_id in [*self.edges, *self.workers]:
+                self._send(peer_id, beat)
 
     def handle(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
@@ -128,12 +213,17 @@ class Router:
                 return
             self.route(sender, kind, dest, data, offset)
             return
+        if kind == wire.HISTORY_READ:
+            self._history_read(sender, data)
+            return
         try:
             fields = wire.unpack_fields(data, offset)
         except wire.BusFrameError as exc:
             self._malformed(frames, str(exc))
             return
-        if kind == wire.HEARTBEAT:
+        if kind == wire.APP_HISTORY:
+            self._app_history(sender, fields)
+        elif kind == wire.HEARTBEAT:
             self.heartbeat(sender, dest, fields)
         elif kind == wire.BYE:
             self.remove(sender, "left")
@@ -326,7 +416,7 @@ class Router:
             log.info("%s up: %s (%d %ss live)", "worker" if role == wire.ROLE_WORKER else "edge",
                      sender.decode(errors="replace"), len(registry),
                      "worker" if role == wire.ROLE_WORKER else "edge")
-            self._send(sender, wire.broker_heartbeat(self.instance))
+            self._send(sender, wire.broker_heartbeat(self.instance, self.rules_packed))
         if now - peer.last_seen >= CUT_SILENCE:
             peer.resumed = now
         peer.last_seen = now
@@ -366,6 +456,10 @@ class Router:
                 self.evicted[peer_id] = time.monotonic()
         peer = self.workers.pop(peer_id, None)
         if peer is not None:
+            if peer_id in self.app_rules and len(self.app_rules) > 1:
+                # The last worker's rules stay: publishers keep sequencing until it is back.
+                del self.app_rules[peer_id]
+                self._update_rules()
             if why != "left":
                 self.worker_deaths += 1
             log.warning("worker down: %s (%s); telling %d edge(s) and %d worker(s)",
@@ -400,7 +494,7 @@ class Router:
         if self.waiting:
             self._expire_waiting(now)
         unreachable = []
-        probe = wire.pack(wire.broker_heartbeat(self.instance))
+        probe = wire.pack(wire.broker_heartbeat(self.instance, self.rules_packed))
         for registry in (self.workers, self.edges):
             for peer in list(registry.values()):
                 if now - peer.last_seen > self.peer_timeout:

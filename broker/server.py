@@ -11,6 +11,8 @@ import zmq
 from zchannels.bus import curve, wire
 from zchannels.broker.busmonitor import BusMonitor
 from zchannels.broker.fanout import Fanout
+from zchannels.broker.history import open_store
+from zchannels.broker.sequencer import Sequencer
 from zchannels.bus.logsetup import announce_ready, setup_logging
 from zchannels.bus.loopsock import tune_link
 from zchannels.bus.startup import StartupError
@@ -109,9 +111,30 @@ def main(args) -> int:
     elif not _is_loopback(bus):
         log.warning("the bus listens on %s without CURVE: anyone who reaches it can publish, "
                     "subscribe and route; see `zchannels keys` and --curve-secret/--curve-clients", bus)
+    # The sequencer reaches the proxy from inside the process: bound before the proxy's thread
+    # owns the sockets.
+    xsub_inproc, xpub_inproc = f"inproc://zchannels-xsub-{id(xsub)}", f"inproc://zchannels-xpub-{id(xpub)}"
+    xsub.bind(xsub_inproc)
+    xpub.bind(xpub_inproc)
     fanout = Fanout(ctx, xsub, xpub)
     fanout.start()
-    router = Router(router_sock, peer_timeout=args.peer_timeout)
+    store_spec = getattr(args, "history_store", None) or "memory"
+    sequencer = None
+    try:
+        sequencer = Sequencer(ctx, open_store(store_spec), xsub_inproc, xpub_inproc, max_message)
+        sequencer.start()
+    except Exception as exc:   # ImportError, a refused connection, a bad URL: one line
+        if sequencer is not None:
+            sequencer.stop()
+        fanout.stop()
+        monitor.stop()
+        router_sock.close(linger=0)
+        if gate is not None:
+            gate.stop()
+        ctx.term()
+        raise StartupError(f"--history-store {store_spec}: cannot open the history store: {exc}") from None
+    router = Router(router_sock, peer_timeout=args.peer_timeout, sequencer=sequencer,
+                    operator_rules=tuple(getattr(args, "history", None) or ()))
 
     stopping = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -140,6 +163,7 @@ def main(args) -> int:
         if up:
             log.info("broker stopping: %d frames routed, %d unroutable, %d malformed",
                      router.routed, router.unroutable, router.malformed)
+        sequencer.stop()
         fanout.stop()
         monitor.stop()
         if metrics_server is not None:

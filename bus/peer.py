@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 
 import zmq
 
-from zchannels.bus import curve, inbox, loopsock, wire
+from zchannels.bus import curve, history, inbox, loopsock, wire
 from zchannels.bus.loopsock import LoopSocket, tune_link
 from zchannels.bus.timing import BROKER_SILENCE_LIMIT, PEER_HEARTBEAT_INTERVAL, SAME_OUTAGE_WINDOW
 
@@ -148,6 +148,13 @@ class BusPeer:
         self._broker_silent = False
         self._back_at = float("-inf")
         self.broker_instance = b""      # named in the broker's heartbeats; new after a restart
+        # The history rule table the broker announces in its heartbeats (unknown until the
+        # first one: then every broadcast goes through the sequencer), merged with the rules of
+        # this process's own app, which it tells every broker instance it meets.
+        self.history = history.RuleTable()
+        self.app_rules: tuple[history.Rule, ...] = ()
+        self._rules_seen = b""
+        self._rules_told: bytes | None = None     # the broker instance told app_rules
         self._registered = False
         self._said_bye = False
         self.bad_frames = 0
@@ -180,10 +187,13 @@ class BusPeer:
 
     def _broker_heartbeat(self, frames: list[bytes], now: float, back: bool) -> None:
         try:
-            instance = wire.parse(frames).instance
+            beat = wire.parse(frames)
+            instance = beat.instance
         except wire.BusFrameError as exc:
             self._on_bad_frame(frames, exc)
             instance = None
+        else:
+            self._history_rules(instance, beat.rules)
         if instance and self._new_instance(instance, now):
             back = True
         if back:
@@ -191,6 +201,22 @@ class BusPeer:
         if instance is not None and not self._registered:
             self._registered = True
             self._on_registered()
+
+    def _history_rules(self, instance: bytes, packed: bytes) -> None:
+        if packed != self._rules_seen:
+            try:
+                announced = history.unpack_rules(packed)
+            except ValueError as exc:
+                self._on_bad_frame([wire.HEARTBEAT, instance, packed[:60]], exc)
+                return
+            self._rules_seen = packed
+            self.history.update(history.merge(announced, self.app_rules))
+        if self.app_rules and self._rules_told != instance:
+            self._tell_rules(instance)
+
+    def _tell_rules(self, instance: bytes) -> None:
+        self._rules_told = instance
+        self.dealer.send(wire.app_history(history.pack_rules(self.app_rules)))
 
     def _new_instance(self, instance: bytes, now: float) -> bool:
         """Whether this heartbeat names a broker other than the one we knew: it restarted, and
@@ -280,6 +306,10 @@ class BusPeer:
 
     def _beat(self) -> None:
         try:
+            if self.app_rules and self._rules_told is None:
+                # Before the first heartbeat: the broker knows the app's rules by the time
+                # it registers this peer, so before the peer's first channel.
+                self._tell_rules(self.broker_instance)
             self.dealer.send(wire.heartbeat(self.role, str(self._load()).encode()))
             self._on_beat()
         except Exception:   # the heartbeats must go on, or the broker declares us dead
@@ -297,9 +327,15 @@ class BusPeer:
         """Broadcast ``payload`` on ``topic`` to every subscriber; False if it was not sent
         (a full queue, over the bus message limit: counted on ``self.pub``).  What this peer
         sent to inboxes before leaves first: a worker's pushes and broadcasts keep their order."""
+        return self.send_broadcast(wire.broadcast_frames(topic, event, payload, fmt, origin))
+
+    def send_broadcast(self, frames: list[bytes]) -> bool:
+        """``publish`` for a broadcast already built (``wire.broadcast_frames``)."""
         if self.outbox.waiting:
             self.outbox.flush()
-        return self.pub.send(wire.broadcast_frames(topic, event, payload, fmt, origin))
+        if self.history.needs_sequencer(wire.topic_from_key(frames[0])):
+            frames = wire.to_sequencer(frames)
+        return self.pub.send(frames)
 
     def subscribe(self, key: bytes) -> None:
         """One more local subscriber of the topic key ``key`` (``wire.topic_key``)."""

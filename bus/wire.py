@@ -23,10 +23,14 @@ broker's C proxy, the way broadcasts travel, and each peer subscribes to its own
 
 Broadcasts (PUB -> broker XSUB/XPUB proxy -> SUB), logical frames::
 
-    [topic_key, BROADCAST, event, origin, payload, fmt]
+    [topic_key, BROADCAST, event, origin, payload, fmt, position]
 
 ``origin`` is ``b""`` or ``edge_id + b"/" + conn_id`` (the channel that must
-not receive its own ``broadcast_from``).
+not receive its own ``broadcast_from``).  ``position`` is ``b""``, or
+``"<epoch>:<offset>"`` on a topic that keeps history (set by the broker's
+sequencer, broker/sequencer.py).  A broadcast for a topic with history goes to
+the sequencer first, under ``SEQUENCER_PREFIX + topic_key``: a key no client
+topic can start with, which only the sequencer subscribes to.
 
 Each kind has one constructor here (``reply(...)``, ``join(...)``, ...), which
 returns the frames as sent, and one named tuple (``Reply``, ``Join``, ...),
@@ -100,6 +104,11 @@ INBOX_PROBE = b"o"
 # pub/sub
 BROADCAST = b"B"
 
+# history (docs/recovery.md): reads answered by the broker itself, from its history store
+HISTORY_READ = b"S"     # edge or worker -> broker: the stored broadcasts of a topic
+HISTORY = b"s"          # broker -> the reader: the answer, in chunks under the bus message limit
+APP_HISTORY = b"A"      # worker -> broker: the history rules its app declares
+
 # payload formats
 JSON = b"j"
 BINARY = b"b"
@@ -135,6 +144,10 @@ def edge_bus_message_need(max_frame_size: int) -> int:
 
 
 TOPIC_TERMINATOR = b"\x00"
+# Keys of the broker's own pub/sub traffic.  0xFF never occurs in UTF-8, so no client topic's
+# key (its UTF-8 and the terminator) starts with them, and no SUB of an edge matches them.
+SEQUENCER_PREFIX = b"\xffS"    # a broadcast on its way to the sequencer: PREFIX + topic_key
+RULES_KEY = b"\xffR"           # the broker's history rule table, once a second, for publishers
 # Topics of zchannels itself (zchannels:status); publishers from outside the workers
 # (zchannels.Publisher, POST /api/broadcast) may not use them, or they could forge its data.
 SYSTEM_TOPIC_PREFIX = "zchannels:"
@@ -333,6 +346,31 @@ class LpResponse(NamedTuple):
 
 class BrokerHeartbeat(NamedTuple):
     instance: bytes         # the broker's id, new after each restart
+    rules: bytes            # the history rule table (bus/history.py pack_rules)
+
+
+class HistoryRead(NamedTuple):
+    peer: bytes             # b"": the broker answers it itself
+    request_id: bytes       # the reader's id for this read, echoed in each answer chunk
+    topic: bytes
+    after: bytes            # decimal: entries with a larger offset; b"": the last `limit` ones
+    limit: bytes            # decimal: at most this many entries
+
+
+class HistoryAnswer(NamedTuple):
+    peer: bytes             # b"": from the broker
+    request_id: bytes
+    status: bytes           # HISTORY_OK, HISTORY_NONE (no rule), HISTORY_ERROR (the store failed)
+    epoch: bytes
+    first: bytes            # decimal: the oldest offset still kept (head + 1 when none is)
+    head: bytes             # decimal: the topic's last offset when the read was answered
+    more: bytes             # b"1" when another chunk of this answer follows
+    entries: bytes          # pack_history_entries: (offset, packed BROADCAST) pairs, in order
+
+
+class AppHistory(NamedTuple):
+    peer: bytes             # b"": for the broker
+    rules: bytes            # bus/history.py pack_rules
 
 
 class PeerDown(NamedTuple):     # WORKER_DOWN and EDGE_DOWN
@@ -361,6 +399,7 @@ class Broadcast(NamedTuple):
     origin: bytes
     payload: bytes
     fmt: bytes
+    position: bytes = b""   # "<epoch>:<offset>" on a topic with history, else b""
 
 
 def connect(dest: bytes, request_id: bytes, request: bytes) -> list[bytes]:
@@ -442,9 +481,26 @@ def heartbeat(role: bytes, load: bytes | None = None) -> list[bytes]:
     return [HEARTBEAT, role] if load is None else [HEARTBEAT, role, load]
 
 
-def broker_heartbeat(instance: bytes) -> list[bytes]:
-    """The broker's heartbeat to a peer: its instance id, new after each broker restart."""
-    return [HEARTBEAT, instance]
+def broker_heartbeat(instance: bytes, rules: bytes = b"[]") -> list[bytes]:
+    """The broker's heartbeat to a peer: its instance id, new after each broker restart, and
+    its history rule table."""
+    return [HEARTBEAT, instance, rules]
+
+
+def history_read(request_id: bytes, topic: bytes, after: int | None, limit: int) -> list[bytes]:
+    """HISTORY_READ: entries of ``topic`` with offset > ``after`` (None: the last ``limit``)."""
+    return [HISTORY_READ, b"", request_id, topic, b"" if after is None else str(after).encode(),
+            str(limit).encode()]
+
+
+def history_answer(request_id: bytes, status: bytes, epoch: bytes, first: int, head: int,
+                   more: bool, entries: bytes) -> list[bytes]:
+    return [HISTORY, b"", request_id, status, epoch, str(first).encode(), str(head).encode(),
+            b"1" if more else b"", entries]
+
+
+def app_history(rules: bytes) -> list[bytes]:
+    return [APP_HISTORY, b"", rules]
 
 
 def bye(role: bytes) -> list[bytes]:
@@ -475,6 +531,7 @@ _MESSAGES = {
     CHANNEL_CLOSE: ChannelEnd, CHANNEL_ERROR: ChannelEnd, SYNC: ChannelList, EDGE_SYNC: ChannelList,
     LP_REQUEST: LpRequest, LP_RESPONSE: LpResponse,
     HEARTBEAT: BrokerHeartbeat, WORKER_DOWN: PeerDown, EDGE_DOWN: PeerDown, EVICTED: Evicted,
+    HISTORY_READ: HistoryRead, HISTORY: HistoryAnswer, APP_HISTORY: AppHistory,
 }
 # number of frames (kind included) each kind must have as delivered to a peer
 FRAME_COUNTS = {kind: 1 + len(fields._fields) for kind, fields in _MESSAGES.items()}
@@ -533,22 +590,98 @@ def parse_broadcast(frames: list[bytes]) -> Broadcast:
     """A broadcast as delivered -> Broadcast; BusFrameError for a malformed one.  Every edge
     runs it once per broadcast, so it checks the frames itself and builds the tuple with
     tuple.__new__ (the named tuple's own __new__ is a Python function, twice the cost)."""
-    if len(frames) != BROADCAST_FRAMES or frames[1] != BROADCAST:
-        raise BusFrameError(f"malformed broadcast ({len(frames)} frames)")
-    key, _marker, event, origin, payload, fmt = frames
+    n = len(frames)
+    if n == BROADCAST_FRAMES:
+        key, marker, event, origin, payload, fmt, position = frames
+    elif n == BROADCAST_FRAMES - 1:    # from a publisher of a version before positions
+        key, marker, event, origin, payload, fmt = frames
+        position = b""
+    else:
+        raise BusFrameError(f"malformed broadcast ({n} frames)")
+    if marker != BROADCAST:
+        raise BusFrameError(f"malformed broadcast ({n} frames)")
     if not key.endswith(TOPIC_TERMINATOR):
         raise BusFrameError("broadcast topic key without terminator")
     if fmt != JSON and fmt != BINARY:
         raise BusFrameError(f"unknown payload format {fmt[:8]!r}")
-    return _tuple_new(Broadcast, (key, event, origin, payload, fmt))
+    return _tuple_new(Broadcast, (key, event, origin, payload, fmt, position))
 
 
 _tuple_new = tuple.__new__
 
 
 def broadcast_frames(topic: str, event: str, payload: bytes, fmt: bytes = JSON,
-                     origin: bytes = b"") -> list[bytes]:
-    return [topic_key(topic), BROADCAST, event.encode(), origin, payload, fmt]
+                     origin: bytes = b"", position: bytes = b"") -> list[bytes]:
+    return [topic_key(topic), BROADCAST, event.encode(), origin, payload, fmt, position]
+
+
+def to_sequencer(frames: list[bytes]) -> list[bytes]:
+    """The same broadcast, addressed to the broker's sequencer instead of its subscribers."""
+    return [SEQUENCER_PREFIX + frames[0], *frames[1:]]
+
+
+def sequenced(data: bytes, position: bytes) -> bytes:
+    """A packed broadcast the sequencer received (its key without SEQUENCER_PREFIX) ->
+    the packed broadcast for the subscribers, with ``position`` set; BusFrameError if
+    malformed."""
+    frames = unpack_broadcast(data)
+    check_broadcast(frames)
+    if len(frames) < BROADCAST_FRAMES:
+        frames.append(position)
+    else:
+        frames[-1] = position
+    return pack_broadcast(frames)
+
+
+def rules_announcement(rules: bytes) -> bytes:
+    """The broker's rule table as published on its XPUB under RULES_KEY (packed)."""
+    return RULES_KEY + pack_fields([rules])
+
+
+def parse_rules_announcement(data: bytes) -> bytes:
+    if not data.startswith(RULES_KEY):
+        raise BusFrameError("not a rule table announcement")
+    fields = unpack_fields(data, len(RULES_KEY))
+    if len(fields) != 1:
+        raise BusFrameError("malformed rule table announcement")
+    return fields[0]
+
+
+_ENTRY_HEAD = struct.Struct("<QI")
+
+
+def pack_history_entries(entries) -> bytes:
+    """(offset, packed BROADCAST) pairs -> HISTORY's entries field."""
+    out = bytearray()
+    for offset, data in entries:
+        out += _ENTRY_HEAD.pack(offset, len(data))
+        out += data
+    return bytes(out)
+
+
+def history_entry_size(data: bytes) -> int:
+    """What one entry adds to the entries field (for chunking under the bus message limit)."""
+    return _ENTRY_HEAD.size + len(data)
+
+
+def unpack_history_entries(data: bytes) -> list[tuple[int, bytes]]:
+    out, pos, size = [], 0, len(data)
+    while pos < size:
+        if pos + _ENTRY_HEAD.size > size:
+            raise BusFrameError("history entries truncated in an entry header")
+        offset, length = _ENTRY_HEAD.unpack_from(data, pos)
+        pos += _ENTRY_HEAD.size
+        if pos + length > size:
+            raise BusFrameError("history entries truncated in an entry")
+        out.append((offset, data[pos:pos + length]))
+        pos += length
+    return out
+
+
+# HISTORY's status
+HISTORY_OK = b"ok"
+HISTORY_NONE = b"none"      # no rule keeps this topic's history
+HISTORY_ERROR = b"error"    # the store could not be read
 
 
 def check_broadcast(frames: list[bytes]) -> None:

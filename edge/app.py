@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # An installed package carries phoenix.js (scripts/build copies it from npm); a checkout
 # serves it from node_modules.
 BUNDLED_JS = Path(__file__).resolve().parent / "static_js"
+# The message-recovery helper for phoenix.js, served next to it (and packaged in the wheel).
+RECOVERY_JS = Path(__file__).resolve().parent / "static_recovery"
 PHOENIX_JS_CANDIDATES = (
     BUNDLED_JS,
     Path.cwd() / "node_modules/phoenix/priv/static",
@@ -100,6 +102,7 @@ def make_app(hub: EdgeHub, static_dir: str | None = None, websocket: bool = True
         routes.append((r"/js/(phoenix(?:\.min)?\.js)", PhoenixJS, {"path": str(js)}))
     else:
         log.warning("phoenix.js not found (run `npm ci` in the project); /js/phoenix.js is off")
+    routes.append((r"/js/(zchannels-recovery\.js)", PhoenixJS, {"path": str(RECOVERY_JS)}))
     routes.append((r"/status", StatusPage, {"access": hub.status_access}))   # edge/status.py
     routes.append((r"/metrics", MetricsHandler, {"registry": make_registry(hub)}))   # Prometheus
     # Always routed, so a disabled endpoint is a 404 even with --static's catch-all below.

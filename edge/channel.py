@@ -19,7 +19,7 @@ JOINING, JOINED = 0, 1
 
 class ChannelRef:
     __slots__ = ("conn", "topic", "key", "join_ref", "worker", "state", "intercept",
-                 "replaces", "buffered", "early", "pending", "retry", "orphan")
+                 "replaces", "buffered", "early", "pending", "retry", "orphan", "recovery")
 
     def __init__(self, conn: "Connection", topic: str, join_ref: str | None):
         self.conn = conn
@@ -40,3 +40,6 @@ class ChannelRef:
         # frames about this channel are dropped quietly, they are not an intruder's.
         self.retry = None
         self.orphan: bytes | None = None
+        # Its recovery of history (edge/recovery.py), from its join until its broadcasts are
+        # live: the replay, then the held broadcasts without duplicates.
+        self.recovery = None

@@ -25,6 +25,7 @@ from zchannels.bus import wire
 from zchannels.edge.channel import JOINED, JOINING, ChannelRef
 from zchannels.edge.fastlane import socket_id_key
 from zchannels.edge.holding import HeldMessages, hold
+from zchannels.edge.recovery import ChannelRecovery, wants_recovery
 from zchannels.edge.ratelimit import CLOSE_POLICY_VIOLATION, RATE_LIMITED, bucket_for
 from zchannels.edge.serializer import Message
 from zchannels.edge.status import TOKEN_PARAM, UNAUTHORIZED
@@ -172,6 +173,8 @@ class Connection:
         if self.awaiting is None or self.awaiting is old:
             self.awaiting = ch
         self.channels[topic] = ch
+        if wants_recovery(self.hub, topic, msg.payload):
+            ch.recovery = ChannelRecovery(self.hub, ch, msg.payload)
         self.hub.channel_opened(ch, wire.join(b"", self.conn_id, topic.encode(), ref_bytes(msg.join_ref),
                                               ref_bytes(msg.ref), self.socket_json, payload))
 

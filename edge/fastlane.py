@@ -51,7 +51,12 @@ class FastLane:
         self.joining.setdefault(ch.key, {})[ch.conn] = ch
 
     def add(self, ch: "ChannelRef") -> None:
-        """The join succeeded (its reply is written): the held broadcasts, then live ones."""
+        """The join succeeded (its reply is written): the held broadcasts, then live ones.
+        A channel recovering history (``ch.recovery``) stays held: its recovery writes the
+        replay, the held ones and the live ones until it calls ``add`` again without it."""
+        if ch.recovery is not None:
+            ch.recovery.joined()
+            return
         self._unhold(ch)
         early, ch.early = ch.early, None
         if early:
@@ -65,6 +70,8 @@ class FastLane:
     def remove(self, ch: "ChannelRef") -> None:
         self._unhold(ch)
         ch.early = None
+        if ch.recovery is not None:
+            ch.recovery.cancel()
         subs = self.index.get(ch.key)
         if subs is not None and subs.get(ch.conn) is ch:
             del subs[ch.conn]
@@ -108,7 +115,9 @@ class FastLane:
 
     def _hold_for(self, joining: dict, b: wire.Broadcast) -> None:
         for ch in joining.values():
-            if len(ch.early) < MAX_HELD_WHILE_JOINING:
+            if ch.recovery is not None:     # a channel recovering history (edge/recovery.py)
+                ch.recovery.on_live(b)
+            elif len(ch.early) < MAX_HELD_WHILE_JOINING:
                 ch.early.append(b)
             else:
                 self.held_overflow += 1
@@ -122,6 +131,7 @@ class FastLane:
         try:
             event = b.event.decode()
             topic = b.key[:-1].decode()
+            ref = b.position.decode() if b.position else None
         except UnicodeDecodeError:
             self.malformed += 1
             if self.malformed <= 20 or self.malformed % 1000 == 0:
@@ -139,7 +149,7 @@ class FastLane:
             frame = built.get(conn.fmt_key)
             if frame is None:
                 try:
-                    encoded = conn.serializer.encode_broadcast(topic, event, payload, fmt)
+                    encoded = conn.serializer.encode_broadcast(topic, event, payload, fmt, ref)
                 except ValueError as exc:  # e.g. binary to a V1 client
                     frame = built[conn.fmt_key] = b""
                     log.debug("broadcast %s/%s not encodable for %s: %s", topic, event,

@@ -32,6 +32,7 @@ from zchannels.edge.channel import ChannelRef
 from zchannels.edge.connection import Connection
 from zchannels.edge.connectrpc import ConnectRpc
 from zchannels.edge.fastlane import FastLane
+from zchannels.edge.recovery import Reads
 from zchannels.edge.lphub import LongPollHub
 from zchannels.edge.lpsession import FRAME_KIND as LONGPOLL
 from zchannels.edge.origin import OriginCheck
@@ -117,6 +118,7 @@ class EdgeHub:
                            load=lambda: len(self.connections), on_bus_state=self._bus_state,
                            on_undelivered=self._undelivered)
         self.bus_send = self.bus.send
+        self.recovery = Reads(self)
         self.longpoll = LongPollHub(self, self.limits.longpoll_window, self.limits.longpoll_inactivity)
         asyncio.get_running_loop().create_task(self._sweep())
         self.status = EdgeStatus(self)
@@ -224,6 +226,11 @@ class EdgeHub:
             try:
                 route(msg)
             except (UnicodeDecodeError, ValueError) as exc:
+                self._bad_frame(frames, str(exc))
+        elif kind == wire.HISTORY:
+            try:
+                self.recovery.reads.on_answer(wire.parse(frames))
+            except ValueError as exc:   # BusFrameError, a bad number
                 self._bad_frame(frames, str(exc))
         elif kind in (wire.WORKER_DOWN, wire.EVICTED, wire.UNROUTABLE):
             try:

@@ -126,7 +126,7 @@ class BroadcastHandler(web.RequestHandler):
                                                f"than {BROKER_SILENCE_LIMIT:g} s; nothing was "
                                                f"published", "accepted": 0})
         for n, frames in enumerate(batch):
-            if not bus.pub.send(frames):
+            if not bus.send_broadcast(frames):
                 return self._answer(503, {"error": "bus send queue full; the rest of the batch was "
                                                    "not published", "accepted": n})
         self._answer(202, {"accepted": len(batch)})

@@ -140,9 +140,11 @@ class V1JSON:
         self._json_only(fmt)
         return self._obj(topic, event, payload, None), False
 
-    def encode_broadcast(self, topic, event, payload: bytes, fmt: bytes = JSON) -> tuple[bytes, bool]:
+    def encode_broadcast(self, topic, event, payload: bytes, fmt: bytes = JSON,
+                         ref: str | None = None) -> tuple[bytes, bool]:
+        """``ref``: the broadcast's history position (docs/recovery.md), else null."""
         self._json_only(fmt)
-        return self._obj(topic, event, payload, None), False
+        return self._obj(topic, event, payload, ref), False
 
     def encode_close(self, join_ref, topic) -> tuple[bytes, bool]:
         # Phoenix puts the join ref in the ref slot of phx_close/phx_error; V1 keeps only `ref`.
@@ -211,11 +213,14 @@ class V2JSON:
         return (b"[" + _dumps(join_ref) + b",null," + _dumps(topic) + b"," + _dumps(event)
                 + b"," + payload + b"]"), False
 
-    def encode_broadcast(self, topic, event, payload: bytes, fmt: bytes = JSON) -> tuple[bytes, bool]:
+    def encode_broadcast(self, topic, event, payload: bytes, fmt: bytes = JSON,
+                         ref: str | None = None) -> tuple[bytes, bool]:
+        """``ref``: the broadcast's history position in the ref slot (docs/recovery.md); the
+        binary broadcast frame has no ref slot, so it carries none."""
         _check_fmt(fmt)
         if fmt == BINARY:
             return _binary(KIND_BROADCAST, [("topic", topic), ("event", event)], payload), True
-        return (b"[null,null," + _dumps(topic) + b"," + _dumps(event) + b"," + payload
+        return (b"[null," + _dumps(ref) + b"," + _dumps(topic) + b"," + _dumps(event) + b"," + payload
                 + b"]"), False
 
     def encode_close(self, join_ref, topic) -> tuple[bytes, bool]:

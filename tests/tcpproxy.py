@@ -15,6 +15,8 @@ Controls, callable from the test's thread:
   Loopback TCP still acknowledges what the kernel buffers, so a frozen link is noticed by
   application-level heartbeats (ZeroMQ's PING/PONG), not by TCP retransmission timeouts.
 - ``unfreeze()``: forwarding resumes where it stopped; held connections are connected.
+- ``sever()``: every connection open now is reset, both ways, and what it held is discarded
+  (a dead link that never comes back); later connections are served as usual.
 
 All proxies run on one event loop in a daemon thread.
 """
@@ -82,6 +84,13 @@ class TcpProxy:
 
     def unfreeze(self) -> None:
         self._lt.call(self._thawed.set)
+
+    def sever(self) -> None:
+        async def reset():
+            for writer in list(self._writers):
+                writer.transport.abort()
+            self._writers.clear()
+        self._lt.run(reset())
 
     def close(self) -> None:
         async def stop():

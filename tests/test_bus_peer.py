@@ -237,7 +237,7 @@ def test_a_subscription_lasts_until_its_last_subscriber_leaves(zctx, broker):
             assert peer.subscribers(key) == 1
             await listening(peer, rec, "control:1")
             assert await delivered_before(peer, rec, "control:1") == [
-                [key, wire.BROADCAST, b"msg", b"", b'{"n":1}', wire.JSON]]
+                [key, wire.BROADCAST, b"msg", b"", b'{"n":1}', wire.JSON, b""]]
             peer.unsubscribe(key)   # the last one
             assert peer.subscribers(key) == 0
             await listening(peer, rec, "control:2")
@@ -268,8 +268,8 @@ def test_close_says_bye_so_the_broker_counts_the_peer_gone_not_dead(zctx, broker
 
 
 @pytest.mark.parametrize("frames, error", [
-    ([wire.HEARTBEAT], "needs 2 frames, got 1"),
-    ([wire.HEARTBEAT, b"abc", b"extra"], "needs 2 frames, got 3"),
+    ([wire.HEARTBEAT], "needs 3 frames, got 1"),
+    ([wire.HEARTBEAT, b"abc", b"[]", b"extra"], "needs 3 frames, got 4"),
     ([wire.BYE, b"abc"], "unknown bus kind"),
     ([], "empty bus message"),
 ])

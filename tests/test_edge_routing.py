@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from zchannels.bus import wire
+from zchannels.bus.history import RuleTable
 from zchannels.edge.connection import Connection
 from zchannels.edge.hub import EdgeHub, Limits
 from zchannels.edge.serializer import V2, Message
@@ -30,6 +31,7 @@ class RecordingBus:
         self.sent: list[list[bytes]] = []
         self.subscriptions: dict[bytes, int] = {}
         self.broker_silent = False
+        self.history = RuleTable(())    # the broker announced: no topic keeps history
 
     def send(self, frames):
         self.sent.append(frames)

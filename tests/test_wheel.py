@@ -106,6 +106,8 @@ def test_zchannels_dev_from_the_wheel_serves_the_chat_with_phoenix_js_longpoll_a
         assert status == 200 and b"phoenix" in page.lower()
         status, js = get(http + "/js/phoenix.js")
         assert status == 200 and b"Socket" in js
+        status, js = get(http + "/js/zchannels-recovery.js")
+        assert status == 200 and b"zc_since" in js
         status, html = get(status_url)
         assert status == 200 and b"zchannels" in html
         client.connect(http.replace("http://", "ws://") + "/socket", params={"user": "ann"})

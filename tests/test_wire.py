@@ -48,8 +48,9 @@ CHANNELS = [(b"17", b"room:lobby", b"3"), (b"18", "salle:é".encode(), b""),
 class Case:
     """One message: its constructor's arguments and the named tuple it must parse to."""
 
-    def __init__(self, kind: bytes, build, args: tuple, parsed):
+    def __init__(self, kind: bytes, build, args: tuple, parsed, fields: tuple | None = None):
         self.kind, self.build, self.args, self.parsed = kind, build, args, parsed
+        self.fields = fields    # the parsed fields, when the constructor takes other types
 
     def frames(self) -> list[bytes]:
         return self.build(*self.args)
@@ -98,7 +99,23 @@ CASES = {
                        wire.LpRequest),
     "LP_RESPONSE": Case(wire.LP_RESPONSE, wire.lp_response, (EDGE, b"r-9", b"200", b'{"status":"ok"}'),
                         wire.LpResponse),
-    "HEARTBEAT (broker)": Case(wire.HEARTBEAT, wire.broker_heartbeat, (b"9f8e7d6c",), wire.BrokerHeartbeat),
+    "HEARTBEAT (broker)": Case(wire.HEARTBEAT, wire.broker_heartbeat, (b"9f8e7d6c", b'[["room:*",1000,300.0]]'),
+                               wire.BrokerHeartbeat),
+    "HEARTBEAT (broker), no rules": Case(wire.HEARTBEAT, wire.broker_heartbeat, (b"9f8e7d6c",),
+                                         wire.BrokerHeartbeat, (b"9f8e7d6c", b"[]")),
+    "HISTORY_READ": Case(wire.HISTORY_READ, wire.history_read, (b"h-1", "salle:é".encode(), 41, 1000),
+                         wire.HistoryRead, (b"", b"h-1", "salle:é".encode(), b"41", b"1000")),
+    "HISTORY_READ last": Case(wire.HISTORY_READ, wire.history_read, (b"h-2", b"room:1", None, 10),
+                              wire.HistoryRead, (b"", b"h-2", b"room:1", b"", b"10")),
+    "HISTORY": Case(wire.HISTORY, wire.history_answer,
+                    (b"h-1", wire.HISTORY_OK, b"k3x9a0qz", 12, 44, True,
+                     wire.pack_history_entries([(42, BINARY), (43, b"")])),
+                    wire.HistoryAnswer, (b"", b"h-1", wire.HISTORY_OK, b"k3x9a0qz", b"12", b"44", b"1",
+                                         wire.pack_history_entries([(42, BINARY), (43, b"")]))),
+    "HISTORY none": Case(wire.HISTORY, wire.history_answer, (b"h-3", wire.HISTORY_NONE, b"", 1, 0, False, b""),
+                         wire.HistoryAnswer, (b"", b"h-3", wire.HISTORY_NONE, b"", b"1", b"0", b"", b"")),
+    "APP_HISTORY": Case(wire.APP_HISTORY, wire.app_history, (b'[["room:*",10,5.0]]',), wire.AppHistory,
+                        (b"", b'[["room:*",10,5.0]]')),
     "WORKER_DOWN": Case(wire.WORKER_DOWN, wire.worker_down, (WORKER,), wire.PeerDown),
     "EDGE_DOWN": Case(wire.EDGE_DOWN, wire.edge_down, (EDGE,), wire.PeerDown),
     "EVICTED": Case(wire.EVICTED, wire.evicted, (), wire.Evicted),
@@ -111,6 +128,8 @@ CASES = {
 
 
 def expected_fields(case: Case) -> tuple:
+    if case.fields is not None:
+        return case.fields
     if case.parsed is wire.ChannelList:
         return (case.args[0], set(case.args[1]))
     if case.parsed is wire.Evicted:
@@ -259,20 +278,21 @@ def test_a_peers_heartbeat_and_bye_carry_its_role_where_the_broker_reads_a_desti
 
 # --- broadcasts ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("topic, event, payload, fmt, origin", [
-    ("room:lobby", "new_msg", JSON_PAYLOAD, wire.JSON, b""),
-    ("room:lobby", "new_msg", JSON_PAYLOAD, wire.JSON, wire.origin_of(EDGE, b"17")),
-    ("salle:é", "évènement", BINARY, wire.BINARY, b""),
-    ("room:" + "x" * 250, "e", b"", wire.BINARY, b""),
-    ("", "", b"{}", wire.JSON, b""),
+@pytest.mark.parametrize("topic, event, payload, fmt, origin, position", [
+    ("room:lobby", "new_msg", JSON_PAYLOAD, wire.JSON, b"", b""),
+    ("room:lobby", "new_msg", JSON_PAYLOAD, wire.JSON, wire.origin_of(EDGE, b"17"), b""),
+    ("room:lobby", "new_msg", JSON_PAYLOAD, wire.JSON, b"", b"k3x9a0qz:42"),
+    ("salle:é", "évènement", BINARY, wire.BINARY, b"", b"k3x9a0qz:1"),
+    ("room:" + "x" * 250, "e", b"", wire.BINARY, b"", b""),
+    ("", "", b"{}", wire.JSON, b"", b""),
 ])
-def test_a_broadcast_round_trips_pack_unpack_parse(topic, event, payload, fmt, origin):
-    frames = wire.broadcast_frames(topic, event, payload, fmt, origin)
+def test_a_broadcast_round_trips_pack_unpack_parse(topic, event, payload, fmt, origin, position):
+    frames = wire.broadcast_frames(topic, event, payload, fmt, origin, position)
     data = wire.pack_broadcast(frames)
     assert data.startswith(wire.topic_key(topic))     # SUB filters on this prefix
     assert wire.unpack_broadcast(data) == frames
     parsed = wire.parse_broadcast(wire.unpack_broadcast(data))
-    assert parsed == wire.Broadcast(wire.topic_key(topic), event.encode(), origin, payload, fmt)
+    assert parsed == wire.Broadcast(wire.topic_key(topic), event.encode(), origin, payload, fmt, position)
     assert wire.topic_from_key(parsed.key) == topic
 
 
@@ -315,3 +335,43 @@ def test_malformed_packed_broadcast_bytes_are_a_bus_frame_error(data, why):
 def test_a_topic_key_without_its_terminator_is_a_bus_frame_error():
     with pytest.raises(wire.BusFrameError, match="without terminator"):
         wire.topic_from_key(b"room:lobby")
+
+
+# --- history -------------------------------------------------------------------------------------
+
+def test_a_broadcast_for_the_sequencer_is_delivered_to_no_client_topic_and_gets_its_position():
+    frames = wire.broadcast_frames("room:1", "new_msg", b'{"a":1}', origin=wire.origin_of(EDGE, b"3"))
+    data = wire.pack_broadcast(wire.to_sequencer(frames))
+    assert data.startswith(wire.SEQUENCER_PREFIX) and not data.startswith(wire.topic_key("room:1"))
+    out = wire.sequenced(data[len(wire.SEQUENCER_PREFIX):], b"k3x9a0qz:7")
+    parsed = wire.parse_broadcast(wire.unpack_broadcast(out))
+    assert parsed == wire.Broadcast(wire.topic_key("room:1"), b"new_msg", wire.origin_of(EDGE, b"3"),
+                                    b'{"a":1}', wire.JSON, b"k3x9a0qz:7")
+    with pytest.raises(wire.BusFrameError):
+        wire.sequenced(wire.topic_key("room:1") + wire.pack_fields([wire.BROADCAST]), b"x:1")
+
+
+def test_a_broadcast_without_the_position_field_from_an_older_publisher_is_read_without_position():
+    frames = wire.broadcast_frames("room:1", "e", b"{}")[:-1]
+    assert wire.parse_broadcast(frames) == wire.Broadcast(wire.topic_key("room:1"), b"e", b"", b"{}", wire.JSON, b"")
+    out = wire.sequenced(wire.pack_broadcast(frames), b"k3x9a0qz:1")
+    assert wire.parse_broadcast(wire.unpack_broadcast(out)).position == b"k3x9a0qz:1"
+
+
+def test_history_entries_round_trip_and_truncated_ones_are_bus_frame_errors():
+    entries = [(i, bytes(range(i % 256)) * 3) for i in range(1, 300)]
+    data = wire.pack_history_entries(entries)
+    assert wire.unpack_history_entries(data) == entries
+    assert len(data) == sum(wire.history_entry_size(d) for _, d in entries)
+    for bad in (data[:5], data[:-1]):
+        with pytest.raises(wire.BusFrameError):
+            wire.unpack_history_entries(bad)
+
+
+def test_the_rule_announcement_round_trips_and_no_topic_key_starts_with_a_system_key():
+    assert wire.parse_rules_announcement(wire.rules_announcement(b"[]")) == b"[]"
+    with pytest.raises(wire.BusFrameError):
+        wire.parse_rules_announcement(wire.topic_key("room:1") + wire.pack_fields([b"[]"]))
+    for topic in ("room:1", "\uffff", "\x7f", "é"):
+        key = wire.topic_key(topic)
+        assert not key.startswith(wire.SEQUENCER_PREFIX[:1]) and not key.startswith(wire.RULES_KEY[:1])

@@ -39,6 +39,9 @@ from zchannels.workers.api import (
     BadReturn,
     Channel,
     ConnectResult,
+    History,
+    HistoryEntry,
+    HistoryUnavailable,
     Socket,
     SocketState,
     Timer,
@@ -57,6 +60,7 @@ from zchannels.workers.token import TokenError, sign as sign_token, verify as ve
 
 __all__ = [
     "Channel", "Socket", "SocketState", "Timer", "ok", "error", "reply", "noreply", "stop",
+    "History", "HistoryEntry", "HistoryUnavailable",
     "broadcast", "presence_list", "BadReturn", "AppLoadError", "load_app", "sign_token", "verify_token", "TokenError",
     # types
     "JSON", "JSONObject", "Binary", "Payload", "BroadcastPayload", "OutPayload",

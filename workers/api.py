@@ -86,11 +86,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator, Mapping
-from typing import Any, ClassVar, TypeAlias, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeAlias, TypeVar
 
 
 from zchannels.workers.payload import JSON, BroadcastPayload, JSONObject, OutPayload, Payload
 from zchannels.bus import broadcasts
+from zchannels.bus.history import Rule as History
+from zchannels.bus.historyread import HistoryUnavailable  # noqa: F401  (re-exported)
 from zchannels.workers.presence import PresenceMixin
 from zchannels.workers.results import (  # noqa: F401  (re-exported: the handler API in one place)
     BadReturn, Error, HandlerResult, JoinResult, MaybeAwaitable, NoReply, Ok, OutResult, Reply,
@@ -172,6 +174,8 @@ class Socket:
         self.routes: list[Route] = []
         self.connect_handler: ConnectHandler | None = None
         self.id_handler: IdHandler | None = None
+        # The app module's ``history = [History(...)]`` (workers/loadapp.py): sent to the broker.
+        self.history: tuple[History, ...] = ()
 
     def channel(self, pattern: str, channel: type["Channel"], *,
                 assigns: JSONObject | None = None) -> None:
@@ -341,6 +345,18 @@ class Channel(PresenceMixin):
         timer: Timer = self._proc.worker.send_after(self._proc, ms, msg)
         return timer
 
+    async def history(self, limit: int = 100) -> list[HistoryEntry]:
+        """The last ``limit`` broadcasts still kept for this channel's topic, oldest first, as
+        ``HistoryEntry(event, payload, position)`` (payload: the JSON object, or bytes).
+        An empty list for a topic no ``History`` rule covers.  Allowed in ``join`` (e.g. to
+        push them from ``handle_info``); raises ``HistoryUnavailable`` when the broker does
+        not answer within 5 s."""
+        if self._proc is None:
+            raise RuntimeError("history() needs a channel run by a worker")
+        if type(limit) is not int or limit < 1:
+            raise ValueError(f"history(limit=...) must be a positive integer, got {limit!r}")
+        return await self._proc.worker.read_history(self.topic, limit)
+
     def _joined(self, what: str) -> Any:
         proc = self._proc
         if proc is None or not proc.joined:
@@ -356,6 +372,13 @@ class Channel(PresenceMixin):
     reply = staticmethod(reply)
     noreply = staticmethod(noreply)
     stop = staticmethod(stop)
+
+
+class HistoryEntry(NamedTuple):
+    """One stored broadcast, from ``Channel.history``."""
+    event: str
+    payload: Any            # the JSON object, or bytes for a binary broadcast
+    position: str           # "<epoch>:<offset>"
 
 
 # The worker runtime of this process (set by workers/runner.py), for module-level broadcast.

@@ -16,7 +16,7 @@ import sys
 import sysconfig
 from typing import Any
 
-from zchannels.workers.api import Socket
+from zchannels.workers.api import History, Socket
 
 __all__ = ["AppLoadError", "describe", "load_app", "parse_spec"]
 
@@ -100,7 +100,18 @@ def load_app(spec: str) -> Socket:
     if not isinstance(app, Socket):
         raise AppLoadError(f"cannot load app {spec!r}: {attr} is a {type(app).__name__}, "
                            "expected a workers.Socket")
+    app.history = _history_rules(spec, getattr(module, "history", ()))
     return app
+
+
+def _history_rules(spec: str, declared: Any) -> tuple[History, ...]:
+    """The module's ``history = [History("room:*", keep=1000, seconds=300), ...]``."""
+    if isinstance(declared, History):
+        declared = [declared]
+    if not isinstance(declared, (list, tuple)) or not all(isinstance(r, History) for r in declared):
+        raise AppLoadError(f"cannot load app {spec!r}: `history` must be a list of "
+                           f"zchannels.History(pattern, keep=..., seconds=...), got {declared!r}")
+    return tuple(declared)
 
 
 

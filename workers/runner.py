@@ -25,10 +25,11 @@ import zmq
 
 from zchannels.bus import curve, wire
 from zchannels.bus.logsetup import announce_ready, setup_logging
+from zchannels.bus.historyread import HistoryReads, HistoryUnavailable
 from zchannels.bus.peer import BusPeer, PeerSockets, connect_peer
 from zchannels.bus.timing import PRESENCE_ANNOUNCE_INTERVAL, WORKER_RESYNC_DELAY
 from zchannels.workers import api, metrics, presence
-from zchannels.workers.api import Channel, Error, SocketState
+from zchannels.workers.api import Channel, Error, HistoryEntry, SocketState
 from zchannels.workers.channels import _EMPTY_JSON, _ERROR, _OK, ChannelHost, ChannelProc, _maybe_await
 from zchannels.workers.configerror import HANDLER_LOAD_ERROR, ConfigError
 from zchannels.workers.loadapp import AppLoadError, describe, load_app
@@ -59,6 +60,8 @@ class Worker(ChannelHost):
                         on_beat=self.on_beat, on_bad_frame=self.bad_frame,
                         name=f"worker {slot}", logger=log, loop=self.loop)
         self.pub, self.sub = self.bus.pub, self.bus.sub
+        self.bus.app_rules = tuple(getattr(app, "history", ()))
+        self.history_reads = HistoryReads(self.bus.dealer.send, self.loop)
         super().__init__()   # the channel table, intercepts and tasks (workers/channels.py)
         self.presence = presence.Tracker(
             peer_id, lambda topic, event, data: self.publish(topic, event, data, wire.JSON, b""),
@@ -75,7 +78,7 @@ class Worker(ChannelHost):
             wire.LEAVE: self.on_leave, wire.TERMINATE: self.on_terminate,
             wire.EDGE_DOWN: self.on_edge_down, wire.WORKER_DOWN: self.on_worker_down,
             wire.UNROUTABLE: self.on_unroutable, wire.EVICTED: self.on_evicted,
-            wire.EDGE_SYNC: self.on_edge_sync,
+            wire.EDGE_SYNC: self.on_edge_sync, wire.HISTORY: self.history_reads.on_answer,
         }
 
     # --- bus input --------------------------------------------------------------------
@@ -91,6 +94,18 @@ class Worker(ChannelHost):
             handler(wire.parse(frames))   # checks the frame count and names the fields
         except (wire.BusFrameError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON
             self.bad_frame(frames, exc)
+
+    async def read_history(self, topic: str, limit: int) -> list[HistoryEntry]:
+        """``Channel.history``: the last ``limit`` stored broadcasts of ``topic``."""
+        result = await self.history_reads.read(topic, None, limit)
+        if result.status == wire.HISTORY_ERROR:
+            raise HistoryUnavailable(f"the history store could not be read for {topic!r}")
+        out = []
+        for _offset, data in result.entries:
+            b = wire.parse_broadcast(wire.unpack_broadcast(data))
+            payload = orjson.loads(b.payload) if b.fmt == wire.JSON else b.payload
+            out.append(HistoryEntry(b.event.decode(), payload, b.position.decode()))
+        return out
 
     def on_sub(self, frames: list[bytes]) -> None:
         try:

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
         Binary as Binary,
         BroadcastPayload as BroadcastPayload,
         Channel as Channel,
+        History as History,
+        HistoryEntry as HistoryEntry,
+        HistoryUnavailable as HistoryUnavailable,
         ConnectResult as ConnectResult,
         HandlerResult as HandlerResult,
         JoinResult as JoinResult,
@@ -55,7 +58,7 @@ _HANDLER_API = frozenset((
     "broadcast", "presence_list", "BadReturn", "AppLoadError", "load_app", "sign_token",
     "verify_token", "TokenError", "JSON", "JSONObject", "Binary", "Payload", "BroadcastPayload",
     "OutPayload", "JoinResult", "HandlerResult", "OutResult", "MaybeAwaitable", "ConnectResult",
-    "PresenceEntry", "PresenceState",
+    "PresenceEntry", "PresenceState", "History", "HistoryEntry", "HistoryUnavailable",
 ))
 __all__ = ["Publisher", "AsyncPublisher", "PublishError", *sorted(_HANDLER_API)]
 

@@ -89,6 +89,32 @@ def _add_log(p: argparse.ArgumentParser) -> None:
                         "(time, level, process, pid, logger, message) (default: %(default)s)")
 
 
+def _history_rule(text: str):
+    from zchannels.bus.history import parse_rule
+    try:
+        return parse_rule(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _history_store(text: str) -> str:
+    if text != "memory" and not text.startswith("redis://"):
+        raise argparse.ArgumentTypeError(f"expected memory or redis://HOST:PORT/DB, got {text!r}")
+    return text
+
+
+def _add_history(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--history", action="append", type=_history_rule, default=None,
+                   metavar="PATTERN=KEEP/SECONDS",
+                   help="keep the last KEEP broadcasts of each topic matching PATTERN (an exact "
+                        "topic or a prefix ending in *), none older than SECONDS, for clients "
+                        "that rejoin to recover what they missed (docs/recovery.md); repeatable, "
+                        "before the apps' own rules, e.g. 'room:*=1000/300'")
+    p.add_argument("--history-store", type=_history_store, default="memory", metavar="STORE",
+                   help="where history is kept: memory (lost with the broker) or "
+                        "redis://HOST:PORT/DB (Redis Streams) (default: %(default)s)")
+
+
 def _add_metrics(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help=f"serve Prometheus metrics of {what} at http://HOST:PORT/metrics; "
@@ -308,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a heartbeat (a closed connection is noticed at once); longer than the "
                         "link cuts to ride out (default: %(default)s)")
     _add_metrics(p, "the broker (on the --bus host)")
+    _add_history(p)
     _add_bus_limit(p)
     _add_log(p)
 

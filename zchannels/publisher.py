@@ -45,7 +45,7 @@ import orjson
 import zmq
 from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
-from zchannels.bus import broadcasts, curve, wire
+from zchannels.bus import broadcasts, curve, history, wire
 
 __all__ = ["Publisher", "AsyncPublisher", "PublishError", "Payload", "DEFAULT_BUS", "SETTLE"]
 
@@ -153,11 +153,42 @@ class _Base:
         self._monitor = sock.get_monitor_socket(_EVENTS, addr=f"inproc://zchannels-publisher-{id(self):x}")
         sock.connect(endpoint)
         self._sock = sock
+        # The broker's history rule table (docs/recovery.md), published once a second: until
+        # it is known every broadcast goes through the broker's sequencer.
+        self._rules = history.RuleTable()
+        self._rules_seen = b""
+        rules = self._ctx.socket(zmq.SUB)
+        rules.setsockopt(zmq.LINGER, 0)
+        rules.setsockopt(zmq.RCVHWM, 16)
+        curve.secure_client(rules, keys)
+        rules.setsockopt(zmq.SUBSCRIBE, wire.RULES_KEY)
+        rules.connect(wire.bus_endpoints(bus)[2])
+        self._rules_sock = rules
 
-    def _send(self, data: bytes) -> bool:
+    def _refresh_rules(self) -> None:
+        """Take the latest rule table announced, if one came since the last broadcast."""
+        latest = None
+        while True:
+            try:
+                latest = self._rules_sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        if latest is not None:
+            try:
+                packed = wire.parse_rules_announcement(latest)
+                if packed != self._rules_seen:
+                    self._rules.update(history.unpack_rules(packed))
+                    self._rules_seen = packed
+            except ValueError:   # BusFrameError included: keep the table known so far
+                pass
+
+    def _send(self, data: bytes, topic: str) -> bool:
         if self._closed:
             raise PublishError("publisher is closed")
         connected = self._link.check(time.monotonic())
+        self._refresh_rules()
+        if self._rules.needs_sequencer(topic):
+            data = wire.SEQUENCER_PREFIX + data
         try:
             self._sock.send(data, zmq.NOBLOCK)
         except zmq.Again:
@@ -171,6 +202,7 @@ class _Base:
         return self._link.connected
 
     def _close_sockets(self, linger: float) -> None:
+        self._rules_sock.close(linger=0)
         self._sock.close(linger=max(0, int(linger * 1000)))
         self._ctx.term()   # returns once queued messages left or the linger passed
 
@@ -224,7 +256,7 @@ class Publisher(_Base):
         """
         data = encode(topic, event, payload)
         with self._lock:
-            return self._send(data)
+            return self._send(data, topic)
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Wait until connected and ``SETTLE`` s have passed for the subscriptions to arrive;
@@ -300,7 +332,7 @@ class AsyncPublisher(_Base):
 
     async def broadcast(self, topic: str, event: str, payload: Payload) -> bool:
         """As ``Publisher.broadcast``; never waits."""
-        return self._send(encode(topic, event, payload))
+        return self._send(encode(topic, event, payload), topic)
 
     async def wait_connected(self, timeout: float | None = None) -> bool:
         """As ``Publisher.wait_connected``."""

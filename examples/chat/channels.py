@@ -8,14 +8,18 @@ Who is who: without configuration anyone connects under the name they give
 secret as the web app that logs users in), a connection needs a Phoenix.Token signed with
 salt "user socket" whose data is the user name, in ``params: {token}`` or phoenix.js's
 ``authToken`` option; ``python examples/chat/mint_token.py NAME`` mints one.
+
+Message recovery: every room keeps its last 1,000 broadcasts for 5 minutes (``history``), and
+the page joins through /js/zchannels-recovery.js, so a tab that was offline shows every message
+sent meanwhile (docs/recovery.md).
 """
 import logging
 import os
 import time
 
-from zchannels import (JSON, Channel, HandlerResult, JoinResult, JSONObject, OutPayload, OutResult,
-                     Payload, Socket, SocketState, TokenError, error, noreply, ok, reply,
-                     verify_token)
+from zchannels import (JSON, Channel, HandlerResult, History, JoinResult, JSONObject, OutPayload,
+                       OutResult, Payload, Socket, SocketState, TokenError, error, noreply, ok,
+                       reply, verify_token)
 
 log = logging.getLogger("chat")
 
@@ -75,6 +79,8 @@ class RoomChannel(Channel):
         self.push(event, payload)
         return noreply()
 
+
+history = [History("room:*", keep=1000, seconds=300)]
 
 socket = Socket()
 socket.channel("room:*", RoomChannel)

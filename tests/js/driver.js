@@ -19,6 +19,7 @@ const readline = require("readline");
 const path = require("path");
 const WebSocket = require("ws");
 const { Socket, LongPoll, Presence } = require(path.join(__dirname, "..", "..", "node_modules", "phoenix"));
+const ZchannelsRecovery = require(path.join(__dirname, "..", "..", "edge", "static_recovery", "zchannels-recovery.js"));
 
 let socket = null;
 const channels = new Map(); // chan name -> Channel
@@ -159,8 +160,15 @@ const commands = {
     const s = requireSocket();
     const name = cmd.chan;
     if (channels.has(name)) throw new Error("chan name already used: " + name);
-    const chan = s.channel(cmd.topic, cmd.params || {});
+    // recovery: true -> the channel comes from zchannels-recovery.js (zc_since on every rejoin);
+    // each zc_recovery shows up as {"type":"recovery","chan","info","position"}.
+    const chan = cmd.recovery ? ZchannelsRecovery.channel(s, cmd.topic, cmd.params || {})
+                              : s.channel(cmd.topic, cmd.params || {});
     channels.set(name, chan);
+    if (cmd.recovery) {
+      chan.onRecovery((info) => emit({ type: "recovery", chan: name, topic: cmd.topic,
+                                       info: toJson(info), position: chan.position() }));
+    }
     chan.onError((reason) => emit({ type: "chan_error", chan: name, topic: cmd.topic,
                                     reason: toJson(reason) }));
     chan.onClose((payload) => emit({ type: "chan_close", chan: name, topic: cmd.topic,
