@@ -92,7 +92,7 @@ from typing import Any, ClassVar, NamedTuple, TypeAlias, TypeVar
 from zchannels.workers.payload import JSON, BroadcastPayload, JSONObject, OutPayload, Payload
 from zchannels.bus import broadcasts
 from zchannels.bus.history import Rule as History
-from zchannels.bus.historyread import HistoryUnavailable  # noqa: F401  (re-exported)
+from zchannels.bus.historyread import HistoryUnavailable
 from zchannels.workers.presence import PresenceMixin
 from zchannels.workers.results import (  # noqa: F401  (re-exported: the handler API in one place)
     BadReturn, Error, HandlerResult, JoinResult, MaybeAwaitable, NoReply, Ok, OutResult, Reply,
@@ -106,7 +106,7 @@ __all__ = [
     "Channel", "Socket", "SocketState", "Timer", "ok", "error", "reply", "noreply", "stop",
     "broadcast", "BadReturn", "Ok", "Error", "Reply", "NoReply", "Stop",
     "JoinResult", "HandlerResult", "OutResult", "MaybeAwaitable", "ConnectResult",
-    "ConnectHandler", "IdHandler",
+    "ConnectHandler", "IdHandler", "History", "HistoryEntry", "HistoryUnavailable",
 ]
 
 
@@ -355,7 +355,8 @@ class Channel(PresenceMixin):
             raise RuntimeError("history() needs a channel run by a worker")
         if type(limit) is not int or limit < 1:
             raise ValueError(f"history(limit=...) must be a positive integer, got {limit!r}")
-        return await self._proc.worker.read_history(self.topic, limit)
+        entries: list[HistoryEntry] = await self._proc.worker.read_history(self.topic, limit)
+        return entries
 
     def _joined(self, what: str) -> Any:
         proc = self._proc
