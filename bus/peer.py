@@ -263,11 +263,11 @@ class BusPeer:
     def _subscription(self, data: bytes) -> None:
         """A (un)subscription the broker's proxy passed on to our XPUB: ``1|0`` + key.  Only
         inbox keys matter here."""
-        if data[1:2] == b"\xff" and data[-1:] == wire.TOPIC_TERMINATOR:
+        if data[1:3] == wire.INBOX_PREFIX and data[-1:] == wire.TOPIC_TERMINATOR:
             if data[:1] == b"\x01":
-                self.inboxes.add(data[2:-1])
+                self.inboxes.add(data[3:-1])
             else:
-                self.inboxes.discard(data[2:-1])
+                self.inboxes.discard(data[3:-1])
 
     def _log_undelivered(self, frames: list[bytes]) -> None:
         self.undelivered += 1

@@ -46,7 +46,7 @@ what the broker and libzmq need in front::
     point-to-point:  kind | len(peer) u8 | peer | fields
     broadcast:       topic_key | fields          (topic_key is a prefix, so
                                                   SUB filtering still works)
-    inbox:           0xFF dest 0x00 | kind | len(sender) u8 | sender | fields
+    inbox:           0xFF '@' dest 0x00 | kind | len(sender) u8 | sender | fields
                                                  (0xFF never occurs in UTF-8, so no
                                                   topic key is a prefix of an inbox key)
     fields:          count u8 | count-1 lengths u32le | bytes... (the last
@@ -148,6 +148,7 @@ TOPIC_TERMINATOR = b"\x00"
 # key (its UTF-8 and the terminator) starts with them, and no SUB of an edge matches them.
 SEQUENCER_PREFIX = b"\xffS"    # a broadcast on its way to the sequencer: PREFIX + topic_key
 RULES_KEY = b"\xffR"           # the broker's history rule table, once a second, for publishers
+INBOX_PREFIX = b"\xff@"        # a peer's inbox: PREFIX + peer id + TOPIC_TERMINATOR
 # Topics of zchannels itself (zchannels:status); publishers from outside the workers
 # (zchannels.Publisher, POST /api/broadcast) may not use them, or they could forge its data.
 SYSTEM_TOPIC_PREFIX = "zchannels:"
@@ -809,20 +810,20 @@ def inbox_key(peer_id: bytes) -> bytes:
     """The subscription key of a peer's inbox.  ValueError for an id no inbox can have."""
     if not peer_id or TOPIC_TERMINATOR in peer_id or len(peer_id) > 255:
         raise ValueError(f"peer id {peer_id[:60]!r} cannot name an inbox")
-    return b"\xff" + peer_id + TOPIC_TERMINATOR
+    return INBOX_PREFIX + peer_id + TOPIC_TERMINATOR
 
 
 def pack_inbox(frames: list[bytes], sender: bytes) -> bytes:
     """Logical frames as sent ``[kind, dest, *fields]`` -> one ZeroMQ frame for dest's inbox,
     delivered as ``[kind, sender, *fields]``."""
     kind, dest = frames[0], frames[1]
-    return (b"\xff" + dest + TOPIC_TERMINATOR + kind + bytes((len(sender),)) + sender
+    return (INBOX_PREFIX + dest + TOPIC_TERMINATOR + kind + bytes((len(sender),)) + sender
             + pack_fields(frames[2:]))
 
 
 def is_inbox(data: bytes) -> bool:
     """Whether a ZeroMQ frame a peer's SUB received is an inbox message (else a broadcast)."""
-    return data[:1] == b"\xff"
+    return data[:2] == INBOX_PREFIX
 
 
 INBOX_BATCH = b"*"      # an inbox message holding several packed messages (bus/inbox.py)
@@ -832,7 +833,7 @@ _PART_LENGTH = struct.Struct("<I")
 def pack_inbox_batch(dest: bytes, parts: list[bytes]) -> bytes:
     """Several messages for one inbox in one ZeroMQ frame; each part is a ``pack``ed
     ``[kind, sender, *fields]``."""
-    out = [b"\xff", dest, TOPIC_TERMINATOR, INBOX_BATCH]
+    out = [INBOX_PREFIX, dest, TOPIC_TERMINATOR, INBOX_BATCH]
     for part in parts:
         out.append(_PART_LENGTH.pack(len(part)))
         out.append(part)
@@ -843,7 +844,7 @@ def unpack_inbox(data: bytes) -> list[list[bytes]]:
     """An inbox message or batch -> the logical frames ``[kind, sender, *fields]`` of each of
     its messages, as ``unpack`` gives for one from the ROUTER.  BusFrameError if malformed."""
     start = data.find(TOPIC_TERMINATOR) + 1
-    if start == 0 or data[:1] != b"\xff":
+    if start == 0 or data[:2] != INBOX_PREFIX:
         raise BusFrameError("inbox message without its key")
     if data[start:start + 1] != INBOX_BATCH:
         return [unpack(data[start:])]

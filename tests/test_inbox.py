@@ -43,7 +43,7 @@ def test_an_id_that_cannot_name_an_inbox_is_refused(peer_id):
 
 
 @pytest.mark.parametrize("data", [
-    b"\xff" + EDGE,                                          # no end to its key
+    wire.INBOX_PREFIX + EDGE,                                # no end to its key
     wire.inbox_key(EDGE) + b"r",                             # no sender length
     wire.inbox_key(EDGE) + b"r\x09abc",                      # sender longer than the message
     wire.inbox_key(EDGE) + wire.INBOX_BATCH + b"\x05\x00",   # part length truncated

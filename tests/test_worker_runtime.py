@@ -84,10 +84,12 @@ class FakeBroker:
         """What the worker's PUB sent: its inbox probe goes back to it, messages for edges and
         broadcasts wait in their lists."""
         data = self.capture.recv()
+        if data.startswith(wire.SEQUENCER_PREFIX):   # a broadcast on a history topic
+            data = data[len(wire.SEQUENCER_PREFIX):]
         if not wire.is_inbox(data):
             self.broadcasts.append(data)
             return
-        dest = data[1:data.index(wire.TOPIC_TERMINATOR)]
+        dest = data[len(wire.INBOX_PREFIX):data.index(wire.TOPIC_TERMINATOR)]
         for frames in wire.unpack_inbox(data):
             if frames[0] == wire.INBOX_PROBE:
                 self.feed.send(data)
