@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 import orjson
@@ -115,7 +116,7 @@ class ChannelRecovery:
         self.read = hub.recovery.read(ch.topic, after) if self.since is not None else \
             hub.recovery.read(ch.topic, 1 << 62)   # the head only: shares any read of the topic
         self.joined_ok = False
-        self.held: list[wire.Broadcast] = []
+        self.held: deque[wire.Broadcast] = deque()
         self.last = 0           # the offset the client has now
         self.epoch = ""
         self.target = 0         # live broadcasts up to here may repeat the replay
@@ -152,12 +153,12 @@ class ChannelRecovery:
             result = None
         if result is None or result.status == wire.HISTORY_ERROR:
             self._tell(NOT_RECOVERED, "", 0, 0, "history unavailable")
-            self._finish(self.held)
+            self._finish()
             return
         if result.status == wire.HISTORY_NONE:
             if self.given:
                 self._tell(NOT_RECOVERED, "", 0, 0, "topic keeps no history")
-            self._finish(self.held)
+            self._finish()
             return
         self.epoch = result.epoch
         head = result.head
@@ -167,13 +168,7 @@ class ChannelRecovery:
         for offset, data in replay:
             self._write_stored(self.read, offset, data)
         self.target = max(self.last, head)
-        held, self.held = self.held, []
-        for b in held:
-            if self.done or self.gap is not None:
-                self.held.append(b)
-            else:
-                self._merge(b)
-        self._maybe_live()
+        self._release_held()
 
     def _judge(self, result: HistoryResult) -> tuple[str, str, list[tuple[int, bytes]]]:
         """(status, reason, entries to replay) for this channel's zc_since."""
@@ -203,7 +198,7 @@ class ChannelRecovery:
             self._maybe_live()
             return
         if offset > self.last + 1:
-            self.held.append(b)
+            self.held.appendleft(b)     # first in line once the gap is read
             self.gap = self.hub.recovery.read(self.ch.topic, self.last, share=False)
             self.gap.future.add_done_callback(self._gap_done)
             return
@@ -224,16 +219,18 @@ class ChannelRecovery:
             if offset == self.last + 1:
                 self._write_stored(gap, offset, data)
                 self.last = offset
-        held, self.held = self.held, []
-        for b in held:
-            offset = self._offset(b)
-            if self.gap is None and offset is not None and offset > self.last + 1:
-                # the store no longer has the gap: go on without it rather than hold forever
-                self.last = offset - 1
-            if self.gap is not None:
-                self.held.append(b)
-            else:
-                self._merge(b)
+        first = self._offset(self.held[0]) if self.held else None
+        if first is not None and first > self.last + 1:
+            # the store no longer has the gap: go on without it rather than hold forever
+            self.last = first - 1
+        self._release_held()
+
+    def _release_held(self) -> None:
+        """The held live broadcasts, in order, until a gap must be read (they stay held) or
+        the channel is caught up (the rest are written as the fast lane would)."""
+        held = self.held
+        while held and not self.done and self.gap is None:
+            self._merge(held.popleft())
         self._maybe_live()
 
     def _offset(self, b: wire.Broadcast) -> int | None:
@@ -245,12 +242,14 @@ class ChannelRecovery:
     def _maybe_live(self) -> None:
         """Caught up: no live broadcast still to come can repeat one the client has."""
         if not self.done and self.gap is None and not self.held and self.last >= self.target:
-            self._finish([])
+            self._finish()
 
-    def _finish(self, held: list[wire.Broadcast]) -> None:
+    def _finish(self) -> None:
+        """Hand the channel to the fast lane, after what is still held."""
         self.done = True
         ch = self.ch
         ch.recovery = None
+        held, self.held = self.held, deque()
         for b in held:
             self._write_live(b)
         ch.early = []
