@@ -12,6 +12,7 @@ zchannels.Publisher, so they are sequenced by the broker like any publisher's.""
 from __future__ import annotations
 
 import signal
+import time
 import urllib.request
 from urllib.parse import urlsplit
 
@@ -179,6 +180,51 @@ def test_after_a_broker_restart_redis_recovers_and_memory_says_not_recovered(sto
             sent.send(2)
             wait_received(client, 15)
             assert received(client) == [1, 2, 3, 14, 15]
+    finally:
+        for thing in (client, proxy):
+            if thing is not None:
+                thing.close()
+        cluster.stop()
+        cluster.cleanup()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", ["websocket", "longpoll"])
+def test_a_client_whose_edge_is_restarted_gets_the_20s_it_missed_from_the_new_edge(transport):
+    """A deploy: the client's edge stops (SIGTERM: its clients are closed 1012), broadcasts go on
+    for 20 s while nothing listens at that address, then a new edge process takes the address
+    over and the client, reconnecting on its own schedule, is recovered there."""
+    cluster = start_cluster("memory")
+    client = proxy = None
+    try:
+        client, proxy = proxied_client(cluster, transport)
+        topic = f"echo:deploy-{transport}"
+        join(client, topic)
+        sent = Sent(cluster, topic)
+        sent.send(5)
+        wait_received(client, 5)
+        mark = client.mark()
+        old_edge = cluster.edge_procs[0]
+        proxy.targets = [("127.0.0.1", 1)]          # nothing listens there while the edge is away
+        old_edge.popen.send_signal(signal.SIGTERM)
+        try:
+            old_edge.popen.wait(30)
+        except Exception:
+            raise AssertionError(old_edge.stderr_text()[-3000:])
+        client.wait_event({"type": "chan_error", "chan": "c"}, timeout=10, since=mark)
+        for _ in range(10):                         # 20 s away, a broadcast every 100 ms
+            sent.send(10)
+            time.sleep(2.0)
+        new_edge = cluster._add(Proc("zchannels.edge", "--bus", cluster.bus, "--port", "0",
+                                     "--longpoll-window", "0.5", name="edge-new"))
+        url = urlsplit(new_edge.wait_ready()[0]["http"])
+        proxy.targets = [(url.hostname, url.port)]
+        recovery = client.wait_event({"type": "recovery", "chan": "c"}, timeout=20, since=mark)
+        assert recovery["info"]["status"] == "recovered", recovery
+        assert recovery["info"]["replayed"] == 100
+        sent.send(5)
+        wait_received(client, 110)
+        assert received(client) == list(range(1, 111))
     finally:
         for thing in (client, proxy):
             if thing is not None:
