@@ -17,6 +17,7 @@ import pytest
 import uvloop
 
 from zchannels.bus import wire
+from zchannels.bus.history import RuleTable
 from zchannels.edge import wsproto
 from zchannels.edge.connection import Connection
 from zchannels.edge.hub import EdgeHub, Limits
@@ -47,6 +48,7 @@ class FakeBus:
 
     def __init__(self):
         self.sent: list[list[bytes]] = []
+        self.history = RuleTable(())    # the broker announced: no topic keeps history
 
     def send(self, frames):
         self.sent.append(frames)
@@ -202,7 +204,9 @@ def test_a_closed_connection_is_freed_at_once_with_the_gc_off(loop_kind):
         conn.joined(ch, b"Wtest", "1", "ok", b"{}", b"[]")   # b's join goes out, as in Phoenix
         assert len(conn.channels) == 2 and conn.held is not None
         await asyncio.get_running_loop().sock_sendall(client, masked(0x2, b"\x00" * 512_000, length=900_000))
+        deadline = asyncio.get_running_loop().time() + 5
         while len(proto.buf) < 512_000:
+            assert asyncio.get_running_loop().time() < deadline, "the edge read too little"
             await asyncio.sleep(0.005)
         # (the channel points to its Connection: the Connection freed means the channel is too)
         refs = [weakref.ref(proto), weakref.ref(conn)]
