@@ -113,7 +113,6 @@ class Sequencer:
         sub.setsockopt(zmq.SUBSCRIBE, wire.SEQUENCER_PREFIX)
         pub.connect(self.xsub_inproc)
         pipe.connect(PIPE)
-        log.info("history: epoch %s, store %s", self.epoch, type(self.store).__name__)
         self._ready.set()
         tasks = [asyncio.ensure_future(t) for t in
                  (self._sequence(sub, pub), self._answer(pipe), self._announce(pub))]

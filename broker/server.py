@@ -156,6 +156,8 @@ def main(args) -> int:
             log.info("metrics at %s", ready["metrics"])
         log.info("broker up: routing %s, publish-in %s, subscribe-out %s; bus messages up to %d bytes",
                  *wire.bus_endpoints(bus), max_message)
+        if sequencer is not None:
+            log.info("history: epoch %s, store %s", sequencer.epoch, type(sequencer.store).__name__)
         announce_ready(**ready)
         up = True
         router.run(lambda: bool(stopping))

@@ -302,7 +302,7 @@ class BusPeer:
             try:
                 await asyncio.wait_for(self._inbox_open.wait(), INBOX_PROBE_INTERVAL)
             except asyncio.TimeoutError:
-                pass
+                self._check_silence()   # a broker out of reach at start is a silence too
 
     def _beat(self) -> None:
         try:
@@ -316,6 +316,9 @@ class BusPeer:
             self._beat_failures += 1
             if self._beat_failures == 1 or self._beat_failures % 1000 == 0:
                 self.log.exception("%s: heartbeat failed (%d so far)", self.name, self._beat_failures)
+        self._check_silence()
+
+    def _check_silence(self) -> None:
         if not self._broker_silent and self.silent_for() > self.silence_limit:
             self._broker_silent = True
             self.log.warning("%s: no word from the broker for %.0fs: %s%s", self.name,

@@ -26,6 +26,7 @@ def hcluster():
     c = Cluster(app=APP, edges=1, workers=1, broker_args=("--history", "ops:*=50/60", "--history", "small:*=3/60"),
                 env={"ZCHANNELS_API_KEY": API_KEY})
     yield c
+    c.stop()
     c.cleanup()
 
 
@@ -320,4 +321,5 @@ def test_after_a_broker_restart_the_memory_store_has_a_new_epoch(hcluster_restar
 def hcluster_restartable():
     c = Cluster(app=APP, edges=1, workers=1)
     yield c
+    c.stop()
     c.cleanup()
