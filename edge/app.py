@@ -182,6 +182,7 @@ async def serve(args, origin_check: OriginCheck, sockets: list[socket.socket],
     # then the open ones in batches over --drain-period; a second signal closes the rest at once.
     for acceptor in acceptors:
         acceptor.stop()
+    hub.connects.refuse_all()   # also on HTTP connections kept alive
     hurry = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, hurry.set)

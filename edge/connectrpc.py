@@ -34,10 +34,20 @@ class ConnectRpc:
     def __init__(self, hub: "EdgeHub"):
         self.hub = hub
         self.waiting: dict[bytes, asyncio.Future] = {}   # request id -> (status, body)
+        self.refusing = False     # the edge is draining: no new connections
+
+    def refuse_all(self) -> None:
+        """The edge drains (SIGTERM): every connect from now on, and those waiting, get 503, so
+        a client reusing a kept-alive HTTP connection cannot open sessions the drain would
+        have to close one after another for ever."""
+        self.refusing = True
+        self.bus_down()
 
     async def call(self, params: dict, connect_info: dict) -> bytes:
         """Run the user's connect in a worker; return the socket JSON or raise ConnectRefused."""
         hub = self.hub
+        if self.refusing:
+            raise ConnectRefused("the edge is shutting down", unavailable=True)
         if hub.bus.broker_silent:
             raise ConnectRefused("the bus is down", unavailable=True)
         try:

@@ -311,3 +311,24 @@ def test_a_10s_cut_of_the_workers_costs_their_clients_at_most_the_cut_plus_3s(li
         for proc in reversed(procs):
             proc.stop()
             proc.cleanup()
+
+
+@pytest.mark.timeout(60)
+def test_a_draining_edge_refuses_new_sessions_even_on_a_kept_alive_connection_and_exits(cluster_factory):
+    """A LongPoll client reusing one HTTP connection would otherwise open a new session after
+    each 1012, which the drain closes, for ever: the edge refuses connects once it drains."""
+    import http.client
+    cluster = cluster_factory(edges=1, workers=1, edge_args=["--drain-period", "1"])
+    edge = next(p for p in cluster.procs if p.name.startswith("edge"))
+    host_port = cluster.http_urls[0].split("//", 1)[1]
+    conn = http.client.HTTPConnection(host_port, timeout=5)
+    try:
+        conn.request("GET", "/socket/longpoll?vsn=2.0.0")
+        assert json.loads(conn.getresponse().read())["status"] == 410   # a session
+        edge.popen.send_signal(signal.SIGTERM)
+        wait_until(lambda: "edge stopping" in edge.stderr_text(), timeout=5)
+        conn.request("GET", "/socket/longpoll?vsn=2.0.0")             # same TCP connection
+        assert json.loads(conn.getresponse().read())["status"] == 500   # refused, retried elsewhere
+    finally:
+        conn.close()
+    assert edge.popen.wait(15) == 0
