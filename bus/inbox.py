@@ -1,11 +1,12 @@
 """Point-to-point messages between edges and workers, through the broker's C proxy.
 
 A peer's SUB subscribes to its own inbox key (``wire.inbox_key``); a sender publishes to the
-destination's inbox on its PUB.  ``Outbox`` gathers what one turn of the event loop sends to
-each destination and publishes it at the end of that turn: one ZeroMQ message when there is
-one, one batch when there are several.  Under load a turn handles many client frames or
-handler replies, and each ZeroMQ message saved is a send, a hop through the proxy thread
-and a receive; when idle a turn sends one message and nothing waits longer than the turn.
+destination's inbox on its PUB.  ``Outbox`` gathers what the event loop sends to each
+destination and publishes it at the end of the turn: one ZeroMQ message when there is one, one
+batch when there are several.  Each ZeroMQ message saved is a send, a pass through the proxy
+thread and a receive, each waking a thread.  Under load a flush also waits until ``HOLD``
+after the previous one, so that a batch gathers several turns; an Outbox that flushed longer
+ago than that (idle, or lightly used) flushes at the end of the turn, adding no delay.
 
 ``unpack`` is the receiving side: an inbox message or batch -> the logical frames of each
 message, as ``[kind, sender, *fields]``.
@@ -20,6 +21,9 @@ from zchannels.bus import wire
 # A batch is flushed before it would grow past this many bytes, far below any bus message
 # limit (--max-bus-message is at least the largest client frame, 16 MiB by default).
 BATCH_BYTES = 256 * 1024
+# Under load a flush waits until this long after the previous one, so that more messages
+# share it; an Outbox idle for longer flushes at the end of the turn, adding no delay.
+HOLD = 0.001
 
 
 class Outbox:
@@ -37,6 +41,7 @@ class Outbox:
         self._waiting: dict[bytes, list[list[bytes]]] = {}
         self._bytes = 0
         self._scheduled = False
+        self._last_flush = 0.0
         self.batches = 0          # batches published (of two messages or more)
         self.batched = 0          # messages that left in them
 
@@ -58,12 +63,17 @@ class Outbox:
             self.flush()
         elif not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self.flush)
+            wait = self._last_flush + HOLD - self._loop.time()
+            if wait > 0:
+                self._loop.call_later(wait, self.flush)
+            else:
+                self._loop.call_soon(self.flush)
         return True
 
     def flush(self) -> None:
         """Publish everything queued now."""
         self._scheduled = False
+        self._last_flush = self._loop.time()
         waiting, self._waiting, self._bytes = self._waiting, {}, 0
         sender, pack = self.sender, wire.pack
         for dest, queue in waiting.items():

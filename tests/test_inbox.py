@@ -88,6 +88,35 @@ def test_one_turn_leaves_as_one_message_per_destination():
     asyncio.run(scenario())
 
 
+def test_under_load_a_flush_waits_for_the_hold_and_an_idle_outbox_does_not():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        out = Wire()
+        box = inbox.Outbox(WORKER, out.send_packed, loop, lambda f: None)
+        ping = wire.reply(EDGE, b"c", b"t", b"1", b"1", b"ok", b"{}", wire.JSON)
+        box.send(ping)                      # idle: leaves at the end of this turn
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(out.sent) == 1
+        flushed_at = loop.time()
+        box.send(ping)                      # right after a flush: held for the rest of HOLD
+        box.send(ping)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(out.sent) == 1
+        while len(out.sent) == 1:
+            assert loop.time() - flushed_at < 1.0, "the held batch never left"
+            await asyncio.sleep(0.0002)
+        assert loop.time() - flushed_at >= inbox.HOLD * 0.9
+        assert len(wire.unpack_inbox(out.sent[1])) == 2
+        await asyncio.sleep(inbox.HOLD * 2)  # idle again: no delay
+        box.send(ping)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(out.sent) == 3
+    asyncio.run(scenario())
+
+
 def test_what_a_full_queue_refuses_is_handed_back_message_by_message():
     async def scenario():
         out, undelivered = Wire(), []
