@@ -43,7 +43,6 @@ from zchannels.bus.timing import BROKER_SILENCE_LIMIT, PEER_HEARTBEAT_INTERVAL, 
 
 log = logging.getLogger(__name__)
 
-INBOX_PROBE_INTERVAL = 0.05   # seconds between probes of our own inbox while it is not open
 
 
 class PeerSockets(NamedTuple):
@@ -141,7 +140,6 @@ class BusPeer:
         self._send_inbox = self.outbox.send
         self._via_inbox = wire.VIA_INBOX
         self.undelivered = 0
-        self._inbox_open = asyncio.Event()
         self._sub_counts: dict[bytes, int] = {}
         self._now = self.loop.time
         self._last_heard = self._now()
@@ -255,10 +253,7 @@ class BusPeer:
             return
         on_direct = self._on_direct
         for frames in messages:
-            if frames[0] == wire.INBOX_PROBE:
-                self._inbox_open.set()
-            else:
-                on_direct(frames)
+            on_direct(frames)
 
     def _subscription(self, data: bytes) -> None:
         """A (un)subscription the broker's proxy passed on to our XPUB: ``1|0`` + key.  Only
@@ -286,23 +281,9 @@ class BusPeer:
         return self._send_routed(frames)
 
     async def _heartbeats(self) -> None:
-        await self._open_inbox()
         while True:
             self._beat()
             await asyncio.sleep(self.heartbeat_interval)
-
-    async def _open_inbox(self) -> None:
-        """Until a message to our own inbox comes back through the broker's proxy, no other
-        peer may be able to reach it: the proxy may not have our subscription yet, nor the
-        publishers it passes subscriptions on to.  So no heartbeat (by which the broker learns
-        of this peer and places work on it) leaves before that."""
-        probe = wire.pack_inbox(wire.inbox_probe(self.peer_id), self.peer_id)
-        while not self._inbox_open.is_set():
-            self.pub.send_packed(probe)
-            try:
-                await asyncio.wait_for(self._inbox_open.wait(), INBOX_PROBE_INTERVAL)
-            except asyncio.TimeoutError:
-                self._check_silence()   # a broker out of reach at start is a silence too
 
     def _beat(self) -> None:
         try:

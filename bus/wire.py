@@ -97,10 +97,6 @@ EDGE_SYNC = b"Z"
 LP_REQUEST = b"P"
 LP_RESPONSE = b"R"
 
-# peer -> its own inbox, through the proxy: the inbox is open (bus/peer.py waits for it
-# before its first heartbeat, so no peer learns of it before its inbox can receive)
-INBOX_PROBE = b"o"
-
 # pub/sub
 BROADCAST = b"B"
 
@@ -470,11 +466,6 @@ def lp_request(dest: bytes, request_id: bytes, token: bytes, method: bytes, hold
 
 def lp_response(dest: bytes, request_id: bytes, status: bytes, body: bytes) -> list[bytes]:
     return [LP_RESPONSE, dest, request_id, status, body]
-
-
-def inbox_probe(peer_id: bytes) -> list[bytes]:
-    """A peer's message to its own inbox, which tells it the inbox is open."""
-    return [INBOX_PROBE, peer_id]
 
 
 def heartbeat(role: bytes, load: bytes | None = None) -> list[bytes]:

@@ -234,7 +234,8 @@ def test_a_message_the_broker_cannot_route_after_its_warm_up_is_answered_to_the_
         broker = Proc("zchannels.broker", "--bus", bus, name="broker2")
         procs.append(broker)
         broker.wait_ready()
-        assert fake.synced.wait(10), "the edge sent no EDGE_SYNC after the restart"
+        assert fake.synced.wait(10), ("the edge sent no EDGE_SYNC after the restart\n"
+                                      + edge.stderr_text()[-3000:] + broker.stderr_text()[-2000:])
         fake.close()
         fake = None
         time.sleep(3.5)   # past the new broker's warm-up: an unknown worker is unroutable now

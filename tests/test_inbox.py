@@ -160,9 +160,9 @@ def test_pushes_and_replies_pass_the_proxy_not_the_routers_python_loop(zctx, bro
         edge = _peer(zctx, broker.bus, EDGE, wire.ROLE_EDGE, to_edge, edge_rec)
         worker = _peer(zctx, broker.bus, WORKER, wire.ROLE_WORKER, to_worker, worker_rec)
         try:
-            # Registration waits for the peer's own inbox: a message sent at once arrives.
             await asyncio.wait_for(asyncio.gather(edge_rec.registered.wait(),
                                                   worker_rec.registered.wait()), 5)
+            await until(lambda: WORKER in edge.inboxes and EDGE in worker.inboxes)
             routed = broker.router.routed
             for i in range(50):
                 edge.send(wire.inbound(WORKER, b"c1", b"room:1", b"1", str(i).encode(), b"ping",

@@ -3,8 +3,7 @@
 The test plays the broker and an edge: a ROUTER on port P (the worker's DEALER connects),
 a SUB on P+1 capturing what the worker's PUB sends (broadcasts, and the messages for the
 edge's inbox), and an XPUB on P+2 feeding broadcasts to the worker's SUB (its subscription
-messages tell us when it listens); the worker's probe of its own inbox is passed back to it
-there, as the broker's proxy would.  Messages go in as
+messages tell us when it listens).  Messages go in as
 the broker delivers them (a wire constructor given the sending edge as its peer), and what
 comes back is compared with the constructors' frames or read through ``wire.parse``.
 """
@@ -81,8 +80,7 @@ class FakeBroker:
         return frames
 
     def _capture(self) -> None:
-        """What the worker's PUB sent: its inbox probe goes back to it, messages for edges and
-        broadcasts wait in their lists."""
+        """What the worker's PUB sent: messages for edges and broadcasts wait in their lists."""
         data = self.capture.recv()
         if data.startswith(wire.SEQUENCER_PREFIX):   # a broadcast on a history topic
             data = data[len(wire.SEQUENCER_PREFIX):]
@@ -90,11 +88,8 @@ class FakeBroker:
             self.broadcasts.append(data)
             return
         dest = data[len(wire.INBOX_PREFIX):data.index(wire.TOPIC_TERMINATOR)]
-        for frames in wire.unpack_inbox(data):
-            if frames[0] == wire.INBOX_PROBE:
-                self.feed.send(data)
-            else:   # as the worker sent it: [kind, dest, *fields], like the ROUTER's
-                self.inbox.append([frames[0], dest, *frames[2:]])
+        for frames in wire.unpack_inbox(data):   # as sent: [kind, dest, *fields], like the ROUTER's
+            self.inbox.append([frames[0], dest, *frames[2:]])
 
     def _pump(self, timeout_ms: int) -> list[bytes] | None:
         """Wait up to timeout_ms for one socket event and handle it; a ROUTER message (its
