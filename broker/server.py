@@ -124,14 +124,7 @@ def main(args) -> int:
         sequencer = Sequencer(ctx, open_store(store_spec), xsub_inproc, xpub_inproc, max_message)
         sequencer.start()
     except Exception as exc:   # ImportError, a refused connection, a bad URL: one line
-        if sequencer is not None:
-            sequencer.stop()
-        fanout.stop()
-        monitor.stop()
-        router_sock.close(linger=0)
-        if gate is not None:
-            gate.stop()
-        ctx.term()
+        _close(sequencer, fanout, monitor, None, router_sock, gate, ctx)
         raise StartupError(f"--history-store {store_spec}: cannot open the history store: {exc}") from None
     router = Router(router_sock, peer_timeout=args.peer_timeout, sequencer=sequencer,
                     operator_rules=tuple(getattr(args, "history", None) or ()))
@@ -165,14 +158,20 @@ def main(args) -> int:
         if up:
             log.info("broker stopping: %d frames routed, %d unroutable, %d malformed",
                      router.routed, router.unroutable, router.malformed)
-        sequencer.stop()
-        fanout.stop()
-        monitor.stop()
-        if metrics_server is not None:
-            metrics_server.shutdown()
-            metrics_server.server_close()
-        router_sock.close(linger=0)
-        if gate is not None:
-            gate.stop()
-        ctx.term()
+        _close(sequencer, fanout, monitor, metrics_server, router_sock, gate, ctx)
     return 0
+
+
+def _close(sequencer, fanout, monitor, metrics_server, router_sock, gate, ctx) -> None:
+    """Stop what ``main`` started, in reverse order; ``None`` for what it did not get to."""
+    if sequencer is not None:
+        sequencer.stop()
+    fanout.stop()
+    monitor.stop()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+        metrics_server.server_close()
+    router_sock.close(linger=0)
+    if gate is not None:
+        gate.stop()
+    ctx.term()

@@ -311,13 +311,16 @@ class BusPeer:
         """Broadcast ``payload`` on ``topic`` to every subscriber; False if it was not sent
         (a full queue, over the bus message limit: counted on ``self.pub``).  What this peer
         sent to inboxes before leaves first: a worker's pushes and broadcasts keep their order."""
-        return self.send_broadcast(wire.broadcast_frames(topic, event, payload, fmt, origin))
+        return self._publish(topic, wire.broadcast_frames(topic, event, payload, fmt, origin))
 
     def send_broadcast(self, frames: list[bytes]) -> bool:
         """``publish`` for a broadcast already built (``wire.broadcast_frames``)."""
+        return self._publish(wire.topic_from_key(frames[0]), frames)
+
+    def _publish(self, topic: str, frames: list[bytes]) -> bool:
         if self.outbox.waiting:
             self.outbox.flush()
-        if self.history.needs_sequencer(wire.topic_from_key(frames[0])):
+        if self.history.needs_sequencer(topic):
             frames = wire.to_sequencer(frames)
         return self.pub.send(frames)
 

@@ -756,28 +756,39 @@ def unpack(data: bytes) -> list[bytes]:
 _FIELD_LENGTH = struct.Struct("<I")
 
 
-def pack_channel_list(channels: list[tuple[bytes, bytes, bytes]]) -> bytes:
-    """SYNC's payload, one frame however many channels: (conn_id, topic, join_ref) triples,
-    each field a 4-byte length and its bytes."""
-    out = bytearray()
-    for channel in channels:
-        for field in channel:
-            out += _FIELD_LENGTH.pack(len(field))
-            out += field
-    return bytes(out)
+def pack_length_prefixed(items) -> bytes:
+    """Byte strings one after another, each behind its 4-byte little-endian length."""
+    out = []
+    for item in items:
+        out.append(_FIELD_LENGTH.pack(len(item)))
+        out.append(item)
+    return b"".join(out)
 
 
-def unpack_channel_list(data: bytes) -> set[tuple[bytes, bytes, bytes]]:
-    fields, pos, size = [], 0, len(data)
+def unpack_length_prefixed(data: bytes, pos: int, what: str) -> list[bytes]:
+    """The byte strings of ``pack_length_prefixed`` from ``pos`` to the end of ``data``;
+    BusFrameError naming ``what`` if they are truncated."""
+    items, size = [], len(data)
     while pos < size:
         if pos + 4 > size:
-            raise BusFrameError("SYNC payload truncated in a field length")
+            raise BusFrameError(f"{what} truncated in a length")
         (length,) = _FIELD_LENGTH.unpack_from(data, pos)
         pos += 4
         if pos + length > size:
-            raise BusFrameError("SYNC payload truncated in a field")
-        fields.append(data[pos:pos + length])
+            raise BusFrameError(f"{what} truncated in an item")
+        items.append(data[pos:pos + length])
         pos += length
+    return items
+
+
+def pack_channel_list(channels: list[tuple[bytes, bytes, bytes]]) -> bytes:
+    """SYNC's payload, one frame however many channels: (conn_id, topic, join_ref) triples,
+    each field a 4-byte length and its bytes."""
+    return pack_length_prefixed(field for channel in channels for field in channel)
+
+
+def unpack_channel_list(data: bytes) -> set[tuple[bytes, bytes, bytes]]:
+    fields = unpack_length_prefixed(data, 0, "SYNC payload")
     if len(fields) % 3:
         raise BusFrameError(f"SYNC payload has {len(fields)} fields, not (conn_id, topic, join_ref) triples")
     return {(fields[i], fields[i + 1], fields[i + 2]) for i in range(0, len(fields), 3)}
@@ -818,17 +829,12 @@ def is_inbox(data: bytes) -> bool:
 
 
 INBOX_BATCH = b"*"      # an inbox message holding several packed messages (bus/inbox.py)
-_PART_LENGTH = struct.Struct("<I")
 
 
 def pack_inbox_batch(dest: bytes, parts: list[bytes]) -> bytes:
     """Several messages for one inbox in one ZeroMQ frame; each part is a ``pack``ed
     ``[kind, sender, *fields]``."""
-    out = [INBOX_PREFIX, dest, TOPIC_TERMINATOR, INBOX_BATCH]
-    for part in parts:
-        out.append(_PART_LENGTH.pack(len(part)))
-        out.append(part)
-    return b"".join(out)
+    return INBOX_PREFIX + dest + TOPIC_TERMINATOR + INBOX_BATCH + pack_length_prefixed(parts)
 
 
 def unpack_inbox(data: bytes) -> list[list[bytes]]:
@@ -839,17 +845,7 @@ def unpack_inbox(data: bytes) -> list[list[bytes]]:
         raise BusFrameError("inbox message without its key")
     if data[start:start + 1] != INBOX_BATCH:
         return [unpack(data[start:])]
-    out, pos, size = [], start + 1, len(data)
-    while pos < size:
-        if pos + 4 > size:
-            raise BusFrameError("inbox batch truncated in a part length")
-        (length,) = _PART_LENGTH.unpack_from(data, pos)
-        pos += 4
-        if pos + length > size:
-            raise BusFrameError("inbox batch truncated in a part")
-        out.append(unpack(data[pos:pos + length]))
-        pos += length
-    return out
+    return [unpack(part) for part in unpack_length_prefixed(data, start + 1, "inbox batch")]
 
 
 # --- a message handed back ---------------------------------------------------------------

@@ -94,6 +94,11 @@ def msgs(client, topic):
     return [(p["n"], ref) for t, e, p, ref in client.got if t == topic and e == "msg"]
 
 
+def epoch_of(client, topic: str) -> str:
+    """The epoch named by the channel's zc_recovery event."""
+    return recovery_event(client, topic)["position"].split(":")[0]
+
+
 def recovery_event(client, topic):
     return client.until(lambda m: m[0] == topic and m[1] == "zc_recovery")[2]
 
@@ -124,7 +129,7 @@ def test_positions_come_from_one_sequencer_whoever_publishes(hcluster):
     c = Client(hcluster)
     try:
         c.join(topic)
-        epoch = recovery_event(c, topic)["position"].split(":")[0]
+        epoch = epoch_of(c, topic)
         publish_from_worker(c, topic, [1])
         c.until(lambda m: m[1] == "msg" and m[2]["n"] == 1)
         with Publisher(hcluster.bus) as pub:
@@ -163,7 +168,7 @@ def test_a_rejoin_with_zc_since_gets_exactly_the_missed_broadcasts_in_order_then
     try:
         publisher.join(topic)
         watcher.join(topic)
-        epoch = recovery_event(watcher, topic)["position"].split(":")[0]
+        epoch = epoch_of(watcher, topic)
         publish_from_worker(publisher, topic, range(1, 4))
         watcher.until(lambda m: m[1] == "msg" and m[2]["n"] == 3)
         watcher.close()                                  # offline ...
@@ -189,7 +194,7 @@ def test_broadcasts_published_while_rejoining_are_merged_without_gap_or_duplicat
         assert pub.wait_connected(5)
         try:
             publisher.join(topic)
-            epoch = recovery_event(publisher, topic)["position"].split(":")[0]
+            epoch = epoch_of(publisher, topic)
             for i in range(1, 21):
                 pub.broadcast(topic, "msg", {"n": i})
             publisher.until(lambda m: m[1] == "msg" and m[2]["n"] == 20)
@@ -220,7 +225,7 @@ def test_a_position_that_cannot_be_recovered_is_told_so_with_its_reason(hcluster
     c = Client(hcluster)
     try:
         c.join(topic)
-        epoch = recovery_event(c, topic)["position"].split(":")[0]
+        epoch = epoch_of(c, topic)
         publish_from_worker(c, topic, [1, 2])
         c.until(lambda m: m[1] == "msg" and m[2]["n"] == 2)
         back = Client(hcluster)
@@ -241,7 +246,7 @@ def test_a_position_older_than_the_window_is_too_old(hcluster):
     c = Client(hcluster)
     try:
         c.join(topic)
-        epoch = recovery_event(c, topic)["position"].split(":")[0]
+        epoch = epoch_of(c, topic)
         publish_from_worker(c, topic, range(1, 8))
         c.until(lambda m: m[1] == "msg" and m[2]["n"] == 7)
         back = Client(hcluster)
@@ -276,7 +281,7 @@ def test_a_handler_reads_the_last_n_broadcasts_of_its_topic(hcluster):
     c = Client(hcluster)
     try:
         c.join(topic)
-        epoch = recovery_event(c, topic)["position"].split(":")[0]
+        epoch = epoch_of(c, topic)
         publish_from_worker(c, topic, range(1, 6))
         c.until(lambda m: m[1] == "msg" and m[2]["n"] == 5)
         answer = c.push(topic, "history", {"limit": 3})
@@ -295,7 +300,7 @@ def test_after_a_broker_restart_the_memory_store_has_a_new_epoch(hcluster_restar
     a = Client(c)
     try:
         a.join(topic)
-        epoch = recovery_event(a, topic)["position"].split(":")[0]
+        epoch = epoch_of(a, topic)
         publish_from_worker(a, topic, [1])
         a.until(lambda m: m[1] == "msg" and m[2]["n"] == 1)
     finally:

@@ -86,6 +86,15 @@ def proxied_client(cluster: Cluster, transport: str) -> tuple[JsClient, TcpProxy
     return client, proxy
 
 
+def tear_down(cluster: Cluster, *things) -> None:
+    """Close the clients and proxies a test made (None: never made), then the cluster."""
+    for thing in things:
+        if thing is not None:
+            thing.close()
+    cluster.stop()
+    cluster.cleanup()
+
+
 def join(client: JsClient, topic: str) -> None:
     answer = client.send("join", chan="c", topic=topic, params={}, on=["new_msg"], recovery=True)
     assert answer["status"] == "ok", answer
@@ -143,11 +152,7 @@ def test_a_client_cut_off_gets_every_broadcast_sent_meanwhile_once_and_in_order(
         offsets = [int(p.split(":")[1]) for p in positions]
         assert offsets == list(range(1, 51))           # each broadcast's position in its ref
     finally:
-        for thing in (client, proxy):
-            if thing is not None:
-                thing.close()
-        cluster.stop()
-        cluster.cleanup()
+        tear_down(cluster, client, proxy)
 
 
 def test_after_a_broker_restart_redis_recovers_and_memory_says_not_recovered(store):
@@ -181,11 +186,7 @@ def test_after_a_broker_restart_redis_recovers_and_memory_says_not_recovered(sto
             wait_received(client, 15)
             assert received(client) == [1, 2, 3, 14, 15]
     finally:
-        for thing in (client, proxy):
-            if thing is not None:
-                thing.close()
-        cluster.stop()
-        cluster.cleanup()
+        tear_down(cluster, client, proxy)
 
 
 @pytest.mark.timeout(120)
@@ -226,11 +227,7 @@ def test_a_client_whose_edge_is_restarted_gets_the_20s_it_missed_from_the_new_ed
         wait_received(client, 110)
         assert received(client) == list(range(1, 111))
     finally:
-        for thing in (client, proxy):
-            if thing is not None:
-                thing.close()
-        cluster.stop()
-        cluster.cleanup()
+        tear_down(cluster, client, proxy)
 
 
 def test_every_edge_serves_the_helper_next_to_phoenix_js():
