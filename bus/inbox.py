@@ -8,8 +8,8 @@ thread and a receive, each waking a thread.  Under load a flush also waits until
 after the previous one, so that a batch gathers several turns; an Outbox that flushed longer
 ago than that (idle, or lightly used) flushes at the end of the turn, adding no delay.
 
-``unpack`` is the receiving side: an inbox message or batch -> the logical frames of each
-message, as ``[kind, sender, *fields]``.
+The receiving side is ``wire.unpack_inbox``: an inbox message or batch -> the logical frames
+of each message, as ``[kind, sender, *fields]``.
 """
 from __future__ import annotations
 
@@ -90,8 +90,3 @@ class Outbox:
                 for frames in queue:
                     self._on_undelivered(frames)
 
-
-def unpack(data: bytes) -> list[list[bytes]]:
-    """An inbox message or batch -> the logical frames of each of its messages.
-    BusFrameError for a malformed one."""
-    return wire.unpack_inbox(data)

@@ -247,7 +247,7 @@ class BusPeer:
             if not wire.is_inbox(data):
                 self._on_broadcast(wire.unpack_broadcast(data))
                 return
-            messages = inbox.unpack(data)
+            messages = wire.unpack_inbox(data)
         except wire.BusFrameError as exc:
             self._on_bad_frame([data[:40]], exc)
             return
